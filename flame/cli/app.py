@@ -1,0 +1,64 @@
+"""The `flame` command: root app, command groups, and error handling.
+
+    flame --help
+
+A FlameError raised anywhere below becomes one red line on stderr and exit code 1; FLAME_DEBUG=1 shows the
+traceback instead. Only commands that work are registered here.
+"""
+
+import os
+from typing import Annotated
+
+import typer
+from typer.core import TyperGroup
+
+from flame import __version__
+from flame.errors import FlameError
+from flame.ui import error_line
+
+
+class FlameGroup(TyperGroup):
+    """Turns FlameError into one readable line. Lives on the click group so CliRunner tests see it too."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FlameError as e:
+            if os.environ.get("FLAME_DEBUG") == "1":
+                raise
+            error_line(str(e))
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(
+    name="flame",
+    cls=FlameGroup,
+    help="Train flash-linear-attention language models: prepare data, train, resume, convert, inspect.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"flame {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+):
+    """Train flash-linear-attention language models: prepare data, train, resume, convert, inspect."""
+
+
+# Command groups. One line each; a module registers only commands that work.
+# (filled in as each command lands)
+
+
+def main():
+    app()

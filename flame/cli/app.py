@@ -58,6 +58,7 @@ def root(
 
 # Command groups. One line each; a module registers only commands that work.
 # (filled in as each command lands)
+app.command("train")(__import__("flame.cli.train", fromlist=["train"]).train)
 
 
 def main():

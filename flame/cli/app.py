@@ -13,6 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from flame import __version__
+from flame.cli import data as data_cli
 from flame.errors import FlameError
 from flame.ui import error_line
 
@@ -58,6 +59,7 @@ def root(
 
 # Command groups. One line each; a module registers only commands that work.
 # (filled in as each command lands)
+app.add_typer(data_cli.app, name="data")
 
 
 def main():

@@ -30,7 +30,7 @@ from pathlib import Path
 from flame import __version__
 from flame.data import FORMAT, MANIFEST, TOKENIZER_DIR, TOKENS_COLUMN
 from flame.data.sources import Source, Unit, read_unit, resolve_source
-from flame.data.tokenizer import DEFAULT_TOKENIZER, backend, load_tokenizer, replace_dir
+from flame.data.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, replace_dir
 from flame.errors import ConfigError, DataError, FlameError, OutputExistsError
 
 # Clear the BPE cache this often (batches per worker): often enough to bound it, rarely enough to keep its speed-up.

@@ -25,10 +25,11 @@ from flame.errors import DataError
 # Longest suffix first: `.jsonl.zst` must win over a plain `.zst` lookup.
 EXTENSIONS = (".jsonl.zst", ".jsonl", ".json", ".parquet", ".txt", ".csv")
 TEXT_COLUMNS = ("text", "content")
-# A plain .jsonl larger than this is split into byte ranges so several workers share it.
-JSONL_RANGE_BYTES = 64 << 20
-# Small files (stdlib sources, one .txt per document) are grouped so a worker tokenizes full batches.
-GROUP_BYTES = 16 << 20
+# Size of a unit of local files: a plain .jsonl larger than this is split into byte ranges so several workers
+# share it, and small files (one .txt per document) are grouped up to it so a worker tokenizes full batches.
+# Aim at several units per core (so the cores stay busy to the end), between these bounds.
+MIN_UNIT_BYTES = 1 << 20
+MAX_UNIT_BYTES = 64 << 20
 GROUP_FILES = 2000
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -92,9 +93,7 @@ def file_type(path: str) -> str | None:
 
 def is_local(dataset: str) -> bool:
     """A local path or glob rather than a hub id: it exists, holds glob characters, or cannot be a hub id."""
-    return bool(
-        os.path.exists(dataset) or glob.has_magic(dataset) or not HUB_ID.match(dataset) or file_type(dataset)
-    )
+    return bool(os.path.exists(dataset) or glob.has_magic(dataset) or not HUB_ID.match(dataset) or file_type(dataset))
 
 
 def resolve_source(
@@ -162,7 +161,12 @@ def _resolve_local(dataset: str, name: str | None, split: str, column: str | Non
     )
 
 
+def unit_bytes(total: int) -> int:
+    return max(MIN_UNIT_BYTES, min(MAX_UNIT_BYTES, total // (4 * (os.cpu_count() or 1))))
+
+
 def _local_units(files: list[str]) -> list[Unit]:
+    target = unit_bytes(sum(os.path.getsize(f) for f in files))
     units: list[Unit] = []
     group: list[str] = []
     group_bytes = 0
@@ -176,10 +180,10 @@ def _local_units(files: list[str]) -> list[Unit]:
     for path in files:
         size = os.path.getsize(path)
         kind = file_type(path)
-        if kind == ".jsonl" and size > JSONL_RANGE_BYTES:
+        if kind == ".jsonl" and size > target:
             close_group()
-            for start in range(0, size, JSONL_RANGE_BYTES):
-                stop = min(start + JSONL_RANGE_BYTES, size)
+            for start in range(0, size, target):
+                stop = min(start + target, size)
                 units.append(Unit(len(units), (path,), start, stop, stop - start))
         elif kind == ".parquet":
             close_group()
@@ -191,7 +195,7 @@ def _local_units(files: list[str]) -> list[Unit]:
                 lo, hi = size * rg // groups, size * (rg + 1) // groups
                 units.append(Unit(len(units), (path,), rg, rg + 1, hi - lo))
         else:
-            if group and (group_bytes + size > GROUP_BYTES or len(group) >= GROUP_FILES):
+            if group and (group_bytes + size > target or len(group) >= GROUP_FILES):
                 close_group()
             group.append(path)
             group_bytes += size
@@ -261,8 +265,10 @@ def _resolve_hub(dataset: str, name: str | None, split: str, column: str | None,
         total = len(ds)
         # Enough units to keep every worker busy and the progress moving, not so many that scheduling dominates.
         rows = max(1000, min(100_000, total // (8 * (os.cpu_count() or 1)) or 1))
-        units = [Unit(i, start=a, stop=min(a + rows, total), weight=min(a + rows, total) - a)
-                 for i, a in enumerate(range(0, total, rows))]
+        units = [
+            Unit(i, start=a, stop=min(a + rows, total), weight=min(a + rows, total) - a)
+            for i, a in enumerate(range(0, total, rows))
+        ]
     column = column or _detect_column(columns, dataset)
     if column not in columns:
         raise DataError(

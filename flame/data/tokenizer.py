@@ -1,8 +1,8 @@
 """Tokenizers: load one by hub id or folder, or train a byte-level BPE offline when the hub is out of reach.
 
-    tok = load_tokenizer("fla-hub/gla-1.3B-100B")              # hub id (or its offline cache) or a local dir
-    train_tokenizer(["corpus/"], vocab_size=32000, output="tokenizers/bpe-32k")
-    tok = load_tokenizer("tokenizers/bpe-32k")                 # AutoTokenizer.from_pretrained works on it too
+tok = load_tokenizer("fla-hub/gla-1.3B-100B")              # hub id (or its offline cache) or a local dir
+train_tokenizer(["corpus/"], vocab_size=32000, output="tokenizers/bpe-32k")
+tok = load_tokenizer("tokenizers/bpe-32k")                 # AutoTokenizer.from_pretrained works on it too
 """
 
 import os

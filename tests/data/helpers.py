@@ -44,7 +44,9 @@ def cache_hub_dataset(cache: Path, repo_id: str, config: str, docs: list[str], t
 
     source = write_jsonl(tmp / f"{config}.jsonl", docs)
     name = repo_id.split("/")[-1]
-    builder = Json(cache_dir=str(tmp / "build"), dataset_name=name, config_name=config, data_files={"train": [str(source)]})
+    builder = Json(
+        cache_dir=str(tmp / "build"), dataset_name=name, config_name=config, data_files={"train": [str(source)]}
+    )
     builder.download_and_prepare()
     built = glob.glob(str(tmp / "build" / name / "*" / "0.0.0"))[0]
     # datasets' layout: {namespace}___{name}/{config}/{version}/{hash}/ (see datasets.load.CachedDatasetModuleFactory)

@@ -89,10 +89,22 @@ def test_glob_and_progress_weights(tmp_path):
 
 
 def test_large_jsonl_is_split_into_byte_ranges_without_losing_a_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "JSONL_RANGE_BYTES", 97)  # a range boundary falls inside most lines
+    monkeypatch.setattr(sources, "MIN_UNIT_BYTES", 97)  # a range boundary falls inside most lines
+    monkeypatch.setattr(sources, "MAX_UNIT_BYTES", 97)
     docs = documents(50)
     source = resolve_source(str(write_jsonl(tmp_path / "big.jsonl", docs)))
     assert len(source.units) > 10
+    assert read_all(source) == docs
+
+
+def test_small_files_are_grouped_into_units(tmp_path, monkeypatch):
+    docs = documents(20)
+    for i, doc in enumerate(docs):
+        (tmp_path / f"{i:02d}.txt").write_text(doc)
+    assert len(resolve_source(str(tmp_path)).units) == 1
+    monkeypatch.setattr(sources, "GROUP_FILES", 6)
+    source = resolve_source(str(tmp_path))
+    assert [len(u.files) for u in source.units] == [6, 6, 6, 2]
     assert read_all(source) == docs
 
 
@@ -161,7 +173,9 @@ def test_hub_dataset_streamed_from_the_offline_cache(hub_cache):
 
 
 def test_hub_dataset_not_cached_offline_says_how_to_get_it(hub_cache):
-    with pytest.raises(DataError, match=r"'tester/absent' is not in the offline cache.*hf download --repo-type dataset"):
+    with pytest.raises(
+        DataError, match=r"'tester/absent' is not in the offline cache.*hf download --repo-type dataset"
+    ):
         resolve_source("tester/absent", split="train")
     with pytest.raises(DataError, match=r"tester/tiny.*'other'.*check --name and --split"):
         resolve_source("tester/tiny", name="other", split="train")

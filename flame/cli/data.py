@@ -73,7 +73,7 @@ class _Display:
         line = f"{state.stage}: {ui.human(state.docs)} docs, {ui.human(state.tokens)} tokens"
         line += f", {ui.human(state.docs / elapsed)} docs/s, {ui.human(state.tokens / elapsed)} tokens/s"
         if total and done:
-            eta = elapsed * (total - done) / done
+            eta = max(0.0, elapsed * (total - done) / done)
             line += f", {100 * done / total:.0f}%, ETA {int(eta // 60)}m{int(eta % 60):02d}s"
         if ui.is_main_process():
             ui.err_console.print(line)

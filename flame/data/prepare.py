@@ -143,6 +143,7 @@ def prepare(config: PrepareConfig, on_progress=None) -> PrepareResult:
     if os.path.exists(output) and not config.overwrite:
         raise OutputExistsError(f"{output} exists", "pass --overwrite to replace it, or choose another --output")
     tokenizer = load_tokenizer(config.tokenizer)
+    tokenizer_name = os.path.abspath(config.tokenizer) if os.path.isdir(config.tokenizer) else config.tokenizer
     source = resolve_source(config.dataset, config.name, config.split, config.column, config.streaming)
     num_proc = max(1, min(config.num_proc or os.cpu_count() or 1, len(source.units)))
     state = Progress(total=source.total, unit=source.weight_unit)
@@ -154,6 +155,8 @@ def prepare(config: PrepareConfig, on_progress=None) -> PrepareResult:
         started = time.time()
         parts = _tokenize(source, tokenizer, num_proc, config.batch_size, tmp, state, on_progress)
         tokenize_s = time.time() - started
+        if not sum(p["documents"] for p in parts):
+            raise DataError(f"no documents in {config.dataset}", "check that the text column holds text")
         state.stage = "writing"
         if on_progress:
             on_progress(state)
@@ -164,7 +167,7 @@ def prepare(config: PrepareConfig, on_progress=None) -> PrepareResult:
             "format": FORMAT,
             "source": source.manifest(),
             "tokenizer": {
-                "name_or_path": config.tokenizer,
+                "name_or_path": tokenizer_name,
                 "vocab_size": len(tokenizer),
                 "eos_token_id": tokenizer.eos_token_id,
                 "bos_token_id": tokenizer.bos_token_id,
@@ -292,6 +295,8 @@ def _tokenize_unit(unit: Unit, batch_size: int, tmp: str) -> dict:
                 writer.write_batch(pa.record_batch([pa.array(ids, type=pa.list_(pa.int32()))], schema=schema))
                 docs += len(ids)
                 tokens += batch_tokens
+                if not source.streaming:
+                    done = min(done, unit.weight)  # a .jsonl range's last line may run past its end
                 updates.put(("progress", (len(ids), batch_tokens, done - reported)))
                 reported = done
     except FlameError as e:
@@ -322,8 +327,6 @@ def _write_splits(parts: list[dict], config: PrepareConfig, out: str) -> dict:
     import pyarrow as pa
 
     documents = sum(p["documents"] for p in parts)
-    if documents == 0:
-        raise DataError(f"no documents in {config.dataset}", "check that the text column holds text")
     count = val_count(config.val_docs, documents)
     if count >= documents:
         raise ConfigError(

@@ -5,8 +5,11 @@ import pytest
 from typer.testing import CliRunner
 
 from flame.cli.app import app
-from tests.data.conftest import hub_cache, tokenizer_dir  # noqa: F401 (fixtures)
+from tests.data import conftest as data_fixtures
 from tests.data.helpers import documents, write_jsonl
+
+tokenizer_dir = data_fixtures.tokenizer_dir
+hub_cache = data_fixtures.hub_cache
 
 runner = CliRunner()
 
@@ -102,7 +105,7 @@ def test_prepare_with_options(tmp_path, tokenizer_dir):
     assert json.loads((out / "manifest.json").read_text())["splits"]["validation"]["documents"] == 5
 
 
-def test_prepare_default_output_and_hub_offline(tmp_path, tokenizer_dir, hub_cache, monkeypatch):  # noqa: F811
+def test_prepare_default_output_and_hub_offline(tmp_path, tokenizer_dir, hub_cache, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run(
         "prepare",

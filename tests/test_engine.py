@@ -122,10 +122,13 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(files, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) DDP check; GPUs run the multi-GPU tests")
 def test_ddp_two_processes_match_one_process_with_twice_the_accumulation(files, tmp_path):
     common = ["--model", str(files / "gla.json"), "--cache", str(files / "ds"), "--context", "32", "--batch", "2",
               "--steps", "6", "--logging", "1", "--lr", "3e-3", "--warmup", "2", "--seed", "0"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    # `--cpu` makes accelerate launch ONE process unless MPI is set up; its torchrun launcher (--multi_gpu) on a
+    # machine without CUDA starts N processes that accelerate runs as MULTI_CPU on gloo.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
               "29533", "-m", "flame", "train"]
     two = subprocess.run(launch + common + ["--update", "1", "--path", str(tmp_path / "ddp")], env=_env(),

@@ -22,10 +22,10 @@ import torch
 
 from flame import checkpoint as ckpt
 from flame import config as run_config
-from flame import models
+from flame import models, ui
 from flame.config import TrainConfig
 from flame.data import loader as data_loader
-from flame.errors import CheckpointError, ConfigError, OutputExistsError, TrainingError
+from flame.errors import ConfigError, OutputExistsError, TrainingError
 from flame.logging import RunLogger
 from flame.metrics import Throughput, eta, mfu, peak_flops, peak_memory_gib, reset_peak_memory
 from flame.optim import build_optimizer, schedule
@@ -191,11 +191,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     step, tokens, skipped, elapsed_before = 0, 0, 0, 0.0
     if cfg.checkpoint:
         state = ckpt.load(accelerator, cfg.checkpoint)
-        if state["batch"] * state["world"] != cfg.batch * world:
-            raise CheckpointError(
-                f"{cfg.checkpoint} was trained with {state['batch']} windows x {state['world']} processes per "
-                f"micro-step, this run has {cfg.batch} x {world}",
-                "keep --batch x processes the same to continue the run",
+        if state["batch"] * state["update"] * state["world"] != cfg.batch * update * world:
+            # The data position counts global windows, so nothing is repeated or skipped; only the batch size changes.
+            ui.warn(
+                f"{cfg.checkpoint} was trained with {state['batch']} x {state['update']} x {state['world']} windows "
+                f"per update, this run uses {cfg.batch} x {update} x {world}"
             )
         step, tokens, skipped = state["step"], state["tokens"], state["skipped"]
         elapsed_before = state.get("elapsed", 0.0)
@@ -264,7 +264,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             else:
                 skipped += 1
                 bad_in_a_row += 1
-                log.warn(f"step {step + 1}: loss {loss_value}, grad norm {grad_norm}: update skipped ({skipped} so far)")
+                why = f"loss {loss_value}, grad norm {grad_norm}"
+                log.warn(f"step {step + 1}: {why}: update skipped ({skipped} so far)")
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens += p.tokens_per_update
@@ -323,4 +324,3 @@ def train(cfg: TrainConfig) -> TrainResult:
         stopped=stopped,
         skipped=skipped,
     )
-

@@ -95,5 +95,12 @@ def read_trainer_state(checkpoint: str | os.PathLike) -> dict:
 def load(accelerator, checkpoint: str | os.PathLike) -> dict:
     """Restore weights, optimizer and every process's RNG from a checkpoint; returns its trainer state."""
     state = read_trainer_state(checkpoint)
-    accelerator.load_state(str(Path(checkpoint) / "state" / "accelerate"))
+    try:
+        accelerator.load_state(str(Path(checkpoint) / "state" / "accelerate"))
+    except (RuntimeError, ValueError, KeyError) as e:  # torch's size mismatch, a missing tensor or optimizer group
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{checkpoint} does not match this model and optimizer ({first})",
+            "give the --model config that run was trained with",
+        ) from e
     return state

@@ -25,7 +25,7 @@ from flame import config as run_config
 from flame import models, ui
 from flame.config import TrainConfig
 from flame.data import loader as data_loader
-from flame.errors import ConfigError, OutputExistsError, TrainingError
+from flame.errors import CheckpointError, ConfigError, OutputExistsError, TrainingError
 from flame.logging import RunLogger
 from flame.metrics import Throughput, eta, mfu, peak_flops, peak_memory_gib, reset_peak_memory
 from flame.optim import build_optimizer, schedule
@@ -142,6 +142,11 @@ class StopFlag:
                 signal.signal(s, h)
 
 
+def _fingerprint(sources) -> list[dict]:
+    """What identifies the training data of a run: documents and tokens of each source, with its weight."""
+    return [{"documents": len(s.lengths), "tokens": s.tokens, "weight": s.weight} for s in sources]
+
+
 def forward_loss(model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
     """Summed token loss of one micro-batch divided by num_items (the update's token count, all processes).
 
@@ -197,6 +202,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                 f"{cfg.checkpoint} was trained with {state['batch']} x {state['update']} x {state['world']} windows "
                 f"per update, this run uses {cfg.batch} x {update} x {world}"
             )
+        if state.get("sources") and state["sources"] != _fingerprint(p.sources):
+            raise CheckpointError(
+                f"{cfg.checkpoint} was trained on other data ({state['sources']})",
+                "give the --cache that run used: its data position means nothing on another dataset",
+            )
         step, tokens, skipped = state["step"], state["tokens"], state["skipped"]
         elapsed_before = state.get("elapsed", 0.0)
         loader.load_state_dict(state["data"])
@@ -218,6 +228,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             "skipped": skipped,
             "bad_in_a_row": bad_in_a_row,
             "data": loader.state_dict(),
+            "sources": _fingerprint(p.sources),
             "batch": cfg.batch,
             "update": update,
             "world": world,

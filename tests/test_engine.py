@@ -15,7 +15,7 @@ import torch
 
 from flame import engine
 from flame.config import TrainConfig
-from flame.errors import TrainingError
+from flame.errors import CheckpointError, TrainingError
 from tests.prepared import counting_docs, gla_config, llama_config, make_prepared
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,3 +209,18 @@ def test_ddp_two_processes_match_one_process_with_twice_the_accumulation(files, 
     state = json.loads((saved / "trainer.json").read_text())
     assert state["world"] == 2 and state["data"]["position"] == 6 * 2 * 2
     assert (saved / "accelerate" / "random_states_1.pkl").is_file()
+
+
+def test_continuing_needs_the_same_model_and_data(files, tmp_path):
+    engine.train(_cfg(files, tmp_path / "a", steps=2))
+    ckpt = tmp_path / "a" / "checkpoints" / "step-00000002"
+    wide = llama_config(tmp_path / "wide.json", hidden_size=64, intermediate_size=128)
+    with pytest.raises(CheckpointError, match="does not match this model and optimizer"):
+        engine.train(_cfg(files, tmp_path / "b", model=str(wide), steps=4, checkpoint=str(ckpt)))
+    other = make_prepared(tmp_path / "other", counting_docs(200, 64, seed=5), 64)
+    with pytest.raises(CheckpointError, match="was trained on other data"):
+        engine.train(_cfg(files, tmp_path / "c", cache=str(other), steps=4, checkpoint=str(ckpt)))
+    incomplete = tmp_path / "a" / "checkpoints" / ".step-00000009.tmp"
+    incomplete.mkdir()
+    with pytest.raises(CheckpointError, match="not a complete flame checkpoint"):
+        engine.train(_cfg(files, tmp_path / "d", steps=4, checkpoint=str(incomplete)))

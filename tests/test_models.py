@@ -210,3 +210,44 @@ def _tiny_gla():
         vocab_size=100,
         tie_word_embeddings=False,
     )
+
+
+def test_activation_terms_match_what_autograd_saves():
+    """The Llama accounting against the tensors autograd really keeps (bf16 autocast on the CPU, whose SDPA
+    kernel saves what flash attention saves on a GPU: q, k, v, output, log-sum-exp)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from flame.models import activation_breakdown
+
+    config = LlamaConfig(
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        vocab_size=500,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    tokens = torch.randint(0, 500, (2, 128))
+    storages = {}
+
+    def from_weight(fn):  # a weight's bf16 cast or its transpose: counted with the weights, not activations
+        if type(fn).__name__ not in ("ToCopyBackward0", "TBackward0"):
+            return False
+        return any(type(f).__name__ == "AccumulateGrad" or from_weight(f) for f, _ in fn.next_functions)
+
+    def pack(t):
+        if not (t.is_leaf and t.requires_grad) and not from_weight(t.grad_fn):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=tokens, labels=tokens)
+    measured = sum(storages.values()) / tokens.numel()
+    parts = activation_breakdown(model)
+    saved = sum(sum(layer.values()) for layer in parts["layers"]) + parts["head"]["final_norm"]
+    saved += parts["head"]["log_probs"]  # the bf16 logits live in the output; the fp32 log-probs are saved
+    rope = 2 * 4 * 32 * 128 / tokens.numel()  # cos and sin per position, shared by the batch (not per token)
+    assert measured == pytest.approx(saved + rope, rel=0.01)

@@ -213,6 +213,21 @@ def _load_pretrained(path: Path, dtype: torch.dtype):
     return model
 
 
+def max_context(config) -> int | None:
+    """The longest sequence the model can run at all, or None when nothing in it limits the length.
+
+    Only a learned absolute position table (GPT-2's wpe, OPT's embed_positions) is a hard limit. Recurrent and
+    linear-attention models have no position table; RoPE models (Llama) compute positions on the fly, so their
+    max_position_embeddings is the length they were trained for, not a limit.
+    """
+    model = _as_model(config)
+    table = model.get_input_embeddings()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and module is not table:
+            return module.num_embeddings - getattr(module, "offset", 0)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Parameters
 
@@ -531,7 +546,8 @@ def _mixer_activations(mixer: nn.Module, h: int, e: int) -> tuple[str, dict[str,
     a = mixer.__dict__
     m = mixer._modules
     heads = a.get("num_heads") or 1
-    casts = {"input_casts": e * h * _input_casts(mixer, h)}
+    # under autocast each projection keeps its own bf16 cast of the fp32 normed input; in fp32 they share it
+    casts = {"input_casts": e * h * _input_casts(mixer, h) if e == 2 else 4 * h}
     cost = _mixer_cost(mixer, 1)
     kind = cost.kind if cost else "unknown"
     qkv = _out(m.get("q_proj")) + _out(m.get("k_proj")) + _out(m.get("v_proj"))
@@ -598,7 +614,7 @@ def _block_activations(block: nn.Module, mixer: nn.Module, h: int, e: int) -> di
     if mlp is None:
         return terms
     inter = _out(mlp._modules.get("gate_proj")) or _out(mlp._modules.get("up_proj"))
-    terms["mlp_input"] = e * h * mlp_in_casts
+    terms["mlp_input"] = e * h * (mlp_in_casts if e == 2 else 1)
     if getattr(mlp, "fuse_swiglu", False):
         terms["mlp"] = 2 * e * inter  # fused SwiGLU-linear keeps gate and up, recomputes the product
     elif type(mlp).__module__.startswith("fla."):

@@ -96,17 +96,12 @@ def _import_fla() -> None:
 def fla_model_types() -> list[str]:
     """The model_type names FLA registers with transformers (gla, gated_deltanet, mamba2, ...)."""
     _import_fla()
+    import fla.models
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    types = []
-    for name in CONFIG_MAPPING.keys():
-        try:
-            cls = CONFIG_MAPPING[name]
-        except Exception:  # a transformers entry whose module cannot import here
-            continue
-        if cls.__module__.startswith("fla."):
-            types.append(name)
-    return sorted(types)
+    configs = (getattr(fla.models, name) for name in fla.models.__all__ if name.endswith("Config"))
+    # a few FLA configs are exported but not registered with AutoConfig; those cannot be built from a JSON
+    return sorted({c.model_type for c in configs if getattr(c, "model_type", "") in CONFIG_MAPPING})
 
 
 def load_config(path: str | os.PathLike):
@@ -152,7 +147,8 @@ def _from_config(config, dtype: torch.dtype | None):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
     except ValueError as e:  # a config type with no causal LM head (e.g. an encoder)
         raise ModelError(f"no causal LM for model_type {config.model_type!r}: {e}", "use a causal LM type") from None
-    except (ImportError, AssertionError) as e:
+    except (ImportError, AssertionError, NotImplementedError, TypeError, KeyError) as e:
+        # FLA validates shapes with asserts (e.g. hidden_size * expand_k must divide into num_heads)
         raise ModelError(f"cannot build model_type {config.model_type!r}: {e}", "fix the config") from None
 
 
@@ -164,7 +160,8 @@ def build_model(
     device: str | torch.device | None = None,
     meta: bool = False,
 ):
-    """(model, config) from a config JSON (new weights from `seed`) or a model dir (weights as saved).
+    """(model, config) from a config JSON (new weights from `seed`) or a model dir (weights as saved; `seed`
+    plays no part).
 
     dtype: parameter dtype, float32 by default (fp32 master weights; bf16 comes from autocast).
     device: where the model ends up; a new model is initialised on the CPU first so that `seed` gives the
@@ -307,8 +304,26 @@ class MixerCost:
 
 
 def _window(module) -> int | None:
-    w = getattr(module, "window_size", None) or getattr(module, "sliding_window", None)
+    """The attention window: FLA's window_size, transformers' per-layer sliding_window (Qwen2) or, where a layer
+    keeps none, the config's (Mistral)."""
+    a = module.__dict__
+    if "window_size" in a or "sliding_window" in a:
+        w = a.get("window_size") or a.get("sliding_window")
+    else:
+        w = getattr(a.get("config"), "sliding_window", None)
     return int(w) if isinstance(w, int) and w > 0 else None
+
+
+#: FLA layers that compute dense causal softmax attention (sparse ones, NSA and MoBA, are not counted as dense).
+_FLA_SOFTMAX = {
+    "Attention",
+    "BitAttention",
+    "ForgettingAttention",
+    "PaTHAttention",
+    "StickBreakingAttention",
+    "DeltaFormerAttention",
+    "WallAttention",
+}
 
 
 def _mixer_cost(module: nn.Module, context: int) -> MixerCost | None:
@@ -358,8 +373,9 @@ def _mixer_cost(module: nn.Module, context: int) -> MixerCost | None:
         return MixerCost("ssd", ssd_flops(heads, a["head_dim"], a["ssm_state_size"], a["n_groups"], a["chunk_size"]))
     if name == "Mamba":
         return MixerCost("selective_scan", 9.0 * a["intermediate_size"] * a["ssm_state_size"])
-    # softmax attention: FLA's Attention and transformers' *Attention (Llama, Mistral, Qwen2, ...)
-    if name.endswith("Attention") and "head_dim" in a:
+    # softmax attention: FLA's dense-attention layers and transformers' *Attention (Llama, Mistral, Qwen2, ...)
+    dense = name in _FLA_SOFTMAX or (type(module).__module__.startswith("transformers.") and name.endswith("Attention"))
+    if dense and "head_dim" in a:
         config = a.get("config")
         if heads is None and config is not None:
             heads = getattr(config, "num_attention_heads", None)
@@ -374,11 +390,16 @@ _MIXER_ATTRS = ("attn", "self_attn", "mixer", "token_mixer", "attention")
 
 
 def _mixers(model: nn.Module):
-    """(block, mixer) for each layer: the mixer is the child a block calls attn / self_attn / mixer."""
-    for module in model.modules():
+    """(block, mixer) for each layer: the mixer is the child a block calls attn / self_attn / mixer. Modules
+    inside a mixer are part of it, never mixers of their own."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
         for attr in _MIXER_ATTRS:
             child = module._modules.get(attr)
             if child is not None:
+                inside.append(f"{name}.{attr}." if name else f"{attr}.")
                 yield module, child
                 break
 

@@ -294,3 +294,24 @@ def test_fp32_shares_the_normed_input():
     fp32 = activation_breakdown(config, "fp32")["layers"][0]
     assert bf16["input_casts"] == 5 * 2 * 1024  # q, k, v, g and the low-rank gate each cast the fp32 input
     assert fp32["input_casts"] == 4 * 1024
+
+
+def test_sliding_window_caps_attention_flops():
+    from transformers import MistralConfig
+
+    from flame.models import mean_attended_keys
+
+    assert mean_attended_keys(4) == 2.5  # (1 + 2 + 3 + 4) / 4
+    assert mean_attended_keys(4, window=2) == 1.75  # (1 + 2 + 2 + 2) / 4
+    config = MistralConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        vocab_size=100,
+        sliding_window=256,
+    )
+    per_key = flops_per_token(config, 2048) - flops_per_token(config, 1024)
+    assert per_key == 3 * 4 * 4 * 16 * (mean_attended_keys(2048, 256) - mean_attended_keys(1024, 256))
+    assert mean_attended_keys(10**6, window=256) == pytest.approx(256, rel=1e-3)  # bounded by the window

@@ -315,3 +315,40 @@ def test_sliding_window_caps_attention_flops():
     per_key = flops_per_token(config, 2048) - flops_per_token(config, 1024)
     assert per_key == 3 * 4 * 4 * 16 * (mean_attended_keys(2048, 256) - mean_attended_keys(1024, 256))
     assert mean_attended_keys(10**6, window=256) == pytest.approx(256, rel=1e-3)  # bounded by the window
+
+
+@pytest.mark.parametrize(
+    "model_type, kind",
+    [
+        ("gla", "linear_attention"),
+        ("retnet", "linear_attention"),
+        ("hgrn2", "linear_attention"),
+        ("rwkv6", "linear_attention"),
+        ("gsa", "slot_attention"),
+        ("delta_net", "delta_rule"),
+        ("gated_deltanet", "delta_rule"),
+        ("rwkv7", "delta_rule"),
+        ("mamba2", "ssd"),
+        ("mamba", "selective_scan"),
+    ],
+)
+def test_fla_families_have_their_mixer_formula(model_type, kind):
+    from transformers import AutoConfig
+
+    fla_model_types()  # registers FLA's types
+    config = AutoConfig.for_model(model_type, num_hidden_layers=2)
+    parts = flops_breakdown(config, 2048)
+    assert parts["mixers"] == {kind: 2}
+    assert parts["unknown_mixers"] == []
+    assert flops_per_token(config, 512) == flops_per_token(config, 16384)  # no softmax term
+
+
+def test_linear_mixer_named_attention_is_not_softmax():
+    # MomAttention is a linear (mixture-of-memories) layer: never the T-growing softmax term (fla-org/flame#7)
+    from transformers import AutoConfig
+
+    fla_model_types()
+    config = AutoConfig.for_model("mom", num_hidden_layers=1)
+    parts = flops_breakdown(config, 2048)
+    assert "softmax_attention" not in parts["mixers"]
+    assert flops_per_token(config, 512) == flops_per_token(config, 16384)

@@ -62,6 +62,8 @@ calibrate against measured peak memory (torch.cuda.max_memory_allocated) on a GP
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -86,11 +88,11 @@ def _import_fla() -> None:
     """Register FLA's model types with transformers' Auto classes; install portable kernels where they exist."""
     import fla  # noqa: F401  (registers AutoConfig / AutoModelForCausalLM entries)
 
-    try:  # flame.kernels lands from the kernels branch; until then FLA's own Triton kernels are used
-        from flame import kernels
-    except ImportError:
+    # flame.kernels (portable CPU kernels) lands from the kernels branch; until then FLA's own Triton kernels are
+    # used. find_spec rather than catching ImportError, so that a broken kernels module still fails loudly.
+    if importlib.util.find_spec("flame.kernels") is None:
         return
-    kernels.install()
+    importlib.import_module("flame.kernels").install()
 
 
 def fla_model_types() -> list[str]:

@@ -53,11 +53,13 @@ that never form a T x T matrix. Here the count is
 Memory estimate
 ===============
 
-estimate_memory() adds, in GiB: weights (fp32 master, plus the bf16 copies autocast caches for the forward),
-grads (fp32), optimizer (AdamW: two fp32 moments), each divided by the ZeRO / FSDP world size from the stage that
-shards it, and activations: the tensors autograd keeps per token per layer, listed family by family below
-(MIXER_ACTIVATIONS, BLOCK_ACTIVATIONS), plus the logits of the LM head. ACTIVATION_SCALE is the one knob to
-calibrate against measured peak memory (torch.cuda.max_memory_allocated) on a GPU.
+estimate_memory() adds, in GiB per device: weights (fp32 master, plus the bf16 copies autocast keeps for the
+backward), grads (fp32; all of them only when they stay allocated: DDP buckets, ZeRO, accumulation), optimizer
+(AdamW: two fp32 moments), each divided by the world size from the ZeRO / FSDP stage that shards it, and
+activations: the tensors autograd keeps per token, term by term per layer from what each FLA / transformers
+module saves (activation_breakdown(): _mixer_activations() per family, _block_activations() for norms and MLP),
+plus the LM head's logits. ACTIVATION_SCALE and FAMILY_ACTIVATION_SCALE are the knobs to calibrate against a
+measured peak (torch.cuda.max_memory_allocated; benchmarks/memory_estimate.py).
 """
 
 from __future__ import annotations

@@ -136,3 +136,88 @@ def fused_recurrent_gla(
 ):
     """fla.ops.gla.fused_recurrent_gla"""
     return _run(q, k, v, gk, gv, scale, initial_state, output_final_state, state_v_first, cu_seqlens, reverse)
+
+
+def _scalar_gate(q, g, g_gamma):
+    """Simple GLA's per-head decay ([B, T, H] `g` or constant [H] `g_gamma`) as a per-key-channel gate."""
+    B, T, H, K = q.shape
+    if g is None and g_gamma is None:
+        return None
+    if g is None:
+        g = g_gamma.float().view(1, 1, H).expand(B, T, H)
+    return g.float()[..., None].expand(B, T, H, K)
+
+
+def chunk_simple_gla(
+    q,
+    k,
+    v,
+    g=None,
+    g_gamma=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    state_v_first=False,
+    cu_seqlens=None,
+    cu_seqlens_cpu=None,
+    **kwargs,
+):
+    """fla.ops.simple_gla.chunk_simple_gla"""
+    gk = _scalar_gate(q, g, g_gamma)
+    return _run(q, k, v, gk, None, scale, initial_state, output_final_state, state_v_first, cu_seqlens)
+
+
+def fused_recurrent_simple_gla(
+    q,
+    k,
+    v,
+    g=None,
+    g_gamma=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    reverse=False,
+    state_v_first=False,
+    cu_seqlens=None,
+    **kwargs,
+):
+    """fla.ops.simple_gla.fused_recurrent_simple_gla"""
+    gk = _scalar_gate(q, g, g_gamma)
+    return _run(q, k, v, gk, None, scale, initial_state, output_final_state, state_v_first, cu_seqlens, reverse)
+
+
+def _retention_gamma(q):
+    # RetNet's fixed per-head decay (Sun et al. 2023): gamma_h = 1 - 2^(-5 - h), as fla.ops.retention sets it.
+    return (1 - 2.0 ** (-5.0 - torch.arange(q.shape[2], dtype=torch.float, device=q.device))).log()
+
+
+def chunk_retention(q, k, v, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **kwargs):
+    """fla.ops.retention.chunk_retention (and fused_chunk_retention)"""
+    gk = _scalar_gate(q, None, _retention_gamma(q))
+    state_v_first = kwargs.get("state_v_first", False)
+    return _run(q, k, v, gk, None, scale, initial_state, output_final_state, state_v_first, cu_seqlens)
+
+
+def fused_recurrent_retention(
+    q,
+    k,
+    v,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    reverse=False,
+    state_v_first=False,
+    cu_seqlens=None,
+    **kwargs,
+):
+    """fla.ops.retention.fused_recurrent_retention"""
+    gk = _scalar_gate(q, None, _retention_gamma(q))
+    return _run(q, k, v, gk, None, scale, initial_state, output_final_state, state_v_first, cu_seqlens, reverse)
+
+
+def parallel_retention(q, k, v, scale=None, output_attentions=False, cu_seqlens=None):
+    """fla.ops.retention.parallel_retention (outputs only; the attention matrix is not materialised)"""
+    if output_attentions:
+        raise NotImplementedError("parallel_retention(output_attentions=True) has no portable torch implementation")
+    o, _ = chunk_retention(q, k, v, scale=scale, cu_seqlens=cu_seqlens)
+    return o, None

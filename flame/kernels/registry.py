@@ -40,6 +40,12 @@ TARGETS: tuple[Target, ...] = (
     # fla.ops
     Target("fla.ops.gla.chunk:chunk_gla", linear_attn.chunk_gla),
     Target("fla.ops.gla.fused_recurrent:fused_recurrent_gla", linear_attn.fused_recurrent_gla),
+    Target("fla.ops.simple_gla.chunk:chunk_simple_gla", linear_attn.chunk_simple_gla),
+    Target("fla.ops.simple_gla.fused_recurrent:fused_recurrent_simple_gla", linear_attn.fused_recurrent_simple_gla),
+    Target("fla.ops.retention.chunk:chunk_retention", linear_attn.chunk_retention),
+    Target("fla.ops.retention.fused_chunk:fused_chunk_retention", linear_attn.chunk_retention),
+    Target("fla.ops.retention.fused_recurrent:fused_recurrent_retention", linear_attn.fused_recurrent_retention),
+    Target("fla.ops.retention.parallel:parallel_retention", linear_attn.parallel_retention),
     Target("fla.ops.delta_rule.chunk:chunk_delta_rule", delta.chunk_delta_rule),
     Target("fla.ops.delta_rule.fused_recurrent:fused_recurrent_delta_rule", delta.fused_recurrent_delta_rule),
     Target("fla.ops.gated_delta_rule.chunk:chunk_gated_delta_rule", delta.chunk_gated_delta_rule),
@@ -49,5 +55,5 @@ TARGETS: tuple[Target, ...] = (
     ),
 )
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("gla", "gated_deltanet", "delta_net")
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2")
 """FLA model types whose forward, backward and cached generation run on CPU (tests/kernels pin each one)."""

@@ -22,6 +22,7 @@ import torch
 
 from flame.kernels import varlen
 from flame.kernels.config import settings
+from flame.kernels.modules import up
 
 
 def gla_recurrent(q, k, v, gk, gv, h0):
@@ -81,14 +82,14 @@ def _run(q, k, v, gk, gv, scale, initial_state, output_final_state, state_v_firs
         scale = q.shape[-1] ** -0.5
     h0 = initial_state
     if h0 is not None:
-        h0 = h0.float()
+        h0 = up(h0)
         if state_v_first:
             h0 = h0.transpose(-1, -2)
     mask = None
     if cu_seqlens is not None:
         mask, (q, k, v, gk, gv) = varlen.pack(cu_seqlens, q, k, v, gk, gv)
-    q, k, v = ((x.float().transpose(1, 2)) for x in (q, k, v))
-    gk, gv = ((None if x is None else x.float().transpose(1, 2)) for x in (gk, gv))
+    q, k, v = ((up(x).transpose(1, 2)) for x in (q, k, v))
+    gk, gv = ((None if x is None else up(x).transpose(1, 2)) for x in (gk, gv))
     q = q * scale
     if settings.chunk_size is None or gv is not None:
         o, S = gla_recurrent(q, k, v, gk, gv, h0)
@@ -144,8 +145,8 @@ def _scalar_gate(q, g, g_gamma):
     if g is None and g_gamma is None:
         return None
     if g is None:
-        g = g_gamma.float().view(1, 1, H).expand(B, T, H)
-    return g.float()[..., None].expand(B, T, H, K)
+        g = up(g_gamma).view(1, 1, H).expand(B, T, H)
+    return up(g)[..., None].expand(B, T, H, K)
 
 
 def chunk_simple_gla(

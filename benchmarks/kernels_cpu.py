@@ -39,9 +39,7 @@ def main() -> None:
     from fla.models import GLAConfig, GLAForCausalLM
 
     torch.manual_seed(0)
-    config = GLAConfig(
-        hidden_size=args.hidden, num_hidden_layers=args.layers, num_heads=args.heads, vocab_size=1024
-    )
+    config = GLAConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_heads=args.heads, vocab_size=1024)
     model = GLAForCausalLM(config).train()
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
     tokens = args.batch * args.seq

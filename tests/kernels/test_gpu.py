@@ -219,7 +219,7 @@ def test_short_convolution_matches_triton():
             assert ratio(a, c) < 1e-4
 
 
-@pytest.mark.parametrize("model_type", ["gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2"])
+@pytest.mark.parametrize("model_type", ["gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2", "gsa"])
 def test_model_loss_and_gradients_match_triton(model_type):
     from tests.kernels.test_models import CONFIGS, VOCAB, build
 

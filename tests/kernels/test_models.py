@@ -14,8 +14,9 @@ CONFIGS = {
     "retnet": dict(num_heads=2),
     "hgrn2": dict(num_heads=2, expand_ratio=16),
     "mamba2": dict(num_heads=4, head_dim=16, expand=2, n_groups=1, state_size=16),
+    "gsa": dict(num_heads=2, num_kv_heads=1, num_slots=8),
 }
-VARLEN = ("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2")  # Mamba2's torch path takes no cu_seqlens
+VARLEN = ("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "gsa")  # Mamba2's torch path takes no cu_seqlens
 
 
 def build(model_type):

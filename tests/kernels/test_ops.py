@@ -237,3 +237,29 @@ def test_gradients_match_finite_differences(chunk_size, size):
     x, w = rand(2, 5, 4), rand(4, 3)
     assert torch.autograd.gradcheck(lambda x, w: modules.causal_conv1d(x, w, activation="silu")[0], (x, w))
     assert torch.autograd.gradcheck(lambda x, w: modules.layer_norm(x, w, None, is_rms_norm=True), (x, rand(4)))
+
+
+@pytest.mark.parametrize("with_gate", [True, False])
+def test_gsa_matches_fla_naive_recurrent(with_gate):
+    from fla.ops.gsa.naive import naive_recurrent_gsa
+
+    q, _, _, _, _, _, _ = _inputs()
+    g = torch.Generator().manual_seed(3)
+    k, v, s = (torch.randn(B, T, 1, n, generator=g) for n in (K, V, 5))  # one key head for two query heads
+    gate = F.logsigmoid(torch.randn(B, T, 1, 5, generator=g)) * 3 if with_gate else None
+    h0 = (torch.randn(B, 1, K, 5, generator=g), torch.randn(B, 1, 5, V, generator=g))
+    o_ref, (hk_ref, hv_ref) = naive_recurrent_gsa(q, k, v, s, gate, initial_state=h0, output_final_state=True)
+    o, (hk, hv) = linear_attn.chunk_gsa(q, k, v, s, gate, initial_state=h0, output_final_state=True)
+    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hk, hk_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hv, hv_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_value_side_gate_chunked_matches_recurrence(chunk_size):
+    q, k, v, gk, _, _, h0 = _inputs()
+    gv = F.logsigmoid(torch.randn(B, T, H, V)) * 3
+    o, h = linear_attn.fused_recurrent_gla(q, k, v, gk, gv, initial_state=h0, output_final_state=True)
+    chunk_size(None)
+    o_ref, h_ref = linear_attn.fused_recurrent_gla(q, k, v, gk, gv, initial_state=h0, output_final_state=True)
+    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -83,8 +84,9 @@ def write_corpus(paths: list[Path], folder: Path, shard_bytes: int = 8 << 20) ->
     return shards
 
 
-def measure(cmd: list[str], env: dict) -> tuple[float, float]:
-    """Wall seconds and peak summed PSS (bytes) of a command and its children."""
+def measure(cmd: list[str], env: dict) -> tuple[float, float, float]:
+    """Wall seconds, peak summed PSS (bytes) and CPU seconds (user + sys) of a command and all its children."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     root = psutil.Process(proc.pid)
@@ -99,10 +101,13 @@ def measure(cmd: list[str], env: dict) -> tuple[float, float]:
         peak = max(peak, total)
         time.sleep(0.1)
     seconds = time.time() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # Pool workers are reaped by the command, so their CPU time is in its children's total, hence in ours.
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     output = proc.stdout.read()
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd[:4])} ... failed:\n{output[-3000:]}")
-    return seconds, peak
+    return seconds, peak, cpu
 
 
 def tokens_in(folder: str) -> int:
@@ -203,23 +208,28 @@ def main():
                 str(args.num_proc),
             ]
             runs["datasets"] = (*measure(cmd, env), tokens_in(str(hf_out)))
-            assert runs["flame"][2] == runs["datasets"][2], f"token counts differ: {runs}"
-            for way, (seconds, peak, tokens) in runs.items():
-                rows.append((f"{mb:.0f} MB", way, seconds, tokens / seconds, peak / 2**20, tokens))
+            assert runs["flame"][3] == runs["datasets"][3], f"token counts differ: {runs}"
+            for way, (seconds, peak, cpu, tokens) in runs.items():
+                rows.append((f"{mb:.0f} MB", way, seconds, tokens / seconds, tokens / cpu, peak / 2**20))
                 print(
                     f"{mb:6.0f} MB  {way:9s} {seconds:7.1f} s  {tokens / seconds / 1e3:8.1f} K tokens/s  "
-                    f"peak {peak / 2**20:7.0f} MiB  ({tokens:,} tokens)",
+                    f"{tokens / cpu / 1e3:8.1f} K tokens/cpu-s  peak {peak / 2**20:7.0f} MiB  ({tokens:,} tokens)",
                     flush=True,
                 )
-            ratio = (runs["flame"][2] / runs["flame"][0]) / (runs["datasets"][2] / runs["datasets"][0])
-            print(f"{mb:6.0f} MB  flame / datasets tokens/s: {ratio:.2f}x", flush=True)
+            (fs, _, fc, ft), (ds, _, dc, dt) = runs["flame"], runs["datasets"]
+            print(
+                f"{mb:6.0f} MB  flame / datasets: tokens/s {(ft / fs) / (dt / ds):.2f}x, "
+                f"tokens per CPU-second {(ft / fc) / (dt / dc):.2f}x",
+                flush=True,
+            )
             shutil.rmtree(flame_out)
             shutil.rmtree(hf_out)
             shutil.rmtree(work / f"hf-cache-{scale}x", ignore_errors=True)
 
-        print("\n| corpus | way | seconds | tokens/s | peak memory (PSS, MiB) |\n|---|---|---|---|---|")
-        for corpus, way, seconds, rate, peak, _ in rows:
-            print(f"| {corpus} | {way} | {seconds:.1f} | {rate / 1e3:.0f}K | {peak:.0f} |")
+        print("\n| corpus | way | seconds | tokens/s | tokens/CPU-s | peak memory (PSS, MiB) |")
+        print("|---|---|---|---|---|---|")
+        for corpus, way, seconds, rate, cpu_rate, peak in rows:
+            print(f"| {corpus} | {way} | {seconds:.1f} | {rate / 1e3:.0f}K | {cpu_rate / 1e3:.0f}K | {peak:.0f} |")
         print(
             f"\nmachine: {platform.platform()}, {os.cpu_count()} cores, python {platform.python_version()}, "
             f"num_proc {args.num_proc}, vocab {args.vocab_size}"

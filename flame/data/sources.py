@@ -31,8 +31,9 @@ TEXT_COLUMNS = ("text", "content")
 MIN_UNIT_BYTES = 1 << 20
 MAX_UNIT_BYTES = 64 << 20
 GROUP_FILES = 2000
-# A batch ends at batch_size documents or at this many characters, whichever comes first.
-BATCH_CHARS = 16 << 20
+# A batch ends at batch_size documents or at this many characters, whichever comes first: a batch's Encodings
+# take ~100 bytes a token, so this keeps a worker near 100 MB whatever the document lengths.
+BATCH_CHARS = 1 << 20
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 

@@ -53,12 +53,17 @@ def backend(tokenizer):
     transformers turns off truncation and padding and sets encode_special_tokens before each call; the copy is
     configured the same once, so workers can call encode_batch_fast directly and skip the Python wrapper.
     """
+    return rust_tokenizer(tokenizer._tokenizer.to_str(), bool(getattr(tokenizer, "split_special_tokens", False)))
+
+
+def rust_tokenizer(tokenizer_json: str, split_special_tokens: bool = False):
+    """backend() from the tokenizer's JSON (what a worker process receives)."""
     from tokenizers import Tokenizer
 
-    rust = Tokenizer.from_str(tokenizer._tokenizer.to_str())
+    rust = Tokenizer.from_str(tokenizer_json)
     rust.no_truncation()
     rust.no_padding()
-    rust.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    rust.encode_special_tokens = split_special_tokens
     return rust
 
 
@@ -82,7 +87,7 @@ class TokenizerConfig:
     """Replace an existing output folder."""
 
 
-def train_tokenizer(config: TokenizerConfig, on_docs=None) -> dict:
+def train_tokenizer(config: TokenizerConfig, show_progress: bool = False) -> dict:
     """Train a byte-level BPE (GPT-2 style, no unknown tokens) on local text and save it as a transformers dir."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -114,8 +119,6 @@ def train_tokenizer(config: TokenizerConfig, on_docs=None) -> dict:
                         if isinstance(text, str) and text:
                             count += 1
                             yield text
-                    if on_docs:
-                        on_docs(count)
 
     bpe = Tokenizer(models.BPE())
     # Byte-level: every string is representable, so there is no unknown token (as GPT-2, Llama 3).
@@ -126,7 +129,7 @@ def train_tokenizer(config: TokenizerConfig, on_docs=None) -> dict:
         min_frequency=config.min_frequency,
         special_tokens=[EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=show_progress,
     )
     bpe.train_from_iterator(texts(), trainer=trainer)
     if count == 0:

@@ -15,6 +15,7 @@ only a .tmp folder, which the next save removes and resume never picks.
 """
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -58,11 +59,17 @@ def save(accelerator, model, run_dir: str | os.PathLike, step: int, trainer_stat
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
 
+    # accelerate warns that it stored a tied LM head once; loading re-ties it (the exact-continuation test checks).
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     accelerator.save_state(str(tmp / "state" / "accelerate"))
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards; every process must call it
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one tiny shard: a progress bar per save only clutters the log
         unwrapped.save_pretrained(tmp / "model", state_dict=state_dict, safe_serialization=True)
+        hf_logging.enable_progress_bar()
         for f in extra_files:
             shutil.copy2(f, tmp / "model" / Path(f).name)
         (tmp / "state" / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")

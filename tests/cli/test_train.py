@@ -136,3 +136,13 @@ def test_wandb_offline_run_named_after_type(files, tmp_path, monkeypatch):
     assert len(offline) == 1
     state = json.loads((run / "checkpoints" / "step-00000002" / "state" / "trainer.json").read_text())
     assert state["wandb_id"] == run_id
+
+
+def test_epochs_set_the_steps_when_steps_is_0(files, tmp_path):
+    tokens = json.loads((files / "ds" / "manifest.json").read_text())["splits"]["train"]["tokens"]
+    windows = tokens // 32
+    result = _train(files, tmp_path, "llama.json", "--epochs", "2", "--dry-run")
+    assert result.exit_code == 0, result.output
+    steps = -(-2 * windows // 4)  # ceil: 4 windows per update
+    assert f"{steps} updates = " in result.output
+    assert f"{windows} windows of 32" in result.output

@@ -14,11 +14,11 @@ DEMO=.demo
 RUN="$DEMO/run"
 
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    SETTINGS=(--context 1024 --batch 32 --steps 600 --lr 3e-3 --warmup 50 --logging 20 --save 200)
+    SETTINGS=(--context 1024 --batch 32 --steps "${DEMO_STEPS:-600}" --lr 2e-3 --warmup 50 --logging 20 --save 200)
     echo "demo: training on the GPU"
 else
-    # About 3 s per update on 2 CPU cores: ~4 minutes.
-    SETTINGS=(--context 256 --batch 4 --steps 80 --lr 3e-3 --warmup 8 --logging 4 --save 40)
+    # About 3 s per update on 2 idle CPU cores: ~4 minutes (DEMO_STEPS=... for a longer or shorter run).
+    SETTINGS=(--context 256 --batch 4 --steps "${DEMO_STEPS:-80}" --lr 2e-3 --warmup 8 --logging 4 --save 40)
     echo "demo: training on the CPU (no GPU found); a GPU runs the same command with bf16 and Triton kernels"
 fi
 
@@ -42,9 +42,15 @@ first, last = records[0]["loss"], records[-1]["loss"]
 print(f"\ndemo: loss {first:.3f} at step {records[0]['step']} -> {last:.3f} at step {records[-1]['step']} "
       f"({100 * (1 - last / first):.0f}% lower), {records[-1]['tokens']:,} tokens")
 
+import warnings
+
 import fla  # noqa: F401  (registers the GLA model type with transformers)
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+warnings.filterwarnings("ignore")  # FLA's deprecation notices about generate()'s cache argument
+hf_logging.set_verbosity_error()
 
 import flame.kernels
 
@@ -52,9 +58,10 @@ flame.kernels.install()
 model = AutoModelForCausalLM.from_pretrained(f"{ckpt}/model")
 tokenizer = AutoTokenizer.from_pretrained(f"{ckpt}/model")
 prompt = tokenizer("def __init__(self", return_tensors="pt").input_ids
+torch.manual_seed(0)
 with torch.no_grad():
-    out = model.generate(prompt, max_new_tokens=40, do_sample=False)
-print("demo: sample from the checkpoint (greedy):\n" + tokenizer.decode(out[0]))
+    out = model.generate(prompt, max_new_tokens=60, do_sample=True, temperature=0.8, top_k=40)
+print("demo: a sample from the checkpoint (temperature 0.8):\n" + tokenizer.decode(out[0]))
 print(f"""
 demo: checkpoint   {ckpt}
       model dir    {ckpt}/model   (AutoModelForCausalLM.from_pretrained after `import fla`)

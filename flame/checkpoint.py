@@ -11,7 +11,7 @@
 
 Everything is written into RUN/checkpoints/.step-00001000.tmp and renamed into place by rank 0 once every
 process has finished writing: a folder named step-* is complete by construction, and a crash mid-save leaves
-only a .tmp folder, which the next save removes and resume never picks.
+only a .tmp folder, which the next save removes and which is never picked to continue from.
 """
 
 import json
@@ -54,9 +54,10 @@ def save(accelerator, model, run_dir: str | os.PathLike, step: int, trainer_stat
     final = step_dir(run_dir, step)
     tmp = final.parent / f".{final.name}.tmp"
     if accelerator.is_main_process:
-        if tmp.exists():  # left by a process killed mid-save
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(".step-*.tmp"):  # left by a process killed mid-save
+            shutil.rmtree(stale)
+        tmp.mkdir()
     accelerator.wait_for_everyone()
 
     # accelerate warns that it stored a tied LM head once; loading re-ties it (the exact-continuation test checks).

@@ -97,12 +97,25 @@ def test_a_run_of_nan_updates_saves_and_stops(files, tmp_path, monkeypatch):
 
 def test_continuing_from_a_checkpoint_repeats_the_uninterrupted_run(files, tmp_path):
     engine.train(_cfg(files, tmp_path / "full", steps=10, update=2, save=4, limit=0))
-    engine.train(_cfg(files, tmp_path / "part", steps=10, update=2, save=4, limit=0))
-    # continue the second run from step 4 (its later checkpoints and metrics are dropped as if never written)
-    ckpt = tmp_path / "part" / "checkpoints" / "step-00000004"
+    ckpt = tmp_path / "full" / "checkpoints" / "step-00000004"
     result = engine.train(_cfg(files, tmp_path / "cont", steps=10, update=2, save=4, checkpoint=str(ckpt)))
     assert result.step == 10 and result.tokens == 10 * 2 * 4 * 32
     assert _losses(tmp_path / "cont") == _losses(tmp_path / "full")[4:]
+
+
+@pytest.mark.slow
+def test_continuing_in_place_across_an_epoch_with_varlen(files, tmp_path):
+    # GLA, varlen, 8 windows of 64 per update: the data (about 120 windows per epoch) wraps into epoch 1 at update 16
+    kw = dict(model=str(files / "gla.json"), varlen=True, context=64, update=2, steps=18, save=8, limit=0)
+    engine.train(_cfg(files, tmp_path / "full", **kw))
+    engine.train(_cfg(files, tmp_path / "run", **kw))
+    full = _losses(tmp_path / "full")
+    # continue the run in its own dir from step 8: the records logged after step 8 are dropped and re-made
+    engine.train(_cfg(files, tmp_path / "run", **kw, checkpoint=str(tmp_path / "run/checkpoints/step-00000008")))
+    assert _losses(tmp_path / "run") == full
+    state = json.loads((tmp_path / "run/checkpoints/step-00000018/state/trainer.json").read_text())
+    tokens = json.loads((files / "ds" / "manifest.json").read_text())["splits"]["train"]["tokens"]
+    assert state["data"]["position"] == 18 * 8 and 1 < 18 * 8 / (tokens // 64) < 2
 
 
 def _wait_for(path: Path, timeout: float) -> None:
@@ -203,8 +216,22 @@ def test_ddp_two_processes_match_one_process_with_twice_the_accumulation(files, 
         timeout=300,
     )
     assert two.returncode == 0, two.stdout + two.stderr
-    engine.train(_cfg(files, tmp_path / "one", model=str(files / "gla.json"), batch=2, update=2, steps=6))
+    one = _cfg(files, tmp_path / "one", model=str(files / "gla.json"), batch=2, update=2, steps=6, save=3, limit=0)
+    engine.train(one)
     assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)
+
+    # World size 1 -> 2: continue the one-process run at step 3 on two processes (same global batch); the data
+    # position is in global windows, so the remaining updates see the same windows and give the same losses.
+    ckpt = tmp_path / "one" / "checkpoints" / "step-00000003"
+    cont = subprocess.run(
+        launch + common + ["--update", "1", "--path", str(tmp_path / "cont"), "--checkpoint", str(ckpt)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cont.returncode == 0, cont.stdout + cont.stderr
+    assert _losses(tmp_path / "cont") == pytest.approx(_losses(tmp_path / "one")[3:], rel=1e-4)
     saved = tmp_path / "ddp" / "checkpoints" / "step-00000006" / "state"
     state = json.loads((saved / "trainer.json").read_text())
     assert state["world"] == 2 and state["data"]["position"] == 6 * 2 * 2

@@ -193,7 +193,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         p.sources, context=cfg.context, batch=cfg.batch, seed=cfg.seed, rank=rank, world=world, varlen=cfg.varlen
     )
 
-    step, tokens, skipped, elapsed_before = 0, 0, 0, 0.0
+    step, tokens, skipped, bad_in_a_row, elapsed_before = 0, 0, 0, 0, 0.0
     if cfg.checkpoint:
         state = ckpt.load(accelerator, cfg.checkpoint)
         if state["batch"] * state["update"] * state["world"] != cfg.batch * update * world:
@@ -207,7 +207,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 f"{cfg.checkpoint} was trained on other data ({state['sources']})",
                 "give the --cache that run used: its data position means nothing on another dataset",
             )
-        step, tokens, skipped = state["step"], state["tokens"], state["skipped"]
+        step, tokens, skipped, bad_in_a_row = state["step"], state["tokens"], state["skipped"], state["bad_in_a_row"]
         elapsed_before = state.get("elapsed", 0.0)
         loader.load_state_dict(state["data"])
 
@@ -242,7 +242,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         meter.reset_clock()  # the save does not count as training time
         return path
 
-    started, bad_in_a_row, last_saved = time.time(), 0, None
+    started, last_saved = time.time(), None
     first_loss, window_losses, grad_norm, loss_value = None, [], None, None
     stopped = "done"
     model.train()

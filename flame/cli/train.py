@@ -117,7 +117,7 @@ def _render_plan(p) -> None:
 
 
 def _render_result(r) -> None:
-    if r.first_loss is None and r.stopped == "done":
+    if r.checkpoint is None and r.stopped == "done":
         ui.console.print(f"already at step {r.step}: nothing to train (raise --steps to train further)")
         return
     how = {"done": "finished", "signal": "stopped on request"}[r.stopped]

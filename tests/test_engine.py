@@ -101,6 +101,11 @@ def test_continuing_from_a_checkpoint_repeats_the_uninterrupted_run(files, tmp_p
     result = engine.train(_cfg(files, tmp_path / "cont", steps=10, update=2, save=4, checkpoint=str(ckpt)))
     assert result.step == 10 and result.tokens == 10 * 2 * 4 * 32
     assert _losses(tmp_path / "cont") == _losses(tmp_path / "full")[4:]
+    # continuing a finished run trains nothing and writes nothing
+    last = tmp_path / "cont" / "checkpoints" / "step-00000010"
+    again = engine.train(_cfg(files, tmp_path / "cont", steps=10, update=2, save=4, checkpoint=str(last)))
+    assert again.step == 10 and again.checkpoint is None
+    assert _losses(tmp_path / "cont") == _losses(tmp_path / "full")[4:]
 
 
 @pytest.mark.slow

@@ -35,3 +35,7 @@ class CheckpointError(FlameError):
 
 class OutputExistsError(FlameError):
     """An output path exists and would be overwritten."""
+
+
+class TrainingError(FlameError):
+    """Training cannot go on (e.g. the loss diverged); what was trained is saved first."""

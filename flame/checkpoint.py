@@ -1,0 +1,99 @@
+"""Checkpoints: save, find, load and rotate, atomically.
+
+    RUN/checkpoints/step-00001000/
+      model/          HF format (config.json, model.safetensors, tokenizer files):
+                      AutoModelForCausalLM.from_pretrained(this) works after `import fla`
+      state/
+        accelerate/   accelerator.save_state: weights (sharded under FSDP / ZeRO), optimizer, the RNG state of
+                      every process (random_states_<rank>.pkl)
+        trainer.json  step, tokens seen, data position, skipped-update counters, world size, accumulation
+                      (what an exact resume needs beyond the tensors)
+
+Everything is written into RUN/checkpoints/.step-00001000.tmp and renamed into place by rank 0 once every
+process has finished writing: a folder named step-* is complete by construction, and a crash mid-save leaves
+only a .tmp folder, which the next save removes and resume never picks.
+"""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from flame.errors import CheckpointError
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer.json"
+_NAME = re.compile(r"^step-(\d{8,})$")
+
+
+def step_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
+
+
+def complete(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest(run_dir: str | os.PathLike) -> Path | None:
+    found = complete(run_dir)
+    return found[-1] if found else None
+
+
+def save(accelerator, model, run_dir: str | os.PathLike, step: int, trainer_state: dict, extra_files=()) -> Path:
+    """Write checkpoint `step` of the run; every process calls this (each saves its own RNG and shards).
+
+    extra_files: files copied into model/ (the tokenizer), so the model dir is usable on its own.
+    """
+    final = step_dir(run_dir, step)
+    tmp = final.parent / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        if tmp.exists():  # left by a process killed mid-save
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    accelerator.save_state(str(tmp / "state" / "accelerate"))
+    state_dict = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards; every process must call it
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(tmp / "model", state_dict=state_dict, safe_serialization=True)
+        for f in extra_files:
+            shutil.copy2(f, tmp / "model" / Path(f).name)
+        (tmp / "state" / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+        if final.exists():  # the same step saved again (a re-run): replace it only now that the new one is whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def rotate(run_dir: str | os.PathLike, limit: int) -> list[Path]:
+    """Delete all but the newest `limit` complete checkpoints (0 keeps all); returns what was deleted."""
+    found = complete(run_dir)
+    doomed = found[:-limit] if limit > 0 else []
+    for p in doomed:
+        shutil.rmtree(p)
+    return doomed
+
+
+def read_trainer_state(checkpoint: str | os.PathLike) -> dict:
+    path = Path(checkpoint) / "state" / TRAINER_STATE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{checkpoint} is not a complete flame checkpoint (no state/{TRAINER_STATE})",
+            "give a RUN/checkpoints/step-N folder written by flame train",
+        )
+    return json.loads(path.read_text())
+
+
+def load(accelerator, checkpoint: str | os.PathLike) -> dict:
+    """Restore weights, optimizer and every process's RNG from a checkpoint; returns its trainer state."""
+    state = read_trainer_state(checkpoint)
+    accelerator.load_state(str(Path(checkpoint) / "state" / "accelerate"))
+    return state

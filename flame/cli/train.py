@@ -1,0 +1,132 @@
+"""`flame train`: parse the options into a TrainConfig, call flame.engine, render the result.
+
+    flame train --model configs/gla_340M.json --cache data/HuggingFaceFW/fineweb-edu/sample-10BT/train \\
+        --type gla --lr 3e-4 --steps 20480 --batch 8 --update 1 --warmup 1024 --context 2048 --path exp/gla-340M-10B
+    accelerate launch --num_processes 8 -m flame train ...      # DDP; configs/accelerate/ for FSDP and ZeRO
+
+Every option is the seed's `train.sh key=value` with the same name (README "Training" has the table).
+"""
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from flame import ui
+from flame.config import TrainConfig, field_docs
+
+DOCS = field_docs()
+DEFAULTS = TrainConfig()
+
+
+def _opt(name: str, **kwargs):
+    return typer.Option(f"--{name.replace('_', '-')}", help=DOCS[name], **kwargs)
+
+
+def train(
+    model: Annotated[str, _opt("model", rich_help_panel="Model and data")] = DEFAULTS.model,
+    cache: Annotated[str, _opt("cache", rich_help_panel="Model and data")] = DEFAULTS.cache,
+    data: Annotated[str, _opt("data", rich_help_panel="Model and data")] = DEFAULTS.data,
+    name: Annotated[str, _opt("name", rich_help_panel="Model and data")] = DEFAULTS.name,
+    type: Annotated[str, _opt("type", rich_help_panel="Model and data")] = DEFAULTS.type,
+    path: Annotated[str, _opt("path", rich_help_panel="Model and data")] = DEFAULTS.path,
+    checkpoint: Annotated[str, _opt("checkpoint", rich_help_panel="Model and data")] = DEFAULTS.checkpoint,
+    context: Annotated[int, _opt("context", rich_help_panel="Batch")] = DEFAULTS.context,
+    batch: Annotated[int, _opt("batch", rich_help_panel="Batch")] = DEFAULTS.batch,
+    update: Annotated[int, _opt("update", rich_help_panel="Batch")] = DEFAULTS.update,
+    varlen: Annotated[bool, _opt("varlen", rich_help_panel="Batch")] = DEFAULTS.varlen,
+    steps: Annotated[int, _opt("steps", rich_help_panel="Batch")] = DEFAULTS.steps,
+    epochs: Annotated[float, _opt("epochs", rich_help_panel="Batch")] = DEFAULTS.epochs,
+    lr: Annotated[float, _opt("lr", rich_help_panel="Optimizer")] = DEFAULTS.lr,
+    scheduler: Annotated[str, _opt("scheduler", rich_help_panel="Optimizer")] = DEFAULTS.scheduler,
+    warmup: Annotated[int, _opt("warmup", rich_help_panel="Optimizer")] = DEFAULTS.warmup,
+    min_lr: Annotated[float, _opt("min_lr", rich_help_panel="Optimizer")] = DEFAULTS.min_lr,
+    decay_ratio: Annotated[float, _opt("decay_ratio", rich_help_panel="Optimizer")] = DEFAULTS.decay_ratio,
+    decay: Annotated[float, _opt("decay", rich_help_panel="Optimizer")] = DEFAULTS.decay,
+    beta1: Annotated[float, _opt("beta1", rich_help_panel="Optimizer")] = DEFAULTS.beta1,
+    beta2: Annotated[float, _opt("beta2", rich_help_panel="Optimizer")] = DEFAULTS.beta2,
+    eps: Annotated[float, _opt("eps", rich_help_panel="Optimizer")] = DEFAULTS.eps,
+    norm: Annotated[float, _opt("norm", rich_help_panel="Optimizer")] = DEFAULTS.norm,
+    precision: Annotated[str, _opt("precision", rich_help_panel="Optimizer")] = DEFAULTS.precision,
+    save: Annotated[int, _opt("save", rich_help_panel="Checkpoints and logging")] = DEFAULTS.save,
+    limit: Annotated[int, _opt("limit", rich_help_panel="Checkpoints and logging")] = DEFAULTS.limit,
+    logging: Annotated[int, _opt("logging", rich_help_panel="Checkpoints and logging")] = DEFAULTS.logging,
+    project: Annotated[str, _opt("project", rich_help_panel="Checkpoints and logging")] = DEFAULTS.project,
+    seed: Annotated[int, _opt("seed", rich_help_panel="Checkpoints and logging")] = DEFAULTS.seed,
+    max_bad_steps: Annotated[
+        int, _opt("max_bad_steps", rich_help_panel="Checkpoints and logging")
+    ] = DEFAULTS.max_bad_steps,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Resolve everything, print parameters, FLOPs/token, memory estimate, dataset tokens and epochs; "
+            "do not train.",
+        ),
+    ] = False,
+):
+    """Train a model from a prepared dataset (from scratch from a config JSON, or on from a model dir).
+
+    Example: flame train --model configs/gla_340M.json --cache data/HuggingFaceFW/fineweb-edu/sample-10BT/train
+    --steps 20480 --batch 8 --context 2048 --path exp/gla-340M-10B
+    """
+    from flame import engine
+
+    values = {k: v for k, v in locals().items() if k in DOCS}
+    cfg = TrainConfig(**values)
+    if dry_run:
+        _render_plan(engine.plan(cfg, world=_world()))
+        return
+    result = engine.train(cfg)
+    if ui.is_main_process():
+        _render_result(result)
+
+
+def _world() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _render_plan(p) -> None:
+    gib = p.memory_gib
+    table = Table(title=f"flame train --dry-run: {p.cfg.type}", show_header=False)
+    rows = [
+        ("model", f"{p.cfg.model} ({p.model_type}{', FLA' if p.is_fla else ''})"),
+        ("parameters", f"{ui.human(p.params['total'])} total"),
+        ("  embedding", ui.human(p.params["embedding"])),
+        ("  non-embedding", ui.human(p.params["non_embedding"])),
+        ("FLOPs per token", f"{ui.human(p.flops_per_token)} (training, at context {p.cfg.context})"),
+        (
+            "peak GPU memory (est.)",
+            f"{gib['total']:.2f} GiB per device (weights {gib['weights']:.2f}, grads {gib['grads']:.2f}, "
+            f"optimizer {gib['optimizer']:.2f}, activations {gib['activations']:.2f})",
+        ),
+        ("dataset", f"{ui.human(p.dataset_tokens)} tokens, {p.windows_per_epoch} windows of {p.cfg.context}"),
+        (
+            "batch",
+            f"{p.cfg.batch} x {p.cfg.update} update x {p.world} processes = {ui.human(p.tokens_per_update)} "
+            "tokens per update",
+        ),
+        ("steps", f"{p.steps} updates = {p.epochs:.3g} epochs, {ui.human(p.steps * p.tokens_per_update)} tokens"),
+        ("run dir", p.cfg.path),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    ui.console.print(table)
+
+
+def _render_result(r) -> None:
+    how = {"done": "finished", "signal": "stopped on request"}[r.stopped]
+    loss = "-" if r.loss is None else f"{r.loss:.4f}"
+    first = "-" if r.first_loss is None else f"{r.first_loss:.4f}"
+    ui.console.print(f"{how} at step {r.step}: loss {first} -> {loss}, {ui.human(r.tokens)} tokens", highlight=False)
+    if r.skipped:
+        ui.console.print(f"{r.skipped} updates skipped (NaN/inf loss or gradient)")
+    if r.checkpoint:
+        ui.console.print(f"checkpoint: {r.checkpoint}")
+        ui.console.print(f"  continue:  flame train ... --checkpoint {r.checkpoint}")
+        ui.console.print(
+            f"  load:      python -c \"import fla; from transformers import AutoModelForCausalLM; "
+            f"AutoModelForCausalLM.from_pretrained('{r.checkpoint}/model')\""
+        )

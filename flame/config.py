@@ -1,0 +1,204 @@
+"""The run configuration of `flame train`: one dataclass, a docstring per field, validated as a whole.
+
+    cfg = TrainConfig(model="configs/gla_340M.json", cache="data/HuggingFaceFW/fineweb-edu/sample-10BT/train")
+    cfg = resolve(cfg)          # fills derived values (run dir, dataset path, run name), raises ConfigError listing all
+    save(cfg, cfg.path)         # DIR/config.json, what `flame resume` reads back with load(DIR)
+
+Field names are the seed's `train.sh key=value` names, so `lr=3e-4` becomes `--lr 3e-4` and `cfg.lr`.
+The field docstrings are also the `--help` text of `flame train` (see `help_text`).
+"""
+
+import ast
+import dataclasses
+import inspect
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from flame.errors import ConfigError
+
+CONFIG_FILE = "config.json"
+SCHEDULERS = ("cosine", "wsd", "linear", "constant")
+# The seed's train.sh spelled the cosine schedule as HF Trainer does.
+SCHEDULER_ALIASES = {"cosine_with_min_lr": "cosine", "warmup_stable_decay": "wsd"}
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    # Model and data
+    model: str = ""
+    """Model config JSON (initialised from scratch with --seed) or model dir (its weights are loaded as they are)."""
+    cache: str = ""
+    """Prepared dataset dir (`flame data prepare` output). Several, mixed: 'DIR_A:0.7,DIR_B:0.3' (weights by window)."""
+    data: str = ""
+    """Dataset id (e.g. HuggingFaceFW/fineweb-edu); with --name, --cache defaults to data/{data}/{name}/train."""
+    name: str = ""
+    """Dataset subset (e.g. sample-10BT), used with --data for the default --cache."""
+    type: str = ""
+    """Run name (the seed's `type`): wandb run name and default run dir exp/{type}. Default: the model type."""
+    path: str = ""
+    """Run dir: config.json, metrics.jsonl, checkpoints/. Default exp/{type}."""
+    checkpoint: str = ""
+    """Checkpoint dir (RUN/checkpoints/step-N) to continue from: weights, optimizer, schedule, data position, RNG."""
+
+    # Batch and length
+    context: int = 2048
+    """Tokens per training window; documents are packed into windows without padding."""
+    batch: int = 8
+    """Windows per device per micro-step."""
+    update: int = 1
+    """Gradient accumulation: micro-steps per optimizer update (global batch = batch x update x processes)."""
+    varlen: bool = False
+    """Pass document boundaries (cu_seqlens) so no document sees another; batch is flattened to one row (FLA only)."""
+    steps: int = 0
+    """Optimizer updates to train for. 0: as many as --epochs passes over the data take."""
+    epochs: float = 1.0
+    """Passes over the data when --steps is 0."""
+
+    # Optimizer and schedule
+    lr: float = 3e-4
+    """Peak learning rate."""
+    scheduler: str = "cosine"
+    """LR schedule after warmup: cosine (to --min-lr x lr), wsd (warmup-stable-decay), linear, constant."""
+    warmup: int = 1024
+    """Linear warmup updates from 0 to --lr."""
+    min_lr: float = 0.1
+    """Final LR as a fraction of --lr (cosine, linear, wsd)."""
+    decay_ratio: float = 0.1
+    """wsd: fraction of --steps spent in the final decay."""
+    decay: float = 0.01
+    """AdamW weight decay (matrices only; norms, biases and 1-d parameters are not decayed)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    norm: float = 1.0
+    """Gradient clipping max norm (0: no clipping, the norm is still logged)."""
+    precision: str = "auto"
+    """auto (bf16 autocast with fp32 master weights on GPU, fp32 on CPU), bf16, or fp32."""
+
+    # Checkpoints, logging, faults
+    save: int = 2048
+    """Save a checkpoint every this many updates (and always at the end)."""
+    limit: int = 2
+    """Keep the newest this many checkpoints (0: keep all)."""
+    logging: int = 32
+    """Log every this many updates (console, metrics.jsonl, wandb)."""
+    project: str = ""
+    """wandb project; empty: no wandb. WANDB_MODE=offline logs locally."""
+    seed: int = 42
+    """Seed for model init, data order and every process's RNG."""
+    max_bad_steps: int = 8
+    """Stop (after saving) when this many updates in a row had a NaN/inf loss or gradient (each is skipped)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def field_docs() -> dict[str, str]:
+    """The docstring under each field, read from this module's source (the same text feeds `--help`)."""
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    docs, body = {}, tree.body[0].body
+    for prev, node in zip(body, body[1:], strict=False):
+        if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docs[prev.target.id] = node.value.value
+    return docs
+
+
+def parse_cache(cache: str) -> list[tuple[str, float]]:
+    """'A:0.7,B:0.3' -> [('A', 0.7), ('B', 0.3)]; 'A' -> [('A', 1.0)]. A ':' followed by a non-number is a path."""
+    sources = []
+    for part in filter(None, (p.strip() for p in cache.split(","))):
+        head, sep, tail = part.rpartition(":")
+        try:
+            weight = float(tail) if sep else None
+        except ValueError:
+            weight = None
+        sources.append((head, weight) if weight is not None else (part, 1.0))
+    return sources
+
+
+def resolve(cfg: TrainConfig, model_type: str | None = None) -> TrainConfig:
+    """Fill the derived fields and validate; every problem is reported at once, naming the option to change."""
+    cfg = dataclasses.replace(cfg)
+    cfg.scheduler = SCHEDULER_ALIASES.get(cfg.scheduler, cfg.scheduler)
+    if not cfg.cache and cfg.data:
+        cfg.cache = str(Path("data") / cfg.data / (cfg.name or "default") / "train")
+    if not cfg.type:
+        cfg.type = model_type or (Path(cfg.model).stem if cfg.model else "run")
+    if not cfg.path:
+        cfg.path = str(Path("exp") / cfg.type)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    problems = []
+    if not cfg.model:
+        problems.append("--model is required (a model config JSON or a model dir)")
+    elif not Path(cfg.model).exists():
+        problems.append(f"--model {cfg.model} does not exist")
+    if not cfg.cache:
+        problems.append("--cache is required (a prepared dataset dir from `flame data prepare`)")
+    else:
+        for path, weight in parse_cache(cfg.cache):
+            if not Path(path).is_dir():
+                problems.append(f"--cache {path} does not exist (prepare it with `flame data prepare`)")
+            if weight <= 0:
+                problems.append(f"--cache weight of {path} must be > 0, got {weight}")
+    if cfg.checkpoint and not Path(cfg.checkpoint).is_dir():
+        problems.append(f"--checkpoint {cfg.checkpoint} does not exist")
+    for name in ("context", "batch", "update", "save", "logging", "max_bad_steps"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("steps", "warmup", "limit"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.steps == 0 and cfg.epochs <= 0:
+        problems.append(f"--epochs must be > 0 when --steps is 0, got {cfg.epochs}")
+    if cfg.lr <= 0:
+        problems.append(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.scheduler not in SCHEDULERS:
+        problems.append(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {cfg.scheduler}")
+    if cfg.precision not in PRECISIONS:
+        problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision}")
+    if not 0 <= cfg.min_lr <= 1:
+        problems.append(f"--min-lr is a fraction of --lr in [0, 1], got {cfg.min_lr}")
+    if not 0 < cfg.decay_ratio <= 1:
+        problems.append(f"--decay-ratio must be in (0, 1], got {cfg.decay_ratio}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            problems.append(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    for name in ("decay", "norm", "eps"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def save(cfg: TrainConfig, run_dir: str | os.PathLike) -> Path:
+    """Write the resolved config to RUN/config.json atomically (temp file, then rename)."""
+    path = Path(run_dir) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load(run_dir: str | os.PathLike) -> TrainConfig:
+    """Read RUN/config.json back; unknown keys are an error (a config from another flame version)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no {CONFIG_FILE}", "give a run dir written by `flame train`")
+    values = json.loads(path.read_text())
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{path} has unknown keys {', '.join(unknown)}", "remove them")
+    return TrainConfig(**values)
+

@@ -1,0 +1,190 @@
+"""Training batches from prepared datasets: documents packed into --context windows, no padding.
+
+    loader = PackedLoader(open_sources("data/x/train"), context=2048, batch=8, seed=42, rank=0, world=1)
+    batch = loader.next_batch()          # {"input_ids": LongTensor[batch, context]} (+ "cu_seqlens" with varlen)
+    state = loader.state_dict()          # exact position; loader.load_state_dict(state) continues from it
+
+How the stream is defined (pure functions of the seed, so a resumed run sees exactly the same batches):
+- Each source's epoch e is its documents in the order `permutation(seed, e)`, concatenated (each document already
+  ends with EOS), cut into windows of `context` tokens; the last partial window of an epoch is dropped (< context
+  tokens per epoch). Documents cross window boundaries; with --varlen the boundaries are passed as cu_seqlens.
+- With several sources, window g of the global stream comes from the source that smooth weighted round-robin picks
+  (deterministic, exact proportions at every prefix); each source keeps its own window counter.
+- Micro-step k takes global windows [k*B*W, (k+1)*B*W) for batch B and W processes; rank r gets the r-th block of
+  B. The position is the global window count, independent of W, so a run resumed on a different number of
+  processes neither repeats nor skips a window.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+
+from flame.data import MANIFEST, TOKENIZER_DIR, TOKENS_COLUMN
+from flame.errors import DataError
+
+
+@dataclass
+class Source:
+    """One prepared dataset split, with its document lengths (the packing needs nothing else up front)."""
+
+    path: str
+    weight: float
+    column: object  # pyarrow ChunkedArray of token lists
+    lengths: np.ndarray
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def open_source(path: str, weight: float = 1.0, split: str = "train") -> Source:
+    """Open DIR (a `flame data prepare` output) without reading its tokens into memory."""
+    import json
+
+    import datasets
+
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"dataset {path} does not exist", "prepare it with `flame data prepare` or fix --cache")
+    try:
+        loaded = datasets.load_from_disk(str(root))
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(f"{path} is not a prepared dataset ({e})", "give the output dir of `flame data prepare`") from e
+    ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    if isinstance(loaded, datasets.DatasetDict) and split not in loaded:
+        raise DataError(f"{path} has no '{split}' split", "prepare it again with `flame data prepare`")
+    if TOKENS_COLUMN not in ds.column_names:
+        raise DataError(f"{path} has no '{TOKENS_COLUMN}' column", "give the output dir of `flame data prepare`")
+    if len(ds) == 0:
+        raise DataError(f"{path} has no documents", "prepare it from a non-empty corpus")
+    manifest_path = root / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    column = ds.data.column(TOKENS_COLUMN)
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    return Source(str(root), weight, column, lengths, manifest)
+
+
+def open_sources(sources: list[tuple[str, float]]) -> list[Source]:
+    return [open_source(path, weight) for path, weight in sources]
+
+
+def tokenizer_dir(source: Source) -> Path | None:
+    path = Path(source.path) / TOKENIZER_DIR
+    return path if path.is_dir() else None
+
+
+def vocab_size(source: Source) -> int | None:
+    """The tokenizer's vocab size from the manifest, or None when the manifest does not say."""
+    return (source.manifest.get("tokenizer") or {}).get("vocab_size")
+
+
+class Windows:
+    """The epoch-by-epoch window stream of one source; window i is a pure function of (seed, i)."""
+
+    def __init__(self, source: Source, context: int, seed: int):
+        self.source, self.context, self.seed = source, context, seed
+        self.per_epoch = source.tokens // context
+        if self.per_epoch == 0:
+            raise DataError(
+                f"{source.path} has {source.tokens} tokens, fewer than one --context window of {context}",
+                "use a smaller --context or more data",
+            )
+        self._epoch = -1
+
+    def _order(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            # Seeded by (seed, epoch): any process computes the same order without talking to the others.
+            self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.source.lengths))
+            self.ends = np.cumsum(self.source.lengths[self.order])
+            self._epoch = epoch
+
+    def window(self, i: int) -> tuple[np.ndarray, list[int]]:
+        """Tokens of window i and the offsets inside it where a document starts (besides 0)."""
+        epoch, w = divmod(i, self.per_epoch)
+        self._order(epoch)
+        start, end = w * self.context, (w + 1) * self.context
+        first = int(np.searchsorted(self.ends, start, side="right"))
+        last = int(np.searchsorted(self.ends, end - 1, side="right"))
+        docs = self.order[first : last + 1]
+        tokens = self.source.column.take(docs).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        doc_start = int(self.ends[first - 1]) if first > 0 else 0
+        tokens = tokens[start - doc_start : end - doc_start]
+        starts = [int(e) - start for e in self.ends[first:last] if start < e < end]
+        return tokens, starts
+
+
+class PackedLoader:
+    """Batches of packed windows for one process. `state_dict` is the exact position (see the module docstring)."""
+
+    def __init__(
+        self,
+        sources: list[Source],
+        *,
+        context: int,
+        batch: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        varlen: bool = False,
+    ):
+        self.windows = [Windows(s, context, seed) for s in sources]
+        total = sum(s.weight for s in sources)
+        self.weights = [s.weight / total for s in sources]
+        self.context, self.batch, self.rank, self.world, self.varlen = context, batch, rank, world, varlen
+        self.position = 0  # global windows consumed, all processes together
+        self.taken = [0] * len(sources)  # windows consumed from each source
+        self.credit = [0.0] * len(sources)  # smooth weighted round-robin state
+
+    def _pick(self) -> int:
+        """Smooth weighted round-robin (nginx): deterministic, and every prefix is as close to the weights as can be."""
+        for i, w in enumerate(self.weights):
+            self.credit[i] += w
+        best = max(range(len(self.credit)), key=lambda i: self.credit[i])
+        self.credit[best] -= 1.0
+        return best
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next micro-batch of this process; advances the position by batch x world windows."""
+        rows, starts = [], []
+        mine = range(self.rank * self.batch, (self.rank + 1) * self.batch)
+        for j in range(self.batch * self.world):
+            s = self._pick()
+            if j in mine:
+                tokens, doc_starts = self.windows[s].window(self.taken[s])
+                rows.append(tokens)
+                starts.append(doc_starts)
+            self.taken[s] += 1
+        self.position += self.batch * self.world
+        input_ids = torch.from_numpy(np.stack(rows).astype(np.int64))
+        if not self.varlen:
+            return {"input_ids": input_ids}
+        # FLA's varlen path takes one flattened row plus cumulative sequence lengths over it.
+        cu = [0]
+        for b, doc_starts in enumerate(starts):
+            cu.extend(b * self.context + o for o in doc_starts)
+            cu.append((b + 1) * self.context)
+        return {"input_ids": input_ids.reshape(1, -1), "cu_seqlens": torch.tensor(cu, dtype=torch.int32)}
+
+    def epoch(self) -> float:
+        """Passes over the data so far (of the first source, the one --epochs counts)."""
+        return self.taken[0] / self.windows[0].per_epoch
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "taken": list(self.taken), "credit": list(self.credit)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["taken"]) != len(self.windows):
+            raise DataError(
+                f"the checkpoint was trained on {len(state['taken'])} datasets, this run has {len(self.windows)}",
+                "give the same --cache as the run that saved it",
+            )
+        self.position, self.taken, self.credit = state["position"], list(state["taken"]), list(state["credit"])
+
+
+def windows_per_epoch(sources: list[Source], context: int) -> int:
+    """Windows in one pass over the first source (the reference for --epochs)."""
+    return sources[0].tokens // context

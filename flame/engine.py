@@ -1,0 +1,326 @@
+"""The training loop, on accelerate: one process, DDP, FSDP or DeepSpeed with the same code.
+
+    flame train --model configs/gla_340M.json --cache data/HuggingFaceFW/fineweb-edu/sample-10BT/train
+    accelerate launch --num_processes 8 -m flame train ...            # DDP
+    accelerate launch --config_file configs/accelerate/fsdp.yaml -m flame train ...
+
+From Python: `train(TrainConfig(...))` does what the command does; `plan(cfg)` is --dry-run.
+
+The loss is weighted by tokens: every micro-batch's summed token loss is divided by the token count of the whole
+update (all micro-batches of all processes), so batch=2, update=4 gives the gradient of batch=8, update=1, and
+N processes with update U the gradient of one process with update N x U.
+"""
+
+import math
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flame import checkpoint as ckpt
+from flame import config as run_config
+from flame import models
+from flame.config import TrainConfig
+from flame.data import loader as data_loader
+from flame.errors import CheckpointError, ConfigError, OutputExistsError, TrainingError
+from flame.logging import RunLogger
+from flame.metrics import Throughput, eta, mfu, peak_flops, peak_memory_gib, reset_peak_memory
+from flame.optim import build_optimizer, schedule
+
+
+@dataclass
+class Plan:
+    """Everything resolved before training: what --dry-run prints and what train() runs."""
+
+    cfg: TrainConfig
+    model_type: str
+    is_fla: bool
+    params: dict
+    flops_per_token: float
+    memory_gib: dict
+    dataset_tokens: int
+    windows_per_epoch: int
+    tokens_per_update: int  # all processes
+    steps: int
+    epochs: float  # passes over the (first) dataset that `steps` means
+    world: int
+    vocab_size: int | None
+    sources: list = field(default_factory=list, repr=False)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    loss: float | None
+    first_loss: float | None
+    checkpoint: Path | None
+    stopped: str  # "done", "signal"
+    skipped: int
+
+
+def plan(cfg: TrainConfig, world: int = 1) -> Plan:
+    """Resolve and check the run without training: model on the meta device, data lengths, schedule length."""
+    config = models.load_config(cfg.model)
+    cfg = run_config.resolve(cfg, model_type=config.model_type)
+    sources = data_loader.open_sources(run_config.parse_cache(cfg.cache))
+    model, config = models.build_model(cfg.model, meta=True)
+    is_fla = type(model).__module__.startswith("fla.")
+
+    problems = []
+    vocab = data_loader.vocab_size(sources[0])
+    for s in sources:
+        v = data_loader.vocab_size(s)
+        if v is not None and v > config.vocab_size:
+            problems.append(
+                f"the tokenizer of {s.path} has {v} tokens but the model's vocab_size is {config.vocab_size}: "
+                "set vocab_size in the model config to at least the tokenizer size, or prepare the data with the "
+                "model's tokenizer"
+            )
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos and cfg.context > max_pos:
+        problems.append(
+            f"--context {cfg.context} is larger than the model supports (max_position_embeddings {max_pos}): "
+            "lower --context or raise max_position_embeddings in the model config"
+        )
+    if cfg.varlen and not is_fla:
+        problems.append(f"--varlen needs an FLA model (cu_seqlens), {config.model_type} has none: drop --varlen")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+    per_epoch = data_loader.windows_per_epoch(sources, cfg.context)
+    windows_per_update = cfg.batch * cfg.update * world
+    steps = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / windows_per_update))
+    precision = "fp32" if _resolve_precision(cfg.precision, torch.cuda.is_available()) == "no" else "bf16"
+    return Plan(
+        cfg=cfg,
+        model_type=config.model_type,
+        is_fla=is_fla,
+        params=models.count_params(model),
+        flops_per_token=models.flops_per_token(config, cfg.context),
+        memory_gib=models.estimate_memory(config, cfg.batch, cfg.context, precision=precision),
+        dataset_tokens=sum(s.tokens for s in sources),
+        windows_per_epoch=per_epoch,
+        tokens_per_update=windows_per_update * cfg.context,
+        steps=steps,
+        epochs=steps * windows_per_update / per_epoch,
+        world=world,
+        vocab_size=vocab,
+        sources=sources,
+    )
+
+
+def _resolve_precision(precision: str, cuda: bool) -> str:
+    """accelerate's mixed_precision: bf16 autocast over fp32 master weights on GPU by default (FLA's kernels want
+    half-precision inputs and plain fp32 breaks them, fla-org/flame#29); fp32 on CPU, where bf16 is slow."""
+    if precision == "auto":
+        return "bf16" if cuda else "no"
+    return {"bf16": "bf16", "fp32": "no"}[precision]
+
+
+class StopFlag:
+    """SIGTERM / Ctrl-C ask the loop to stop after the current update; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    @contextmanager
+    def installed(self):
+        old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def forward_loss(model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
+    """Summed token loss of one micro-batch divided by num_items (the update's token count, all processes).
+
+    Both FLA and transformers models take num_items_in_batch and then reduce with sum / num_items_in_batch.
+    """
+    extra = {"cu_seqlens": batch["cu_seqlens"]} if "cu_seqlens" in batch else {}
+    out = model(
+        input_ids=batch["input_ids"],
+        labels=batch["input_ids"],
+        num_items_in_batch=num_items,
+        use_cache=False,
+        **extra,
+    )
+    return out.loss
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train as `cfg` says; returns where it stopped. Every process runs this (under `accelerate launch`)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, set_seed
+
+    cuda = torch.cuda.is_available()
+    update = max(1, cfg.update)
+    accelerator = Accelerator(
+        mixed_precision=_resolve_precision(cfg.precision, cuda), cpu=not cuda, gradient_accumulation_steps=update
+    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    p = plan(cfg, world=world)
+    cfg = p.cfg
+    run_dir = Path(cfg.path)
+    if not cfg.checkpoint and ckpt.latest(run_dir) is not None:
+        raise OutputExistsError(
+            f"run dir {run_dir} already has checkpoints",
+            f"continue it with --checkpoint {ckpt.latest(run_dir)}, or give another --path",
+        )
+
+    # Model: a new one from --seed (the same on every process), or a model dir's weights as saved.
+    model, config = models.build_model(cfg.model, seed=cfg.seed, dtype=torch.float32)
+    set_seed(cfg.seed + rank)  # per-process RNG (dropout); data order does not use it
+    optimizer = build_optimizer(model, cfg, accelerator.device.type)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    lr_of = schedule(cfg, p.steps)
+    loader = data_loader.PackedLoader(
+        p.sources, context=cfg.context, batch=cfg.batch, seed=cfg.seed, rank=rank, world=world, varlen=cfg.varlen
+    )
+
+    step, tokens, skipped, elapsed_before = 0, 0, 0, 0.0
+    if cfg.checkpoint:
+        state = ckpt.load(accelerator, cfg.checkpoint)
+        if state["batch"] * state["world"] != cfg.batch * world:
+            raise CheckpointError(
+                f"{cfg.checkpoint} was trained with {state['batch']} windows x {state['world']} processes per "
+                f"micro-step, this run has {cfg.batch} x {world}",
+                "keep --batch x processes the same to continue the run",
+            )
+        step, tokens, skipped = state["step"], state["tokens"], state["skipped"]
+        elapsed_before = state.get("elapsed", 0.0)
+        loader.load_state_dict(state["data"])
+
+    if accelerator.is_main_process:
+        run_config.save(cfg, run_dir)
+    tokenizer_dir = data_loader.tokenizer_dir(p.sources[0])
+    extra_files = sorted(f for f in tokenizer_dir.iterdir() if f.is_file()) if tokenizer_dir else []
+    log = RunLogger(cfg, run_dir, total_steps=p.steps, start_step=step, enabled=accelerator.is_main_process)
+    device_name = torch.cuda.get_device_name(accelerator.device) if cuda else None
+    peak = peak_flops(device_name, "bf16" if accelerator.mixed_precision == "bf16" else "fp32")
+    meter = Throughput(n_devices=world)
+    reset_peak_memory(accelerator.device if cuda else None)
+
+    def save() -> Path:
+        trainer_state = {
+            "step": step,
+            "tokens": tokens,
+            "skipped": skipped,
+            "bad_in_a_row": bad_in_a_row,
+            "data": loader.state_dict(),
+            "batch": cfg.batch,
+            "update": update,
+            "world": world,
+            "elapsed": elapsed_before + time.time() - started,
+            "wandb_id": log.wandb_id,
+            "config": cfg.to_dict(),
+        }
+        path = ckpt.save(accelerator, model, run_dir, step, trainer_state, extra_files)
+        if accelerator.is_main_process:
+            ckpt.rotate(run_dir, cfg.limit)
+        meter.reset_clock()  # the save does not count as training time
+        return path
+
+    started, bad_in_a_row, last_saved = time.time(), 0, None
+    first_loss, window_losses, grad_norm, loss_value = None, [], None, None
+    stopped = "done"
+    model.train()
+    with StopFlag().installed() as stop, log:
+        while step < p.steps:
+            lr = lr_of(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = [loader.next_batch() for _ in range(update)]
+            # Labels are the inputs shifted by one inside the model: each row predicts all but its first token.
+            local = sum(b["input_ids"].numel() - b["input_ids"].shape[0] for b in batches)
+            num_items = accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum")
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for b in batches:
+                b = {k: v.to(accelerator.device) for k, v in b.items()}
+                with accelerator.accumulate(model):
+                    loss = forward_loss(model, b, num_items)
+                    # accelerate divides by `update` and DDP averages over processes; undo both so the gradient is
+                    # that of the summed token loss over num_items.
+                    accelerator.backward(loss * update * world)
+                loss_sum += loss.detach().float()
+            loss_total = accelerator.reduce(loss_sum, reduction="sum")
+            max_norm = cfg.norm if cfg.norm > 0 else float("inf")
+            norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+            grad_norm = float(norm) if norm is not None else None
+            loss_value = float(loss_total)
+            if math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm)):
+                optimizer.step()
+                bad_in_a_row = 0
+            else:
+                skipped += 1
+                bad_in_a_row += 1
+                log.warn(f"step {step + 1}: loss {loss_value}, grad norm {grad_norm}: update skipped ({skipped} so far)")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += p.tokens_per_update
+            meter.update(p.tokens_per_update)
+            if math.isfinite(loss_value):
+                window_losses.append(loss_value)
+                first_loss = loss_value if first_loss is None else first_loss
+
+            if step % cfg.logging == 0 or step == p.steps or step == 1:
+                tps = meter.tokens_per_s
+                log.record(
+                    {
+                        "step": step,
+                        "loss": sum(window_losses) / len(window_losses) if window_losses else None,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens": tokens,
+                        "tokens_per_s": tps,
+                        "tokens_per_s_per_device": tps / world,
+                        "mfu": mfu(tps, p.flops_per_token, world, peak),
+                        "memory_gib": peak_memory_gib(accelerator.device if cuda else None),
+                        "time": elapsed_before + time.time() - started,
+                        "eta_s": eta(step, p.steps, meter.seconds_per_step),
+                        "epoch": loader.epoch(),
+                        "skipped": skipped,
+                    }
+                )
+                window_losses = []
+
+            if bad_in_a_row >= cfg.max_bad_steps:
+                path = save()
+                raise TrainingError(
+                    f"{bad_in_a_row} updates in a row had a NaN/inf loss or gradient (last: step {step}); "
+                    f"stopped and saved {path}",
+                    "lower --lr, raise --warmup or --norm clipping, and continue with --checkpoint",
+                )
+            # A signal may reach one process only; every process must agree to stop at the same update.
+            wants_stop = torch.tensor(int(stop.requested), device=accelerator.device)
+            if accelerator.distributed_type != DistributedType.NO:
+                wants_stop = accelerator.reduce(wants_stop, reduction="sum")
+            if step % cfg.save == 0 or step == p.steps or wants_stop.item():
+                last_saved = save()
+            if wants_stop.item() and step < p.steps:
+                stopped = "signal"
+                log.warn(f"stop requested: saved {last_saved} at step {step}")
+                break
+
+    accelerator.end_training()
+    return TrainResult(
+        run_dir=run_dir,
+        step=step,
+        tokens=tokens,
+        loss=loss_value,
+        first_loss=first_loss,
+        checkpoint=last_saved,
+        stopped=stopped,
+        skipped=skipped,
+    )
+

@@ -1,0 +1,118 @@
+"""Where the training metrics go: rich live display, metrics.jsonl, wandb. Rank 0 only.
+
+    with RunLogger(cfg, run_dir, total_steps=1000, start_step=0, enabled=accelerator.is_main_process) as log:
+        log.record({"step": 1, "loss": 10.4, ...})
+
+- Console: a rich progress bar with loss, lr, tokens/s, MFU and ETA on a terminal; one plain line per record
+  otherwise (CI logs, `| tee`, FLAME_QUIET=1).
+- RUN/metrics.jsonl: one JSON object per record (step, loss, lr, grad_norm, tokens, tokens_per_s, mfu,
+  memory_gib, time, and a few more). A resumed run first drops records past its checkpoint, so the file reads as
+  one uninterrupted run.
+- wandb, only with --project: run name = --type, the run id is kept in RUN/wandb-id so a resumed run continues the
+  same wandb run. WANDB_MODE=offline logs locally.
+"""
+
+import json
+import os
+from pathlib import Path
+
+from rich.progress import TextColumn
+
+from flame import ui
+from flame.config import TrainConfig
+
+METRICS = "metrics.jsonl"
+WANDB_ID = "wandb-id"
+
+
+def _fmt(record: dict) -> str:
+    def num(key, spec):
+        v = record.get(key)
+        return "-" if v is None else format(v, spec)
+
+    mfu = record.get("mfu")
+    return (
+        f"step {record['step']}  loss {num('loss', '.4f')}  lr {num('lr', '.2e')}  grad {num('grad_norm', '.3f')}  "
+        f"tokens {ui.human(record['tokens'])}  {ui.human(record['tokens_per_s'])} tok/s  "
+        f"mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'}  mem {num('memory_gib', '.2f')} GiB"
+    )
+
+
+class RunLogger:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, *, total_steps: int, start_step: int, enabled: bool):
+        self.cfg, self.run_dir, self.enabled = cfg, Path(run_dir), enabled
+        self.total_steps, self.start_step = total_steps, start_step
+        self.wandb_run, self.wandb_id, self.progress, self.file = None, None, None, None
+        self.last: dict | None = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / METRICS
+        self._truncate(path)
+        self.file = path.open("a")
+        if self.cfg.project:
+            self._start_wandb()
+        if ui.interactive():
+            self.progress = ui.progress(TextColumn("{task.fields[line]}"))
+            self.progress.start()
+            self.task = self.progress.add_task(
+                f"train {self.cfg.type}", total=self.total_steps, completed=self.start_step, line=""
+            )
+        return self
+
+    def _truncate(self, path: Path) -> None:
+        """Drop records past the step we continue from (logged after the checkpoint by the interrupted run)."""
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= self.start_step]
+        if len(keep) != len(lines):
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            os.replace(tmp, path)
+
+    def _start_wandb(self) -> None:
+        import wandb
+
+        id_file = self.run_dir / WANDB_ID
+        if not id_file.is_file():
+            id_file.write_text(wandb.util.generate_id() + "\n")
+        self.wandb_id = id_file.read_text().strip()
+        self.wandb_run = wandb.init(
+            project=self.cfg.project,
+            name=self.cfg.type,
+            id=self.wandb_id,
+            resume="allow",
+            dir=str(self.run_dir),
+            config=self.cfg.to_dict(),
+        )
+
+    def record(self, record: dict) -> None:
+        self.last = record
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+        if self.progress is not None:
+            self.progress.update(self.task, completed=record["step"], line=_fmt(record))
+        else:
+            ui.print0(_fmt(record))
+            ui.flush()
+
+    def warn(self, message: str) -> None:
+        ui.warn(message)
+
+    def __exit__(self, *exc):
+        if not self.enabled:
+            return False
+        if self.progress is not None:
+            self.progress.stop()
+        if self.file is not None:
+            self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=1 if exc[0] else 0)
+        return False

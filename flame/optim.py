@@ -1,0 +1,77 @@
+"""Optimizer and learning-rate schedules.
+
+The schedule is a pure function of the update index (`lr_at`), set on the optimizer before each update, so a
+resumed run needs nothing but the step to continue the schedule exactly and tests can pin every value.
+"""
+
+import math
+
+import torch
+
+from flame.config import TrainConfig
+
+
+def lr_at(
+    step: int,
+    *,
+    lr: float,
+    steps: int,
+    warmup: int = 0,
+    scheduler: str = "cosine",
+    min_lr: float = 0.0,
+    decay_ratio: float = 0.1,
+) -> float:
+    """LR of update `step` (0-based) of `steps`.
+
+    warmup: linear from lr/warmup (update 0) to lr (update warmup-1), so no update is wasted at LR 0.
+    cosine: lr * (m + (1 - m) * (1 + cos(pi * p)) / 2), p the fraction of the post-warmup updates done
+            (Loshchilov & Hutter, SGDR), m = min_lr.
+    linear: lr * (m + (1 - m) * (1 - p)).
+    wsd:    warmup-stable-decay (Hu et al., MiniCPM): lr until the last decay_ratio * steps updates, then linear to m.
+    constant: lr.
+    """
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if scheduler == "constant":
+        return lr
+    if scheduler == "wsd":
+        decay_steps = max(1, round(decay_ratio * steps))
+        decay_start = max(warmup, steps - decay_steps)
+        if step < decay_start:
+            return lr
+        p = min(1.0, (step - decay_start + 1) / max(1, steps - decay_start))
+        return lr * (min_lr + (1 - min_lr) * (1 - p))
+    p = min(1.0, (step - warmup) / max(1, steps - warmup - 1))
+    if scheduler == "cosine":
+        return lr * (min_lr + (1 - min_lr) * 0.5 * (1 + math.cos(math.pi * p)))
+    if scheduler == "linear":
+        return lr * (min_lr + (1 - min_lr) * (1 - p))
+    raise ValueError(f"unknown scheduler {scheduler}")
+
+
+def schedule(cfg: TrainConfig, steps: int):
+    """lr_at bound to the run's options: step -> lr."""
+    return lambda step: lr_at(
+        step,
+        lr=cfg.lr,
+        steps=steps,
+        warmup=cfg.warmup,
+        scheduler=cfg.scheduler,
+        min_lr=cfg.min_lr,
+        decay_ratio=cfg.decay_ratio,
+    )
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (embeddings and projections), not on norms, biases or gates.
+
+    Fused on CUDA (one kernel for the whole update); the plain foreach implementation elsewhere.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True if device_type == "cuda" else None
+    )

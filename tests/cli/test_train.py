@@ -1,0 +1,116 @@
+"""`flame train` through the CLI: tiny Llama and tiny GLA end to end, --dry-run, and one clear error per bad input."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from flame.cli.app import app
+from tests.prepared import counting_docs, gla_config, llama_config, make_prepared
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-cli")
+    make_prepared(root / "ds", counting_docs(300, 64), 64)
+    llama_config(root / "llama.json")
+    gla_config(root / "gla.json")
+    return root
+
+
+def _train(files, tmp_path, model, *extra):
+    args = ["train", "--model", str(files / model), "--cache", str(files / "ds"), "--path", str(tmp_path / "run")]
+    args += ["--context", "32", "--batch", "4", "--lr", "3e-3", "--warmup", "5", "--seed", "0", *extra]
+    return runner.invoke(app, args)
+
+
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_llama_loss_falls_and_checkpoints_rotate(files, tmp_path):
+    result = _train(files, tmp_path, "llama.json", "--steps", "60", "--logging", "10", "--save", "20", "--limit", "2")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    records = _records(run)
+    assert [r["step"] for r in records] == [1, 10, 20, 30, 40, 50, 60]
+    assert records[-1]["loss"] < 0.6 * records[0]["loss"]
+    assert records[-1]["tokens"] == 60 * 4 * 32
+    for key in ("lr", "grad_norm", "tokens_per_s", "mfu", "memory_gib", "time"):
+        assert key in records[-1]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000040", "step-00000060"]
+    assert json.loads((run / "config.json").read_text())["steps"] == 60
+    assert "finished at step 60" in result.output
+    assert f"checkpoint: {run / 'checkpoints' / 'step-00000060'}" in result.output
+
+
+def test_gla_varlen_checkpoint_loads_and_generates(files, tmp_path):
+    result = _train(files, tmp_path, "gla.json", "--steps", "20", "--logging", "5", "--varlen")
+    assert result.exit_code == 0, result.output
+    records = _records(tmp_path / "run")
+    assert records[-1]["loss"] < records[0]["loss"]
+
+    import fla  # noqa: F401
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = tmp_path / "run" / "checkpoints" / "step-00000020" / "model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = torch.tensor([tokenizer.convert_tokens_to_ids(["t10", "t11", "t12"])])
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(files, tmp_path):
+    result = _train(files, tmp_path, "gla.json", "--steps", "10", "--dry-run")
+    assert result.exit_code == 0, result.output
+    for part in ("parameters", "embedding", "non-embedding", "FLOPs per token", "peak GPU memory", "dataset"):
+        assert part in result.output
+    assert "10 updates = " in result.output and "epochs" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def _one_error(result, *parts):
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for part in parts:
+        assert part in lines[0]
+
+
+def test_missing_dataset(files, tmp_path):
+    result = runner.invoke(app, ["train", "--model", str(files / "gla.json"), "--cache", str(tmp_path / "nope")])
+    _one_error(result, f"--cache {tmp_path / 'nope'} does not exist", "flame data prepare")
+
+
+def test_unknown_model_type(files, tmp_path):
+    (tmp_path / "bad.json").write_text('{"model_type": "not_a_model", "vocab_size": 64}')
+    result = runner.invoke(app, ["train", "--model", str(tmp_path / "bad.json"), "--cache", str(files / "ds")])
+    _one_error(result, "unknown model_type 'not_a_model'")
+
+
+def test_vocab_mismatch(files, tmp_path):
+    llama_config(tmp_path / "small.json", vocab=32)
+    result = runner.invoke(app, ["train", "--model", str(tmp_path / "small.json"), "--cache", str(files / "ds")])
+    _one_error(result, "has 64 tokens but the model's vocab_size is 32")
+
+
+def test_context_larger_than_the_model_supports(files, tmp_path):
+    result = runner.invoke(
+        app, ["train", "--model", str(files / "llama.json"), "--cache", str(files / "ds"), "--context", "512"]
+    )
+    _one_error(result, "--context 512 is larger than the model supports (max_position_embeddings 256)")
+
+
+def test_varlen_needs_an_fla_model(files, tmp_path):
+    result = _train(files, tmp_path, "llama.json", "--varlen", "--dry-run")
+    _one_error(result, "--varlen needs an FLA model")
+
+
+def test_run_dir_with_checkpoints_is_not_overwritten(files, tmp_path):
+    assert _train(files, tmp_path, "llama.json", "--steps", "2").exit_code == 0
+    result = _train(files, tmp_path, "llama.json", "--steps", "2")
+    _one_error(result, "already has checkpoints", "--checkpoint")

@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+
+from flame.data.loader import PackedLoader, open_source
+from flame.errors import DataError
+from tests.prepared import counting_docs, make_prepared
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    docs = counting_docs(50, 64, seed=1)
+    return make_prepared(root / "a", docs, 64), docs
+
+
+def _stream(source, context, seed, n_batches, **kw):
+    loader = PackedLoader([source], context=context, batch=2, seed=seed, **kw)
+    return [loader.next_batch() for _ in range(n_batches)], loader
+
+
+def test_one_epoch_is_every_document_once_without_padding(prepared):
+    path, docs = prepared
+    source = open_source(str(path))
+    context = 16
+    per_epoch = sum(map(len, docs)) // context
+    loader = PackedLoader([source], context=context, batch=1, seed=0)
+    tokens = torch.cat([loader.next_batch()["input_ids"][0] for _ in range(per_epoch)]).tolist()
+    order = np.random.default_rng([0, 0]).permutation(len(docs))
+    expected = [t for i in order for t in docs[i]][: per_epoch * context]
+    assert tokens == expected
+    # the next window starts epoch 1, in a new order
+    loader.next_batch()
+    assert loader.epoch() == pytest.approx((per_epoch + 1) / per_epoch)
+
+
+def test_same_seed_same_batches_other_seed_differs(prepared):
+    source = open_source(str(prepared[0]))
+    a, _ = _stream(source, 16, 3, 4)
+    b, _ = _stream(source, 16, 3, 4)
+    c, _ = _stream(source, 16, 4, 4)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, c, strict=True))
+
+
+def test_resume_from_state_continues_exactly(prepared):
+    source = open_source(str(prepared[0]))
+    full, _ = _stream(source, 16, 0, 40)  # crosses several epochs
+    first, loader = _stream(source, 16, 0, 17)
+    resumed = PackedLoader([source], context=16, batch=2, seed=0)
+    resumed.load_state_dict(loader.state_dict())
+    rest = [resumed.next_batch() for _ in range(23)]
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(full, first + rest, strict=True))
+
+
+def test_processes_split_the_single_process_stream(prepared):
+    source = open_source(str(prepared[0]))
+    single = PackedLoader([source], context=16, batch=4, seed=0)
+    ranks = [PackedLoader([source], context=16, batch=2, seed=0, rank=r, world=2) for r in range(2)]
+    for _ in range(5):
+        whole = single.next_batch()["input_ids"]
+        parts = torch.cat([r.next_batch()["input_ids"] for r in ranks])
+        assert torch.equal(whole, parts)
+    assert single.state_dict() == ranks[0].state_dict() == ranks[1].state_dict()
+
+
+def test_varlen_cu_seqlens_mark_document_starts(prepared):
+    source = open_source(str(prepared[0]))
+    loader = PackedLoader([source], context=16, batch=3, seed=0, varlen=True)
+    for _ in range(5):
+        batch = loader.next_batch()
+        ids, cu = batch["input_ids"][0].tolist(), batch["cu_seqlens"].tolist()
+        assert batch["input_ids"].shape == (1, 48) and cu[0] == 0 and cu[-1] == 48
+        assert cu == sorted(set(cu))
+        # a document starts right after each EOS (2) and at every window start
+        starts = {0} | {i + 1 for i, t in enumerate(ids[:-1]) if t == 2} | {16, 32}
+        assert set(cu[:-1]) == starts
+
+
+def test_mixing_follows_weights(tmp_path):
+    a = open_source(str(make_prepared(tmp_path / "a", counting_docs(30, 64, seed=1), 64)), weight=3)
+    b = open_source(str(make_prepared(tmp_path / "b", counting_docs(30, 64, seed=2), 64)), weight=1)
+    loader = PackedLoader([a, b], context=8, batch=4, seed=0)
+    for _ in range(10):
+        loader.next_batch()
+    assert loader.state_dict()["taken"] == [30, 10]
+
+
+def test_missing_and_too_small_datasets(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        open_source(str(tmp_path / "nope"))
+    small = open_source(str(make_prepared(tmp_path / "s", [[3, 4, 2]], 64)))
+    with pytest.raises(DataError, match="fewer than one --context window"):
+        PackedLoader([small], context=16, batch=1, seed=0)

@@ -1,0 +1,66 @@
+import dataclasses
+
+import pytest
+
+from flame import config as run_config
+from flame.config import TrainConfig, field_docs, parse_cache, resolve
+from flame.errors import ConfigError
+
+
+def test_every_field_has_a_docstring():
+    assert set(field_docs()) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_seed_train_sh_keys_are_fields():
+    seed_keys = (
+        "type lr steps batch update warmup context path project model data name cache checkpoint "
+        "save limit logging seed varlen scheduler decay beta1 beta2 norm epochs"
+    ).split()
+    assert set(seed_keys) <= {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_parse_cache_weights():
+    assert parse_cache("a") == [("a", 1.0)]
+    assert parse_cache("a:0.7, b/c:0.3") == [("a", 0.7), ("b/c", 0.3)]
+    assert parse_cache("x:y") == [("x:y", 1.0)]
+
+
+def test_validate_collects_every_problem(tmp_path):
+    cfg = TrainConfig(model=str(tmp_path / "nope.json"), cache="", lr=-1, batch=0, scheduler="step")
+    with pytest.raises(ConfigError) as e:
+        resolve(cfg)
+    msg = str(e.value)
+    for part in ("--model", "--cache is required", "--lr must be > 0", "--batch must be >= 1", "--scheduler"):
+        assert part in msg
+
+
+def test_resolve_fills_defaults(tmp_path):
+    (tmp_path / "m.json").write_text("{}")
+    data = tmp_path / "data" / "org" / "ds" / "sub" / "train"
+    data.mkdir(parents=True)
+    cfg = TrainConfig(model=str(tmp_path / "m.json"), data="org/ds", name="sub", scheduler="cosine_with_min_lr")
+    import os
+
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        cfg = resolve(cfg, model_type="gla")
+    finally:
+        os.chdir(old)
+    assert cfg.cache == "data/org/ds/sub/train"
+    assert cfg.type == "gla"
+    assert cfg.path == "exp/gla"
+    assert cfg.scheduler == "cosine"
+
+
+def test_save_and_load_round_trip(tmp_path):
+    cfg = TrainConfig(model="m.json", cache="d", lr=1e-3, varlen=True)
+    path = run_config.save(cfg, tmp_path)
+    assert path == tmp_path / "config.json"
+    assert run_config.load(tmp_path) == cfg
+
+
+def test_load_refuses_unknown_keys(tmp_path):
+    (tmp_path / "config.json").write_text('{"lr": 1.0, "bogus": 2}')
+    with pytest.raises(ConfigError, match="unknown keys bogus"):
+        run_config.load(tmp_path)

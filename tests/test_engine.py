@@ -1,0 +1,141 @@
+"""The training loop: token-weighted accumulation, NaN/inf handling, exact continuation from a checkpoint,
+SIGTERM, and DDP on CPU (gloo) against one process with twice the accumulation."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flame import engine
+from flame.config import TrainConfig
+from flame.errors import TrainingError
+from tests.prepared import counting_docs, gla_config, llama_config, make_prepared
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    make_prepared(root / "ds", counting_docs(300, 64), 64)
+    llama_config(root / "llama.json")
+    gla_config(root / "gla.json")
+    return root
+
+
+def _cfg(files, run, **kw):
+    base = dict(model=str(files / "llama.json"), cache=str(files / "ds"), path=str(run), context=32, batch=4,
+                lr=3e-3, warmup=2, seed=0, logging=1, save=1000)
+    return TrainConfig(**(base | kw))
+
+
+def _first_moment(run: Path, step: int) -> list[torch.Tensor]:
+    """AdamW's exp_avg after the first update is (1 - beta1) x gradient: the update's gradient, read back."""
+    state = torch.load(run / "checkpoints" / f"step-{step:08d}" / "state" / "accelerate" / "optimizer.bin")
+    return [s["exp_avg"] for _, s in sorted(state["state"].items())]
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("model", ["llama.json", "gla.json"])
+def test_batch_2_update_4_gives_the_gradient_of_batch_8(files, tmp_path, model):
+    for name, batch, update in (("a", 8, 1), ("b", 2, 4)):
+        engine.train(_cfg(files, tmp_path / name, model=str(files / model), batch=batch, update=update, steps=1,
+                          norm=0))
+    a, b = _first_moment(tmp_path / "a", 1), _first_moment(tmp_path / "b", 1)
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7)
+    assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), rel=1e-5)
+
+
+def test_nan_updates_are_skipped_and_counted(files, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = engine.forward_loss
+
+    def poisoned(model, batch, num_items):
+        calls["n"] += 1
+        loss = real(model, batch, num_items)
+        return loss * float("nan") if calls["n"] in (3, 4) else loss
+
+    monkeypatch.setattr(engine, "forward_loss", poisoned)
+    result = engine.train(_cfg(files, tmp_path, steps=8))
+    assert result.skipped == 2 and result.step == 8 and result.stopped == "done"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [0, 0, 1, 2, 2, 2, 2, 2]
+    assert math.isnan(records[2]["grad_norm"]) and records[2]["loss"] is None
+    assert all(math.isfinite(p.item()) for p in [torch.tensor(r["loss"]) for r in records if r["loss"] is not None])
+
+
+def test_a_run_of_nan_updates_saves_and_stops(files, tmp_path, monkeypatch):
+    real = engine.forward_loss
+    monkeypatch.setattr(engine, "forward_loss", lambda m, b, n: real(m, b, n) * float("inf"))
+    with pytest.raises(TrainingError, match="3 updates in a row had a NaN/inf loss or gradient"):
+        engine.train(_cfg(files, tmp_path, steps=20, max_bad_steps=3))
+    assert (tmp_path / "checkpoints" / "step-00000003" / "model" / "model.safetensors").is_file()
+
+
+def test_continuing_from_a_checkpoint_repeats_the_uninterrupted_run(files, tmp_path):
+    engine.train(_cfg(files, tmp_path / "full", steps=10, update=2, save=4, limit=0))
+    engine.train(_cfg(files, tmp_path / "part", steps=10, update=2, save=4, limit=0))
+    # continue the second run from step 4 (its later checkpoints and metrics are dropped as if never written)
+    ckpt = tmp_path / "part" / "checkpoints" / "step-00000004"
+    result = engine.train(_cfg(files, tmp_path / "cont", steps=10, update=2, save=4, checkpoint=str(ckpt)))
+    assert result.step == 10 and result.tokens == 10 * 2 * 4 * 32
+    assert _losses(tmp_path / "cont") == _losses(tmp_path / "full")[4:]
+
+
+def _wait_for(path: Path, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while not (path.is_file() and path.read_text().strip()):
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+def _env():
+    return os.environ | {"PYTHONPATH": str(REPO), "FLAME_QUIET": "1"}
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_saves_and_exits_cleanly(files, tmp_path):
+    args = [sys.executable, "-m", "flame", "train", "--model", str(files / "llama.json"), "--cache",
+            str(files / "ds"), "--path", str(tmp_path), "--context", "32", "--batch", "4", "--steps", "100000",
+            "--logging", "1", "--save", "100000"]
+    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(tmp_path / "metrics.jsonl", 120)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    saved = sorted((tmp_path / "checkpoints").iterdir())
+    assert len(saved) == 1 and "stopped on request" in out
+    state = json.loads((saved[0] / "state" / "trainer.json").read_text())
+    assert saved[0].name == f"step-{state['step']:08d}" and 0 < state["step"] < 100000
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) DDP check; GPUs run the multi-GPU tests")
+def test_ddp_two_processes_match_one_process_with_twice_the_accumulation(files, tmp_path):
+    common = ["--model", str(files / "gla.json"), "--cache", str(files / "ds"), "--context", "32", "--batch", "2",
+              "--steps", "6", "--logging", "1", "--lr", "3e-3", "--warmup", "2", "--seed", "0"]
+    # `--cpu` makes accelerate launch ONE process unless MPI is set up; its torchrun launcher (--multi_gpu) on a
+    # machine without CUDA starts N processes that accelerate runs as MULTI_CPU on gloo.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              "29533", "-m", "flame", "train"]
+    two = subprocess.run(launch + common + ["--update", "1", "--path", str(tmp_path / "ddp")], env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    engine.train(_cfg(files, tmp_path / "one", model=str(files / "gla.json"), batch=2, update=2, steps=6))
+    assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)
+    state = json.loads((tmp_path / "ddp" / "checkpoints" / "step-00000006" / "state" / "trainer.json").read_text())
+    assert state["world"] == 2 and state["data"]["position"] == 6 * 2 * 2
+    assert (tmp_path / "ddp" / "checkpoints" / "step-00000006" / "state" / "accelerate" / "random_states_1.pkl").is_file()

@@ -5,7 +5,6 @@ flame data tokenizer corpus/ --vocab-size 32000 --output tokenizers/bpe-32k
 """
 
 import time
-from contextlib import nullcontext
 from typing import Annotated
 
 import typer
@@ -188,8 +187,8 @@ def tokenizer_command(
         max_docs=max_docs,
         overwrite=overwrite,
     )
-    with ui.err_console.status("training BPE", spinner="dots") if ui.interactive() else nullcontext():
-        result = train_tokenizer(config)
+    # The tokenizers trainer draws its own progress bars (counting, merging) on a terminal.
+    result = train_tokenizer(config, show_progress=ui.interactive())
     ui.print0(
         f"tokenizer {result['output']}: vocab {result['vocab_size']:,}, eos {result['eos_token']}, "
         f"trained on {result['documents']:,} documents"

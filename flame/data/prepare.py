@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from itertools import chain
 from pathlib import Path
 
 from flame import __version__
@@ -288,16 +289,17 @@ def _tokenize_unit(unit: Unit, batch_size: int, tmp: str) -> dict:
                             "pick the text column with --column",
                         )
                     skipped += len(texts) - len(kept)
-                ids = [e.ids + [eos] for e in rust.encode_batch_fast(kept, add_special_tokens=True)]
+                encodings = rust.encode_batch_fast(kept, add_special_tokens=True)
                 if n % CLEAR_CACHE_EVERY == 0:
                     _clear_cache(rust)
-                batch_tokens = sum(map(len, ids))
-                writer.write_batch(pa.record_batch([pa.array(ids, type=pa.list_(pa.int32()))], schema=schema))
-                docs += len(ids)
+                column = _to_arrow([e.ids for e in encodings], eos)
+                batch_tokens = len(column.values)
+                writer.write_batch(pa.record_batch([column], schema=schema))
+                docs += len(column)
                 tokens += batch_tokens
                 if not source.streaming:
                     done = min(done, unit.weight)  # a .jsonl range's last line may run past its end
-                updates.put(("progress", (len(ids), batch_tokens, done - reported)))
+                updates.put(("progress", (len(column), batch_tokens, done - reported)))
                 reported = done
     except FlameError as e:
         return {"error": (type(e).__name__, e.message, e.fix)}
@@ -308,6 +310,23 @@ def _tokenize_unit(unit: Unit, batch_size: int, tmp: str) -> dict:
         updates.put(("progress", (0, 0, unit.weight - reported)))
     _clear_cache(rust)
     return {"path": path, "documents": docs, "tokens": tokens, "skipped": skipped}
+
+
+def _to_arrow(ids: list[list[int]], eos: int):
+    """Token lists -> Arrow list<int32> with EOS appended to each, via one flat numpy buffer (several times faster
+    than pa.array on nested Python lists, which was a third of a worker's time)."""
+    import numpy as np
+    import pyarrow as pa
+
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1
+    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.full(int(offsets[-1]), eos, dtype=np.int32)
+    # Every position but the last of each document gets the document's tokens; the last keeps the EOS.
+    mask = np.ones(len(flat), dtype=bool)
+    mask[offsets[1:] - 1] = False
+    flat[mask] = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(mask.sum()))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
 def _clear_cache(rust) -> None:

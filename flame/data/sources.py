@@ -31,6 +31,9 @@ TEXT_COLUMNS = ("text", "content")
 MIN_UNIT_BYTES = 1 << 20
 MAX_UNIT_BYTES = 64 << 20
 GROUP_FILES = 2000
+# A batch ends at batch_size documents or at this many characters, whichever comes first: a batch's Encodings
+# take ~100 bytes a token, so this keeps a worker near 100 MB whatever the document lengths.
+BATCH_CHARS = 1 << 20
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -336,11 +339,15 @@ def _read_file(path: str, kind: str, unit: Unit, column: str, batch_size: int) -
                 yield batch.column(0).to_pylist(), min(raw.tell(), size)
         return
     texts: list = []
+    chars = 0
     for record, pos in _json_records_with_pos(path, unit.start, unit.stop):
-        texts.append(record.get(column) if isinstance(record, dict) else None)
-        if len(texts) >= batch_size:
+        text = record.get(column) if isinstance(record, dict) else None
+        texts.append(text)
+        chars += len(text) if isinstance(text, str) else 0
+        # Long documents (books) make a batch of batch_size large; cap its size too.
+        if len(texts) >= batch_size or chars >= BATCH_CHARS:
             yield texts, pos
-            texts = []
+            texts, chars = [], 0
     if texts:
         yield texts, pos
 

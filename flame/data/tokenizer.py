@@ -82,7 +82,7 @@ class TokenizerConfig:
     """Replace an existing output folder."""
 
 
-def train_tokenizer(config: TokenizerConfig, on_docs=None) -> dict:
+def train_tokenizer(config: TokenizerConfig, show_progress: bool = False) -> dict:
     """Train a byte-level BPE (GPT-2 style, no unknown tokens) on local text and save it as a transformers dir."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -114,8 +114,6 @@ def train_tokenizer(config: TokenizerConfig, on_docs=None) -> dict:
                         if isinstance(text, str) and text:
                             count += 1
                             yield text
-                    if on_docs:
-                        on_docs(count)
 
     bpe = Tokenizer(models.BPE())
     # Byte-level: every string is representable, so there is no unknown token (as GPT-2, Llama 3).
@@ -126,7 +124,7 @@ def train_tokenizer(config: TokenizerConfig, on_docs=None) -> dict:
         min_frequency=config.min_frequency,
         special_tokens=[EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=show_progress,
     )
     bpe.train_from_iterator(texts(), trainer=trainer)
     if count == 0:

@@ -194,8 +194,11 @@ class RunFacts:
 Facts = ModelFacts | DatasetFacts | CheckpointFacts | RunFacts
 
 
-def inspect(path: str | os.PathLike, options: InspectOptions | None = None) -> Facts:
-    """Find out what `path` is and gather its facts (and write options.plot for a run dir)."""
+def inspect(path: str | os.PathLike, options: InspectOptions | None = None, on_progress=None) -> Facts:
+    """Find out what `path` is and gather its facts (and write options.plot for a run dir).
+
+    on_progress(done, total): called per weight tensor read while checking a checkpoint.
+    """
     options = options or InspectOptions()
     validate(options)
     kind, target = detect(path)
@@ -206,7 +209,7 @@ def inspect(path: str | os.PathLike, options: InspectOptions | None = None) -> F
     if kind == "dataset":
         return inspect_dataset(target, options)
     if kind == "checkpoint":
-        return inspect_checkpoint(target, options)
+        return inspect_checkpoint(target, options, on_progress)
     facts = inspect_run(target, options)
     if options.plot:
         plot_run(facts, options.plot)

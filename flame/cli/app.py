@@ -14,6 +14,7 @@ from typer.core import TyperGroup
 
 from flame import __version__
 from flame.cli import data as data_cli
+from flame.cli import inspect as inspect_cli
 from flame.cli import train as train_cli
 from flame.errors import FlameError
 from flame.ui import error_line
@@ -62,6 +63,7 @@ def root(
 # (filled in as each command lands)
 app.add_typer(data_cli.app, name="data")
 app.command("train")(train_cli.train)
+app.command("inspect")(inspect_cli.inspect)
 
 
 def main():

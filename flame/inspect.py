@@ -10,9 +10,11 @@ flame.config and flame.logging, the dataset format from flame.data.
 """
 
 import ast
+import contextlib
 import dataclasses
 import inspect as pyinspect
 import json
+import logging
 import math
 import os
 import re
@@ -227,8 +229,11 @@ def detect(path: str | os.PathLike) -> tuple[str, Path]:
             return "dataset", p.parent
         if p.name == METRICS:
             return "run", p.parent
-        if p.suffix == ".json" and _json_object(p).get("model_type"):
+        raw = _json_object(p) if p.suffix == ".json" else {}
+        if raw.get("model_type"):
             return "model", p
+        if p.name == RUN_CONFIG and "model" in raw and "cache" in raw:
+            return "run", p.parent
         raise ConfigError(f"{path} is not a model config JSON (no model_type) nor a file flame writes", KINDS_FIX)
     if (p / MANIFEST).is_file() or (p / "dataset_dict.json").is_file():
         return "dataset", p
@@ -282,9 +287,23 @@ def _config_value(config, *names):
     return None
 
 
+@contextlib.contextmanager
+def _quiet_fla():
+    """FLA warns per layer, on construction, about kernels it will fall back from (48 lines for a Mamba2): true for
+    training, noise for a model that is only measured on the meta device."""
+    logger = logging.getLogger("fla")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def inspect_model(path: str | os.PathLike, options: InspectOptions, *, context=None, batch=None) -> ModelFacts:
     """Shapes, parameters, FLOPs/token and the memory estimate, all from flame.models on a meta-device model."""
-    model, config = models.build_model(path, meta=True)
+    with _quiet_fla():
+        model, config = models.build_model(path, meta=True)
     context = options.context or context or 2048
     batch = options.batch or batch or 8
     flops = models.flops_breakdown(model, context)
@@ -569,7 +588,8 @@ def inspect_checkpoint(path: str | os.PathLike, options: InspectOptions, on_prog
     try:
         run = state.get("config") or {}
         model_facts = inspect_model(model_dir, options, context=run.get("context"), batch=run.get("batch"))
-        model, _ = models.build_model(model_dir, meta=True)
+        with _quiet_fla():
+            model, _ = models.build_model(model_dir, meta=True)
         checks.append(Check("model/config.json", True, f"{model_facts.model_type}, {model_facts.architecture}"))
     except models.ModelError as e:
         checks.append(Check("model/config.json", False, str(e)))

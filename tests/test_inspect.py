@@ -112,9 +112,8 @@ def test_a_checkpoint_model_dir_is_a_model_with_weights(run):
 
 
 def test_dataset_counts_equal_the_manifest(dataset):
-    from transformers import AutoTokenizer
-
     import datasets
+    from transformers import AutoTokenizer
 
     facts = inspect(dataset)
     assert isinstance(facts, DatasetFacts)

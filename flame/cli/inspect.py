@@ -12,6 +12,7 @@ A checkpoint that fails its integrity check or a dataset that disagrees with its
 
 import json
 import math
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -164,10 +165,14 @@ def chart_lines(xs: list[float], ys: list[float | None], width: int = CHART_WIDT
 def _facts_table(title: str, rows: list[tuple[str, str]]) -> Table:
     table = Table(title=title, show_header=False, title_justify="left", title_style="bold")
     table.add_column(style="cyan", no_wrap=True)
-    table.add_column()
+    table.add_column(overflow="fold")  # paths whole, to copy
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def _relative(path: str, root: str) -> str:
+    return str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else path
 
 
 def _count(n: int | None) -> str:
@@ -372,11 +377,11 @@ def render_run(f: RunFacts) -> None:
     table = Table(title="checkpoints", title_justify="left", title_style="bold")
     table.add_column("step", justify="right")
     table.add_column("size", justify="right")
-    table.add_column("path")
+    table.add_column("path (in the run dir)", overflow="fold")
     for cp in f.checkpoints:
-        table.add_row(f"{cp['step']:,}", f"{cp['bytes'] / 2**20:.1f} MiB", cp["path"])
+        table.add_row(f"{cp['step']:,}", f"{cp['bytes'] / 2**20:.1f} MiB", _relative(cp["path"], f.path))
     for path in f.incomplete:
-        table.add_row("-", "-", Text(f"{path} (incomplete, ignored by resume)", "yellow"))
+        table.add_row("-", "-", Text(f"{_relative(path, f.path)} (incomplete, ignored by resume)", "yellow"))
     if f.checkpoints or f.incomplete:
         ui.console.print(table)
     else:

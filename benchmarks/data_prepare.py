@@ -88,7 +88,9 @@ def measure(cmd: list[str], env: dict) -> tuple[float, float, float]:
     """Wall seconds, peak summed PSS (bytes) and CPU seconds (user + sys) of a command and all its children."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Output goes to a file: a pipe nobody reads while the command runs would block it once full.
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     root = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
@@ -104,7 +106,9 @@ def measure(cmd: list[str], env: dict) -> tuple[float, float, float]:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     # Pool workers are reaped by the command, so their CPU time is in its children's total, hence in ours.
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    output = proc.stdout.read()
+    log.seek(0)
+    output = log.read()
+    log.close()
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd[:4])} ... failed:\n{output[-3000:]}")
     return seconds, peak, cpu

@@ -50,3 +50,4 @@ fi
 
 # ---- training goes here ------------------------------------------------------------------------------------------
 # The engine appends `flame train` on $DEMO/data (tokenizer: $DEMO/data/tokenizer) below this line.
+PY="$PY" bash configs/demo_train.sh

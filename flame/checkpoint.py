@@ -11,10 +11,11 @@
 
 Everything is written into RUN/checkpoints/.step-00001000.tmp and renamed into place by rank 0 once every
 process has finished writing: a folder named step-* is complete by construction, and a crash mid-save leaves
-only a .tmp folder, which the next save removes and resume never picks.
+only a .tmp folder, which the next save removes and which is never picked to continue from.
 """
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -53,16 +54,23 @@ def save(accelerator, model, run_dir: str | os.PathLike, step: int, trainer_stat
     final = step_dir(run_dir, step)
     tmp = final.parent / f".{final.name}.tmp"
     if accelerator.is_main_process:
-        if tmp.exists():  # left by a process killed mid-save
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(".step-*.tmp"):  # left by a process killed mid-save
+            shutil.rmtree(stale)
+        tmp.mkdir()
     accelerator.wait_for_everyone()
 
+    # accelerate warns that it stored a tied LM head once; loading re-ties it (the exact-continuation test checks).
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     accelerator.save_state(str(tmp / "state" / "accelerate"))
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards; every process must call it
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one tiny shard: a progress bar per save only clutters the log
         unwrapped.save_pretrained(tmp / "model", state_dict=state_dict, safe_serialization=True)
+        hf_logging.enable_progress_bar()
         for f in extra_files:
             shutil.copy2(f, tmp / "model" / Path(f).name)
         (tmp / "state" / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
@@ -95,5 +103,12 @@ def read_trainer_state(checkpoint: str | os.PathLike) -> dict:
 def load(accelerator, checkpoint: str | os.PathLike) -> dict:
     """Restore weights, optimizer and every process's RNG from a checkpoint; returns its trainer state."""
     state = read_trainer_state(checkpoint)
-    accelerator.load_state(str(Path(checkpoint) / "state" / "accelerate"))
+    try:
+        accelerator.load_state(str(Path(checkpoint) / "state" / "accelerate"))
+    except (RuntimeError, ValueError, KeyError) as e:  # torch's size mismatch, a missing tensor or optimizer group
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{checkpoint} does not match this model and optimizer ({first})",
+            "give the --model config that run was trained with",
+        ) from e
     return state

@@ -201,4 +201,3 @@ def load(run_dir: str | os.PathLike) -> TrainConfig:
     if unknown:
         raise ConfigError(f"{path} has unknown keys {', '.join(unknown)}", "remove them")
     return TrainConfig(**values)
-

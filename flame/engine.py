@@ -22,7 +22,7 @@ import torch
 
 from flame import checkpoint as ckpt
 from flame import config as run_config
-from flame import models
+from flame import models, ui
 from flame.config import TrainConfig
 from flame.data import loader as data_loader
 from flame.errors import CheckpointError, ConfigError, OutputExistsError, TrainingError
@@ -142,6 +142,11 @@ class StopFlag:
                 signal.signal(s, h)
 
 
+def _fingerprint(sources) -> list[dict]:
+    """What identifies the training data of a run: documents and tokens of each source, with its weight."""
+    return [{"documents": len(s.lengths), "tokens": s.tokens, "weight": s.weight} for s in sources]
+
+
 def forward_loss(model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
     """Summed token loss of one micro-batch divided by num_items (the update's token count, all processes).
 
@@ -191,11 +196,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     step, tokens, skipped, elapsed_before = 0, 0, 0, 0.0
     if cfg.checkpoint:
         state = ckpt.load(accelerator, cfg.checkpoint)
-        if state["batch"] * state["world"] != cfg.batch * world:
+        if state["batch"] * state["update"] * state["world"] != cfg.batch * update * world:
+            # The data position counts global windows, so nothing is repeated or skipped; only the batch size changes.
+            ui.warn(
+                f"{cfg.checkpoint} was trained with {state['batch']} x {state['update']} x {state['world']} windows "
+                f"per update, this run uses {cfg.batch} x {update} x {world}"
+            )
+        if state.get("sources") and state["sources"] != _fingerprint(p.sources):
             raise CheckpointError(
-                f"{cfg.checkpoint} was trained with {state['batch']} windows x {state['world']} processes per "
-                f"micro-step, this run has {cfg.batch} x {world}",
-                "keep --batch x processes the same to continue the run",
+                f"{cfg.checkpoint} was trained on other data ({state['sources']})",
+                "give the --cache that run used: its data position means nothing on another dataset",
             )
         step, tokens, skipped = state["step"], state["tokens"], state["skipped"]
         elapsed_before = state.get("elapsed", 0.0)
@@ -218,6 +228,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             "skipped": skipped,
             "bad_in_a_row": bad_in_a_row,
             "data": loader.state_dict(),
+            "sources": _fingerprint(p.sources),
             "batch": cfg.batch,
             "update": update,
             "world": world,
@@ -264,7 +275,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             else:
                 skipped += 1
                 bad_in_a_row += 1
-                log.warn(f"step {step + 1}: loss {loss_value}, grad norm {grad_norm}: update skipped ({skipped} so far)")
+                why = f"loss {loss_value}, grad norm {grad_norm}"
+                log.warn(f"step {step + 1}: {why}: update skipped ({skipped} so far)")
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens += p.tokens_per_update
@@ -323,4 +335,3 @@ def train(cfg: TrainConfig) -> TrainResult:
         stopped=stopped,
         skipped=skipped,
     )
-

@@ -14,6 +14,7 @@
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 from rich.progress import TextColumn
@@ -78,7 +79,7 @@ class RunLogger:
 
         id_file = self.run_dir / WANDB_ID
         if not id_file.is_file():
-            id_file.write_text(wandb.util.generate_id() + "\n")
+            id_file.write_text(uuid.uuid4().hex[:12] + "\n")  # wandb run ids: short, lowercase alphanumeric
         self.wandb_id = id_file.read_text().strip()
         self.wandb_run = wandb.init(
             project=self.cfg.project,

@@ -45,8 +45,15 @@ def make_prepared(path: Path, docs: list[list[int]], vocab: int, val_docs: list[
     write_tokenizer(path / TOKENIZER_DIR, vocab)
     manifest = {
         "format": FORMAT,
-        "source": {"kind": "local", "dataset": "test", "name": None, "split": "train", "files": None,
-                   "column": "text", "streaming": False},
+        "source": {
+            "kind": "local",
+            "dataset": "test",
+            "name": None,
+            "split": "train",
+            "files": None,
+            "column": "text",
+            "streaming": False,
+        },
         "tokenizer": {"name_or_path": "test", "vocab_size": vocab, "eos_token_id": EOS, "bos_token_id": BOS},
         "splits": {k: {"documents": len(v), "tokens": sum(map(len, v["input_ids"]))} for k, v in splits.items()},
         "context_length": 64,
@@ -61,9 +68,17 @@ def make_prepared(path: Path, docs: list[list[int]], vocab: int, val_docs: list[
 def llama_config(path: Path, vocab: int = 64, **overrides) -> Path:
     """A tiny transformers Llama config JSON (2 layers, width 32)."""
     config = {
-        "model_type": "llama", "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 256, "bos_token_id": BOS, "eos_token_id": EOS, "tie_word_embeddings": True,
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "bos_token_id": BOS,
+        "eos_token_id": EOS,
+        "tie_word_embeddings": True,
     } | overrides
     path.write_text(json.dumps(config))
     return path
@@ -72,9 +87,20 @@ def llama_config(path: Path, vocab: int = 64, **overrides) -> Path:
 def gla_config(path: Path, vocab: int = 64, **overrides) -> Path:
     """A tiny FLA GLA config JSON (2 layers, width 32, 2 heads)."""
     config = {
-        "model_type": "gla", "vocab_size": vocab, "hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2,
-        "expand_k": 0.5, "expand_v": 1, "attn_mode": "chunk", "use_short_conv": False, "fuse_norm": False,
-        "fuse_swiglu": False, "fuse_cross_entropy": False, "bos_token_id": BOS, "eos_token_id": EOS,
+        "model_type": "gla",
+        "vocab_size": vocab,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_heads": 2,
+        "expand_k": 0.5,
+        "expand_v": 1,
+        "attn_mode": "chunk",
+        "use_short_conv": False,
+        "fuse_norm": False,
+        "fuse_swiglu": False,
+        "fuse_cross_entropy": False,
+        "bos_token_id": BOS,
+        "eos_token_id": EOS,
         "tie_word_embeddings": True,
     } | overrides
     path.write_text(json.dumps(config))

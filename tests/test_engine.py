@@ -15,7 +15,7 @@ import torch
 
 from flame import engine
 from flame.config import TrainConfig
-from flame.errors import TrainingError
+from flame.errors import CheckpointError, TrainingError
 from tests.prepared import counting_docs, gla_config, llama_config, make_prepared
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,8 +31,18 @@ def files(tmp_path_factory):
 
 
 def _cfg(files, run, **kw):
-    base = dict(model=str(files / "llama.json"), cache=str(files / "ds"), path=str(run), context=32, batch=4,
-                lr=3e-3, warmup=2, seed=0, logging=1, save=1000)
+    base = dict(
+        model=str(files / "llama.json"),
+        cache=str(files / "ds"),
+        path=str(run),
+        context=32,
+        batch=4,
+        lr=3e-3,
+        warmup=2,
+        seed=0,
+        logging=1,
+        save=1000,
+    )
     return TrainConfig(**(base | kw))
 
 
@@ -49,8 +59,9 @@ def _losses(run: Path) -> list[float]:
 @pytest.mark.parametrize("model", ["llama.json", "gla.json"])
 def test_batch_2_update_4_gives_the_gradient_of_batch_8(files, tmp_path, model):
     for name, batch, update in (("a", 8, 1), ("b", 2, 4)):
-        engine.train(_cfg(files, tmp_path / name, model=str(files / model), batch=batch, update=update, steps=1,
-                          norm=0))
+        engine.train(
+            _cfg(files, tmp_path / name, model=str(files / model), batch=batch, update=update, steps=1, norm=0)
+        )
     a, b = _first_moment(tmp_path / "a", 1), _first_moment(tmp_path / "b", 1)
     assert len(a) == len(b) > 0
     for x, y in zip(a, b, strict=True):
@@ -107,9 +118,28 @@ def _env():
 
 @pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_exits_cleanly(files, tmp_path):
-    args = [sys.executable, "-m", "flame", "train", "--model", str(files / "llama.json"), "--cache",
-            str(files / "ds"), "--path", str(tmp_path), "--context", "32", "--batch", "4", "--steps", "100000",
-            "--logging", "1", "--save", "100000"]
+    args = [
+        sys.executable,
+        "-m",
+        "flame",
+        "train",
+        "--model",
+        str(files / "llama.json"),
+        "--cache",
+        str(files / "ds"),
+        "--path",
+        str(tmp_path),
+        "--context",
+        "32",
+        "--batch",
+        "4",
+        "--steps",
+        "100000",
+        "--logging",
+        "1",
+        "--save",
+        "100000",
+    ]
     proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for(tmp_path / "metrics.jsonl", 120)
     proc.send_signal(signal.SIGTERM)
@@ -124,18 +154,73 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(files, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) DDP check; GPUs run the multi-GPU tests")
 def test_ddp_two_processes_match_one_process_with_twice_the_accumulation(files, tmp_path):
-    common = ["--model", str(files / "gla.json"), "--cache", str(files / "ds"), "--context", "32", "--batch", "2",
-              "--steps", "6", "--logging", "1", "--lr", "3e-3", "--warmup", "2", "--seed", "0"]
+    common = [
+        "--model",
+        str(files / "gla.json"),
+        "--cache",
+        str(files / "ds"),
+        "--context",
+        "32",
+        "--batch",
+        "2",
+        "--steps",
+        "6",
+        "--logging",
+        "1",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "2",
+        "--seed",
+        "0",
+    ]
     # `--cpu` makes accelerate launch ONE process unless MPI is set up; its torchrun launcher (--multi_gpu) on a
     # machine without CUDA starts N processes that accelerate runs as MULTI_CPU on gloo.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-              "29533", "-m", "flame", "train"]
-    two = subprocess.run(launch + common + ["--update", "1", "--path", str(tmp_path / "ddp")], env=_env(),
-                         capture_output=True, text=True, timeout=300)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29533",
+        "-m",
+        "flame",
+        "train",
+    ]
+    two = subprocess.run(
+        launch + common + ["--update", "1", "--path", str(tmp_path / "ddp")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stdout + two.stderr
     engine.train(_cfg(files, tmp_path / "one", model=str(files / "gla.json"), batch=2, update=2, steps=6))
     assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)
-    state = json.loads((tmp_path / "ddp" / "checkpoints" / "step-00000006" / "state" / "trainer.json").read_text())
+    saved = tmp_path / "ddp" / "checkpoints" / "step-00000006" / "state"
+    state = json.loads((saved / "trainer.json").read_text())
     assert state["world"] == 2 and state["data"]["position"] == 6 * 2 * 2
-    assert (tmp_path / "ddp" / "checkpoints" / "step-00000006" / "state" / "accelerate" / "random_states_1.pkl").is_file()
+    assert (saved / "accelerate" / "random_states_1.pkl").is_file()
+
+
+def test_continuing_needs_the_same_model_and_data(files, tmp_path):
+    engine.train(_cfg(files, tmp_path / "a", steps=2))
+    ckpt = tmp_path / "a" / "checkpoints" / "step-00000002"
+    wide = llama_config(tmp_path / "wide.json", hidden_size=64, intermediate_size=128)
+    with pytest.raises(CheckpointError, match="does not match this model and optimizer"):
+        engine.train(_cfg(files, tmp_path / "b", model=str(wide), steps=4, checkpoint=str(ckpt)))
+    other = make_prepared(tmp_path / "other", counting_docs(200, 64, seed=5), 64)
+    with pytest.raises(CheckpointError, match="was trained on other data"):
+        engine.train(_cfg(files, tmp_path / "c", cache=str(other), steps=4, checkpoint=str(ckpt)))
+    incomplete = tmp_path / "a" / "checkpoints" / ".step-00000009.tmp"
+    incomplete.mkdir()
+    with pytest.raises(CheckpointError, match="not a complete flame checkpoint"):
+        engine.train(_cfg(files, tmp_path / "d", steps=4, checkpoint=str(incomplete)))

@@ -26,9 +26,19 @@ def test_gla_340m_trains_with_bf16_and_fused_kernels(tmp_path):
     vocab = config["vocab_size"]
     data = make_prepared(tmp_path / "ds", counting_docs(4000, vocab, seed=0, min_len=200, max_len=2000), vocab)
     steps, batch, context = 300, 8, 2048
-    cfg = TrainConfig(model=str(REPO / "configs" / "gla_340M.json"), cache=str(data), path=str(tmp_path / "run"),
-                      steps=steps, batch=batch, context=context, lr=1e-3, warmup=50, logging=25, save=steps,
-                      seed=0)
+    cfg = TrainConfig(
+        model=str(REPO / "configs" / "gla_340M.json"),
+        cache=str(data),
+        path=str(tmp_path / "run"),
+        steps=steps,
+        batch=batch,
+        context=context,
+        lr=1e-3,
+        warmup=50,
+        logging=25,
+        save=steps,
+        seed=0,
+    )
     result = engine.train(cfg)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]

@@ -127,6 +127,6 @@ def _render_result(r) -> None:
         ui.console.print(f"checkpoint: {r.checkpoint}")
         ui.console.print(f"  continue:  flame train ... --checkpoint {r.checkpoint}")
         ui.console.print(
-            f"  load:      python -c \"import fla; from transformers import AutoModelForCausalLM; "
+            f'  load:      python -c "import fla; from transformers import AutoModelForCausalLM; '
             f"AutoModelForCausalLM.from_pretrained('{r.checkpoint}/model')\""
         )

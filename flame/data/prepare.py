@@ -31,7 +31,7 @@ from pathlib import Path
 from flame import __version__
 from flame.data import FORMAT, MANIFEST, TOKENIZER_DIR, TOKENS_COLUMN
 from flame.data.sources import Source, Unit, read_unit, resolve_source
-from flame.data.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, replace_dir
+from flame.data.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, replace_dir, rust_tokenizer
 from flame.errors import ConfigError, DataError, FlameError, OutputExistsError
 
 # Clear the BPE cache this often (batches per worker): often enough to bound it, rarely enough to keep its speed-up.
@@ -223,9 +223,17 @@ def _tokenize(source: Source, tokenizer, num_proc, batch_size, tmp, state: Progr
     # fork shares the resolved source (a hub Dataset is memory-mapped) without pickling; elsewhere spawn.
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     # Each worker is one process; the Rust tokenizer's own thread pool on top would oversubscribe the cores.
+    # Workers inherit the setting when they start; the caller's environment is restored afterwards.
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     updates = ctx.Queue()
-    pool = ctx.Pool(num_proc, initializer=_init_worker, initargs=(*init, updates))
+    try:
+        pool = ctx.Pool(num_proc, initializer=_init_worker, initargs=(*init, updates))
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM")
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
     try:
         pending = {u.index: pool.apply_async(_tokenize_unit, (u, batch_size, tmp)) for u in source.units}
         while pending:
@@ -258,12 +266,13 @@ _WORKER: dict = {}
 
 
 def _init_worker(source, tokenizer_json, split_special_tokens, eos, updates):
-    from tokenizers import Tokenizer
-
-    rust = Tokenizer.from_str(tokenizer_json)
-    rust.no_truncation()
-    rust.no_padding()
-    rust.encode_special_tokens = split_special_tokens
+    # An initializer that raises makes multiprocessing.Pool start a new worker forever; keep the error for the
+    # first task to report instead.
+    try:
+        rust = rust_tokenizer(tokenizer_json, split_special_tokens)
+    except Exception as e:
+        _WORKER.update(error=("DataError", f"tokenizer failed to load in a worker ({type(e).__name__}: {e})", None))
+        return
     _WORKER.update(source=source, tokenizer=rust, eos=eos, updates=updates)
 
 
@@ -272,6 +281,8 @@ def _tokenize_unit(unit: Unit, batch_size: int, tmp: str) -> dict:
     survive pickling back from a pool worker)."""
     import pyarrow as pa
 
+    if "error" in _WORKER:
+        return {"error": _WORKER["error"]}
     source, rust, eos, updates = (_WORKER[k] for k in ("source", "tokenizer", "eos", "updates"))
     path = os.path.join(tmp, "parts", f"part-{unit.index:06d}.arrow")
     schema = pa.schema([(TOKENS_COLUMN, pa.list_(pa.int32()))])

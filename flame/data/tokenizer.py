@@ -53,12 +53,17 @@ def backend(tokenizer):
     transformers turns off truncation and padding and sets encode_special_tokens before each call; the copy is
     configured the same once, so workers can call encode_batch_fast directly and skip the Python wrapper.
     """
+    return rust_tokenizer(tokenizer._tokenizer.to_str(), bool(getattr(tokenizer, "split_special_tokens", False)))
+
+
+def rust_tokenizer(tokenizer_json: str, split_special_tokens: bool = False):
+    """backend() from the tokenizer's JSON (what a worker process receives)."""
     from tokenizers import Tokenizer
 
-    rust = Tokenizer.from_str(tokenizer._tokenizer.to_str())
+    rust = Tokenizer.from_str(tokenizer_json)
     rust.no_truncation()
     rust.no_padding()
-    rust.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    rust.encode_special_tokens = split_special_tokens
     return rust
 
 

@@ -149,24 +149,39 @@ def patch(target: Target) -> None:
 
 
 # torch helpers (index bookkeeping, context parallelism plumbing), not kernels
-_NOT_OPS = {"fla.ops.utils", "fla.ops.common", "fla.ops.cp", "fla.ops.backends"}
+_NOT_OPS = ("fla.ops.utils", "fla.ops.common", "fla.ops.cp", "fla.ops.backends")
+
+
+def _is_kernel_entry(value) -> bool:
+    module = getattr(value, "__module__", None) or ""
+    if not inspect.isfunction(value) or getattr(value, "__flame_original__", None) is not None:
+        return False
+    if not module.startswith("fla.ops.") or module.startswith(_NOT_OPS):
+        return False
+    # FLA's naive references are torch code and run on CPU as they are.
+    return not (module.endswith(".naive") or value.__name__.startswith("naive"))
 
 
 def guard_uncovered_ops() -> list[str]:
-    """Wrap every public function of the loaded fla.ops packages that has no torch version; returns their names."""
-    guarded = []
+    """Guard the fla.ops functions without a torch version: the public ones of every loaded fla.ops package, and
+    every one that an fla.layers / fla.models module imported by name. Returns their qualified names."""
+    candidates = {}
     for module_name, module in list(sys.modules.items()):
-        if module is None or not module_name.startswith("fla.ops.") or module_name.count(".") != 2:
+        if module is None:
             continue
-        if module_name in _NOT_OPS:
+        if module_name.startswith("fla.ops.") and module_name.count(".") == 2:
+            names = getattr(module, "__all__", ())
+        elif module_name.startswith(("fla.layers.", "fla.models.")):
+            names = list(vars(module))
+        else:
             continue
-        for name in getattr(module, "__all__", ()):
+        for name in names:
             value = getattr(module, name, None)
-            if not inspect.isfunction(value) or getattr(value, "__flame_original__", None) is not None:
-                continue
-            if "triton" not in vars(sys.modules.get(value.__module__, module)):
-                continue  # torch code (naive references, helpers) runs on CPU as it is
-            op = _make_guard(f"{module_name}.{name}", value)
-            _replace_everywhere(value, op)
-            guarded.append(f"{module_name}.{name}")
-    return guarded
+            if _is_kernel_entry(value):
+                candidates[id(value)] = value
+    guarded = []
+    for value in candidates.values():
+        qualified = f"{value.__module__}.{value.__name__}"
+        _replace_everywhere(value, _make_guard(qualified, value))
+        guarded.append(qualified)
+    return sorted(guarded)

@@ -6,7 +6,7 @@ defines each object; a path that does not resolve means FLA's internals changed,
 
 from __future__ import annotations
 
-from flame.kernels import delta, linear_attn, modules
+from flame.kernels import delta, linear_attn, modules, rwkv7
 from flame.kernels.dispatch import Target
 
 _NORM = "fla.modules.norm"
@@ -40,6 +40,20 @@ TARGETS: tuple[Target, ...] = (
     # fla.ops
     Target("fla.ops.gla.chunk:chunk_gla", linear_attn.chunk_gla),
     Target("fla.ops.gla.fused_recurrent:fused_recurrent_gla", linear_attn.fused_recurrent_gla),
+    Target("fla.ops.simple_gla.chunk:chunk_simple_gla", linear_attn.chunk_simple_gla),
+    Target("fla.ops.simple_gla.fused_recurrent:fused_recurrent_simple_gla", linear_attn.fused_recurrent_simple_gla),
+    Target("fla.ops.retention.chunk:chunk_retention", linear_attn.chunk_retention),
+    Target("fla.ops.retention.fused_chunk:fused_chunk_retention", linear_attn.chunk_retention),
+    Target("fla.ops.retention.fused_recurrent:fused_recurrent_retention", linear_attn.fused_recurrent_retention),
+    Target("fla.ops.retention.parallel:parallel_retention", linear_attn.parallel_retention),
+    Target("fla.ops.gsa.chunk:chunk_gsa", linear_attn.chunk_gsa),
+    Target("fla.ops.gsa.fused_recurrent:fused_recurrent_gsa", linear_attn.fused_recurrent_gsa),
+    Target("fla.ops.rwkv7.chunk:chunk_rwkv7", rwkv7.chunk_rwkv7),
+    Target("fla.ops.rwkv7.fused_recurrent:fused_recurrent_rwkv7", rwkv7.fused_recurrent_rwkv7),
+    Target("fla.ops.rwkv7.fused_recurrent:fused_mul_recurrent_rwkv7", rwkv7.fused_mul_recurrent_rwkv7),
+    Target("fla.ops.rwkv7.fused_addcmul:fused_addcmul_rwkv7", rwkv7.fused_addcmul_rwkv7),
+    Target("fla.ops.rwkv7.fused_k_update:fused_k_rwkv7", rwkv7.fused_k_rwkv7),
+    Target("fla.ops.rwkv7.gate_output_correction:gate_output_correction", rwkv7.gate_output_correction),
     Target("fla.ops.delta_rule.chunk:chunk_delta_rule", delta.chunk_delta_rule),
     Target("fla.ops.delta_rule.fused_recurrent:fused_recurrent_delta_rule", delta.fused_recurrent_delta_rule),
     Target("fla.ops.gated_delta_rule.chunk:chunk_gated_delta_rule", delta.chunk_gated_delta_rule),
@@ -49,5 +63,14 @@ TARGETS: tuple[Target, ...] = (
     ),
 )
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("gla", "gated_deltanet", "delta_net")
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
+    "gla",
+    "gated_deltanet",
+    "delta_net",
+    "retnet",
+    "hgrn2",
+    "mamba2",
+    "gsa",
+    "rwkv7",
+)
 """FLA model types whose forward, backward and cached generation run on CPU (tests/kernels pin each one)."""

@@ -114,3 +114,35 @@ def test_run_dir_with_checkpoints_is_not_overwritten(files, tmp_path):
     assert _train(files, tmp_path, "llama.json", "--steps", "2").exit_code == 0
     result = _train(files, tmp_path, "llama.json", "--steps", "2")
     _one_error(result, "already has checkpoints", "--checkpoint")
+
+
+def test_several_datasets_with_weights(files, tmp_path):
+    make_prepared(tmp_path / "b", counting_docs(100, 64, seed=3), 64)
+    cache = f"{files / 'ds'}:0.75,{tmp_path / 'b'}:0.25"
+    result = _train(files, tmp_path, "llama.json", "--steps", "4", "--cache", cache)
+    assert result.exit_code == 0, result.output
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000004" / "state" / "trainer.json").read_text())
+    assert state["data"]["taken"] == [12, 4]
+
+
+def test_wandb_offline_run_named_after_type(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    result = _train(files, tmp_path, "llama.json", "--steps", "2", "--project", "flame-test", "--type", "tiny")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    run_id = (run / "wandb-id").read_text().strip()
+    offline = list((run / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline) == 1
+    state = json.loads((run / "checkpoints" / "step-00000002" / "state" / "trainer.json").read_text())
+    assert state["wandb_id"] == run_id
+
+
+def test_epochs_set_the_steps_when_steps_is_0(files, tmp_path):
+    tokens = json.loads((files / "ds" / "manifest.json").read_text())["splits"]["train"]["tokens"]
+    windows = tokens // 32
+    result = _train(files, tmp_path, "llama.json", "--epochs", "2", "--dry-run")
+    assert result.exit_code == 0, result.output
+    steps = -(-2 * windows // 4)  # ceil: 4 windows per update
+    assert f"{steps} updates = " in result.output
+    assert f"{windows} windows of 32" in result.output

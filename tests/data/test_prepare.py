@@ -201,3 +201,19 @@ def test_default_output_follows_the_seed():
     assert default_output(PrepareConfig("./corpus/*.jsonl.zst", split="validation")) == os.path.join(
         "data", "corpus", "default", "validation"
     )
+
+
+def test_a_worker_that_cannot_start_fails_the_run_instead_of_hanging(tmp_path, tokenizer_dir, monkeypatch):
+    corpus(tmp_path / "corpus", n=12)
+    monkeypatch.setattr(sources, "GROUP_FILES", 2)
+
+    def broken(*args):
+        raise RuntimeError("no backend")
+
+    monkeypatch.setattr(prepare_module, "rust_tokenizer", broken)
+    cfg = PrepareConfig(
+        dataset=str(tmp_path / "corpus"), tokenizer=str(tokenizer_dir), output=str(tmp_path / "out"), num_proc=2
+    )
+    with pytest.raises(DataError, match="tokenizer failed to load in a worker.*no backend"):
+        prepare(cfg)
+    assert sorted(os.listdir(tmp_path)) == ["corpus"]

@@ -98,23 +98,23 @@ def prepare_command(
         ),
     ] = 2048,
     output: Annotated[
-        str | None, typer.Option(help="Output folder. [default: data/{dataset}/{name}/{split}]", show_default=False)
+        str | None, typer.Option(help="Output folder. Default: data/{dataset}/{name}/{split}.", show_default=False)
     ] = None,
     tokenizer: Annotated[
         str, typer.Option(help="Hub id or local dir; `flame data tokenizer` builds one offline.")
     ] = DEFAULT_TOKENIZER,
-    column: Annotated[str | None, typer.Option(help="Text column. [default: text or content]")] = None,
+    column: Annotated[str | None, typer.Option(help="Text column. Default: text or content.")] = None,
     streaming: Annotated[bool, typer.Option(help="Stream a hub dataset instead of downloading it first.")] = False,
     val_docs: Annotated[
         str | None,
         typer.Option(
             help="Held-out validation documents: a count (1000) or a fraction (0.01); 0 for none. "
-            "[default: 1% of the documents, at most 1000]",
+            "Default: 1% of the documents, at most 1000.",
             show_default=False,
         ),
     ] = None,
     num_proc: Annotated[
-        int | None, typer.Option(help="Tokenizer processes. [default: all cores]", show_default=False)
+        int | None, typer.Option(help="Tokenizer processes. Default: all cores.", show_default=False)
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the validation draw.")] = 42,
@@ -169,7 +169,7 @@ def tokenizer_command(
     ],
     output: Annotated[str, typer.Option(help="Folder to write; use it as `prepare --tokenizer`.")],
     vocab_size: Annotated[int, typer.Option(help="Vocabulary size, special tokens included.")] = 32000,
-    column: Annotated[str | None, typer.Option(help="Text column. [default: text or content]")] = None,
+    column: Annotated[str | None, typer.Option(help="Text column. Default: text or content.")] = None,
     max_docs: Annotated[int | None, typer.Option(help="Train on the first N documents only.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
 ):

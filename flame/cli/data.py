@@ -46,11 +46,11 @@ class _Display:
         self.stage = None
 
     def __enter__(self):
-        self.bar.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
+        if self.task is not None:
+            self.bar.stop()
 
     def __call__(self, state) -> None:
         # Bytes are shown in MB so the done/total column stays readable.
@@ -58,6 +58,9 @@ class _Display:
         done, total = state.done / scale, (state.total / scale if state.total else None)
         label = f"{state.stage} ({'MB' if scale > 1 else 'docs'})"
         if self.task is None:
+            # Started on the first update, after prepare has forked its workers: rich's refresh thread should not
+            # exist at fork time (a forked child inherits locks, never the threads holding them).
+            self.bar.start()
             self.task = self.bar.add_task(label, total=total, docs=0, tokens=0)
         self.bar.update(self.task, description=label, completed=done, total=total, docs=state.docs, tokens=state.tokens)
         if self.bar.disable:

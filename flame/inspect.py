@@ -241,6 +241,8 @@ def detect(path: str | os.PathLike) -> tuple[str, Path]:
         return "checkpoint", p
     if (p / METRICS).is_file() or (p / ckpt.CHECKPOINTS).is_dir():
         return "run", p
+    if p.name == ckpt.CHECKPOINTS and (p.parent / RUN_CONFIG).is_file():
+        return "run", p.parent
     if (p / "config.json").is_file():
         raw = _json_object(p / "config.json")
         if raw.get("model_type"):
@@ -578,7 +580,8 @@ def inspect_checkpoint(path: str | os.PathLike, options: InspectOptions, on_prog
         rng = len(list(acc.glob("random_states_*.pkl")))
         if rng != world:
             acc_problems.append(f"{rng} random_states_*.pkl for {world} processes")
-        if not any(acc.glob("optimizer*")):
+        # accelerate writes optimizer.bin (optimizer_0/ under FSDP); DeepSpeed its own *optim_states.pt files
+        if not any(acc.glob("optimizer*")) and not any(acc.rglob("*optim_states.pt")):
             acc_problems.append("no optimizer state")
     acc_detail = _summary(acc_problems, "optimizer and RNG state present")
     checks.append(Check("state/accelerate", not acc_problems, acc_detail))

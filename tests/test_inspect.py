@@ -262,6 +262,15 @@ def test_nan_weights_are_counted(run, tmp_path):
     assert next(t for t in out["tensors"] if t["nan"])["norm"] is None
 
 
+def test_missing_training_state_fails_the_integrity_check(run, tmp_path):
+    cp = copy_checkpoint(run, 6, tmp_path)
+    (cp / "state" / "accelerate" / "random_states_0.pkl").unlink()
+    (cp / "state" / "accelerate" / "optimizer.bin").unlink()
+    facts = inspect(cp)
+    assert not facts.ok and [c.name for c in facts.checks if not c.ok] == ["state/accelerate"]
+    assert facts.checks[1].detail == "0 random_states_*.pkl for 1 processes; no optimizer state"
+
+
 def test_incomplete_checkpoint_misses_its_trainer_state(run, tmp_path):
     cp = copy_checkpoint(run, 6, tmp_path)
     tmp = cp.parent / ".step-00000006.tmp"
@@ -329,9 +338,15 @@ def test_run_length_by_epochs_comes_from_the_engine_plan(run, tmp_path):
     assert inspect(copy).steps is None
 
 
-def test_metrics_file_or_config_file_inside_a_run_means_the_run(run):
+def test_what_each_path_in_a_run_is(run):
     assert detect(run / "metrics.jsonl") == ("run", run)
     assert detect(run / "config.json") == ("run", run)
+    assert detect(run / "checkpoints") == ("run", run)
+    assert detect(run / "checkpoints" / "step-00000003") == ("checkpoint", run / "checkpoints" / "step-00000003")
+    assert detect(run / "checkpoints" / "step-00000003" / "model") == (
+        "model",
+        run / "checkpoints" / "step-00000003" / "model",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

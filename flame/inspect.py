@@ -29,7 +29,7 @@ from flame import checkpoint as ckpt
 from flame import models
 from flame.config import CONFIG_FILE as RUN_CONFIG
 from flame.data import MANIFEST, TOKENIZER_DIR, TOKENS_COLUMN
-from flame.errors import CheckpointError, ConfigError, DataError
+from flame.errors import CheckpointError, ConfigError, DataError, ModelError
 from flame.logging import METRICS
 
 KINDS_FIX = (
@@ -306,6 +306,10 @@ def inspect_model(path: str | os.PathLike, options: InspectOptions, *, context=N
     """Shapes, parameters, FLOPs/token and the memory estimate, all from flame.models on a meta-device model."""
     with _quiet_fla():
         model, config = models.build_model(path, meta=True)
+    return _model_facts(model, config, Path(path), options, context, batch)
+
+
+def _model_facts(model, config, p: Path, options: InspectOptions, context, batch) -> ModelFacts:
     context = options.context or context or 2048
     batch = options.batch or batch or 8
     flops = models.flops_breakdown(model, context)
@@ -326,7 +330,6 @@ def inspect_model(path: str | os.PathLike, options: InspectOptions, *, context=N
         "zero_stage": options.zero_stage,
         "world_size": options.world_size,
     }
-    p = Path(path)
     return ModelFacts(
         path=str(p),
         model_type=config.model_type,
@@ -590,11 +593,11 @@ def inspect_checkpoint(path: str | os.PathLike, options: InspectOptions, on_prog
     model, model_facts = None, None
     try:
         run = state.get("config") or {}
-        model_facts = inspect_model(model_dir, options, context=run.get("context"), batch=run.get("batch"))
         with _quiet_fla():
-            model, _ = models.build_model(model_dir, meta=True)
+            model, config = models.build_model(model_dir, meta=True)
+        model_facts = _model_facts(model, config, model_dir, options, run.get("context"), run.get("batch"))
         checks.append(Check("model/config.json", True, f"{model_facts.model_type}, {model_facts.architecture}"))
-    except models.ModelError as e:
+    except ModelError as e:
         checks.append(Check("model/config.json", False, str(e)))
 
     tensors, read_problems = tensor_stats(model_dir, on_progress) if model_dir.is_dir() else ([], ["no model/"])
@@ -688,7 +691,7 @@ def inspect_run(path: str | os.PathLike, options: InspectOptions) -> RunFacts:
     if model_source is not None and model_source.exists():
         try:
             model_facts = inspect_model(model_source, options, context=config.get("context"), batch=config.get("batch"))
-        except models.ModelError:
+        except ModelError:
             model_facts = None
     incomplete = sorted(str(p) for p in (root / ckpt.CHECKPOINTS).glob(".step-*.tmp")) if found or records else []
     return RunFacts(

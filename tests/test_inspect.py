@@ -262,6 +262,21 @@ def test_nan_weights_are_counted(run, tmp_path):
     assert next(t for t in out["tensors"] if t["nan"])["norm"] is None
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_saved_fla_model_matches_its_config(tmp_path, tied):
+    """No false alarm on FLA's parameter names, with a tied or an untied LM head."""
+    from flame.inspect import _shape_check, tensor_stats
+    from tests.prepared import gla_config
+
+    model, _ = models.build_model(gla_config(tmp_path / "gla.json", tie_word_embeddings=tied), seed=0)
+    model.save_pretrained(tmp_path / "model")
+    meta, _ = models.build_model(tmp_path / "model", meta=True)
+    tensors, problems = tensor_stats(tmp_path / "model")
+    assert problems == [] and _shape_check(meta, tensors) == []
+    assert sum(math.prod(t.shape) for t in tensors) == sum(p.numel() for p in model.parameters())
+    assert ("lm_head.weight" in {t.name for t in tensors}) is not tied
+
+
 def test_missing_training_state_fails_the_integrity_check(run, tmp_path):
     cp = copy_checkpoint(run, 6, tmp_path)
     (cp / "state" / "accelerate" / "random_states_0.pkl").unlink()

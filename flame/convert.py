@@ -259,17 +259,9 @@ def _rope_theta(cfg) -> float | None:
 
 def target_config(opts: ConvertOptions, src, table: dict[str, TensorInfo], changes: list):
     """The FLA config from --config, with what the source decides taken from the source."""
-    import fla  # noqa: F401  (registers the FLA model types with transformers' Auto classes)
-    from transformers import AutoConfig
+    from flame.models import load_config
 
-    if not opts.config.is_file():
-        raise ConfigError(f"--config {opts.config}: no such file", "pass an FLA model config JSON (configs/*.json)")
-    try:
-        raw = json.loads(opts.config.read_text())
-        cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
-    except (json.JSONDecodeError, KeyError, ValueError) as e:
-        raise ConfigError(f"--config {opts.config} is not an FLA model config ({e})", "pass a configs/*.json") from e
-
+    cfg = load_config(opts.config)
     problems = [
         f"{key}={getattr(cfg, key)} but the source has {getattr(src, key)}"
         for key in ("hidden_size", "num_hidden_layers")
@@ -358,8 +350,9 @@ def _repeat_kv(n_rep: int, head_dim: int) -> Callable[[torch.Tensor], torch.Tens
 
 def plan(
     target_shapes: dict[str, tuple[int, ...]], table: dict[str, TensorInfo], src
-) -> tuple[list[Planned], list[str], list[str], list[str]]:
-    """(planned copies, target tensors left as initialised, shape mismatches, source tensors with no target)."""
+) -> tuple[list[Planned], list[str], list[tuple[str, str]], list[str]]:
+    """(planned copies, target tensors left as initialised, shape mismatches as (what, source tensor), source
+    tensors not used: those of the mismatches and those with no place in the target)."""
     src_tied = bool(getattr(src, "tie_word_embeddings", False))
     head_dim = getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads
     kv_heads = getattr(src, "num_key_value_heads", None) or src.num_attention_heads
@@ -409,7 +402,8 @@ def plan(
                     )
                 )
         else:
-            mismatched.append(f"{name} {list(shape)} vs {sname} {list(sshape)}")
+            used.discard(sname)  # not copied: listed with the dropped source tensors
+            mismatched.append((f"{name} {list(shape)} vs {list(sshape)}", sname))
             new.append(name)
     # A tied source may still store its LM head; it is the embedding, so nothing is lost.
     dropped = [n for n in table if n not in used and not (src_tied and n == "lm_head.weight")]
@@ -526,11 +520,11 @@ def convert_from_llama(opts: ConvertOptions) -> ConvertReport:
         )
     planned, new, mismatched, dropped = plan(shapes, table, src)
     if (mismatched or dropped) and not opts.allow_partial:
-        what = [f"shapes differ: {m}" for m in mismatched[:4]] + [
-            f"no place in the target: {d}" for d in group_names(dropped)[:4]
-        ]
+        unfit = [d for d in dropped if d not in {src_name for _, src_name in mismatched}]
+        what = [f"shapes differ: {m}" for m in group_names([m for m, _ in mismatched])[:3]]
+        what += [f"no place in the target: {d}" for d in group_names(unfit)[:3]]
         raise ConfigError(
-            f"{len(mismatched)} tensors do not fit and {len(dropped)} source tensors have no place in the "
+            f"{len(mismatched)} tensors do not fit and {len(unfit)} source tensors have no place in the "
             f"{cfg.model_type} model ({'; '.join(what)})",
             "fix the config (heads, intermediate_size, expand_k/expand_v, head_dim), or pass --allow-partial to keep "
             "the target's initialisation for them",

@@ -19,7 +19,9 @@ TEXT = (
 )
 
 # One geometry for every family: grouped-query attention (4 query heads, 2 kv heads of 16 dims).
-GEOMETRY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+GEOMETRY = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
 
 # FLA target configs that fit GEOMETRY (vocab_size is the source's unless a test sets it).
 TARGETS = {
@@ -31,7 +33,7 @@ TARGETS = {
 }
 
 
-def make_tokenizer(out: Path, vocab_size: int = 160) -> Path:
+def make_tokenizer(out: Path, vocab_size: int = 300) -> Path:
     """A byte-level BPE trained on TEXT, saved as a transformers tokenizer (tokenizer.json + config)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

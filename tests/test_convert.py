@@ -145,7 +145,7 @@ def test_qwen2_biases_have_no_place_in_gla(sources, tmp_path):
 
 
 def test_shape_mismatch_is_an_error_unless_allow_partial(sources, tmp_path):
-    message = r"6 tensors do not fit and 0 .*shapes differ: model.layers.\*.mlp.gate_proj.weight \[96, 64\] vs \[128, 64\]"
+    message = r"6 tensors do not fit and 0 .*shapes differ: model.layers.\*.mlp.gate_proj.weight \[96, 64\] vs"
     with pytest.raises(ConfigError, match=message):
         run(sources["llama"], tmp_path, config={"intermediate_size": 96})
     report = run(sources["llama"], tmp_path, config={"intermediate_size": 96}, allow_partial=True)

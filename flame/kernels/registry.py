@@ -1,0 +1,59 @@
+"""What flame.kernels covers: every FLA entry point with its torch version, and the model types that run.
+
+Checked against flash-linear-attention 0.6.x (see FLA_VERSIONS in flame.kernels). Paths name where FLA 0.6
+defines each object; a path that does not resolve means FLA's internals changed, and install() says so.
+"""
+
+from __future__ import annotations
+
+from flame.kernels import delta, linear_attn, modules
+from flame.kernels.dispatch import Target
+
+_NORM = "fla.modules.norm"
+_ACT = "fla.modules.activations.ops"
+
+TARGETS: tuple[Target, ...] = (
+    # fla.modules
+    Target(f"{_NORM}.layernorm:LayerNormFunction.apply", modules.layer_norm),
+    Target(f"{_NORM}.layernorm:LayerNormLinearFunction.apply", modules.layer_norm_linear),
+    Target(f"{_NORM}.fused_norm_gate:LayerNormGatedFunction.apply", modules.layer_norm_gated),
+    Target(f"{_NORM}.fused_norm_gate:LayerNormGatedLinearFunction.apply", modules.layer_norm_gated_linear),
+    Target(f"{_NORM}.layernorm_gated:LayerNormFn.apply", modules.layer_norm_group_gated),
+    Target(f"{_NORM}.l2norm:L2NormFunction.apply", modules.l2norm),
+    Target(f"{_ACT}:SigmoidFunction.apply", modules.sigmoid),
+    Target(f"{_ACT}:SwishFunction.apply", modules.swish),
+    Target(f"{_ACT}:LogSigmoidFunction.apply", modules.logsigmoid),
+    Target(f"{_ACT}:ELUPlusOneFunction.apply", modules.elu_p1),
+    Target(f"{_ACT}:SwiGLUFunction.apply", modules.swiglu),
+    Target(f"{_ACT}:SwiGLULinearFunction.apply", modules.swiglu_linear),
+    Target(f"{_ACT}:SigmoidGLUFunction.apply", modules.sigmoidglu),
+    Target("fla.modules.causal_conv1d.ops:causal_conv1d", modules.causal_conv1d),
+    Target("fla.modules.causal_conv1d.ops:causal_conv1d_update", modules.causal_conv1d_update),
+    Target("fla.modules.token_shift:TokenShift.apply", modules.token_shift),
+    Target("fla.modules.rotary.ops:RotaryEmbeddingFunction.apply", modules.rotary_embedding),
+    Target("fla.modules.fused_cross_entropy.ops:FusedCrossEntropyFunction.apply", modules.cross_entropy),
+    Target("fla.modules.fused_cross_entropy.ops:FusedCrossEntropyLoss.forward", modules.cross_entropy_loss_forward),
+    Target(
+        "fla.modules.fused_linear_cross_entropy.ops:FusedLinearCrossEntropyFunction.apply",
+        modules.linear_cross_entropy,
+    ),
+    # fla.ops
+    Target("fla.ops.gla.chunk:chunk_gla", linear_attn.chunk_gla),
+    Target("fla.ops.gla.fused_recurrent:fused_recurrent_gla", linear_attn.fused_recurrent_gla),
+    Target("fla.ops.simple_gla.chunk:chunk_simple_gla", linear_attn.chunk_simple_gla),
+    Target("fla.ops.simple_gla.fused_recurrent:fused_recurrent_simple_gla", linear_attn.fused_recurrent_simple_gla),
+    Target("fla.ops.retention.chunk:chunk_retention", linear_attn.chunk_retention),
+    Target("fla.ops.retention.fused_chunk:fused_chunk_retention", linear_attn.chunk_retention),
+    Target("fla.ops.retention.fused_recurrent:fused_recurrent_retention", linear_attn.fused_recurrent_retention),
+    Target("fla.ops.retention.parallel:parallel_retention", linear_attn.parallel_retention),
+    Target("fla.ops.delta_rule.chunk:chunk_delta_rule", delta.chunk_delta_rule),
+    Target("fla.ops.delta_rule.fused_recurrent:fused_recurrent_delta_rule", delta.fused_recurrent_delta_rule),
+    Target("fla.ops.gated_delta_rule.chunk:chunk_gated_delta_rule", delta.chunk_gated_delta_rule),
+    Target(
+        "fla.ops.gated_delta_rule.fused_recurrent:fused_recurrent_gated_delta_rule",
+        delta.fused_recurrent_gated_delta_rule,
+    ),
+)
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2")
+"""FLA model types whose forward, backward and cached generation run on CPU (tests/kernels pin each one)."""

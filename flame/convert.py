@@ -77,6 +77,8 @@ class ConvertOptions:
     vocab: VocabPolicy = VocabPolicy.source
     """When the config's vocab_size differs from the source's: 'source' takes the source's (its tokenizer is copied);
     'config' keeps the config's, truncating the embedding and LM head rows or extending them with new rows."""
+    seed: int = 0
+    """Seed of the target's initialisation (the parameters Llama does not have): the same inputs give the same model."""
 
 
 @dataclass
@@ -294,11 +296,13 @@ def target_config(opts: ConvertOptions, src, table: dict[str, TensorInfo], chang
     return cfg
 
 
-def build_target(cfg, dtype: torch.dtype):
+def build_target(cfg, dtype: torch.dtype, seed: int):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream as it was
+            torch.manual_seed(seed)
+            return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     except ImportError as e:  # FLA's softmax attention needs flash-attn at construction
         raise ModelError(
             f"cannot build the {cfg.model_type} model: {e}", "install what it names, or pick another config"
@@ -511,7 +515,7 @@ def convert_from_llama(opts: ConvertOptions) -> ConvertReport:
     cfg = target_config(opts, src, table, changes)
     dtype = getattr(torch, opts.dtype.value) if opts.dtype else _source_dtype(table, raw)
 
-    model = build_target(cfg, dtype)
+    model = build_target(cfg, dtype, opts.seed)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}  # tied weights appear once
     if not any(_PROJ.search(n) for n in shapes) or not any(_MLP.search(n) for n in shapes):
         raise ModelError(

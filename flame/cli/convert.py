@@ -42,6 +42,7 @@ def from_llama(
     vocab: Annotated[VocabPolicy, typer.Option("--vocab", help=_HELP["vocab"])] = VocabPolicy.source,
     allow_partial: Annotated[bool, typer.Option("--allow-partial", help=_HELP["allow_partial"])] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=_HELP["overwrite"])] = False,
+    seed: Annotated[int, typer.Option("--seed", help=_HELP["seed"])] = 0,
 ):
     """Initialise an FLA model from a Llama, Mistral or Qwen2 checkpoint: copy embeddings, norms, q/k/v/o, MLP and
     LM head; FLA's own parameters (gates, convolutions, ...) keep their initialisation.
@@ -61,6 +62,7 @@ def from_llama(
         overwrite=overwrite,
         allow_partial=allow_partial,
         vocab=vocab,
+        seed=seed,
     )
     render(convert_from_llama(opts))
 

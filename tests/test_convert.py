@@ -119,6 +119,18 @@ def test_output_dir_is_a_model_dir_with_the_source_tokenizer(sources, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
 
 
+def test_flame_models_loads_the_converted_dir_with_its_weights(sources, tmp_path):
+    # What `flame train --model` does with a model dir: load it, never re-initialise.
+    from flame.models import build_model
+
+    run(sources["mistral"], tmp_path)
+    model, config = build_model(tmp_path / "out")
+    src = source_state(sources["mistral"])
+    assert config.model_type == "gla"
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, src["model.layers.1.mlp.down_proj.weight"])
+    assert torch.equal(model.lm_head.weight, src["lm_head.weight"])
+
+
 def test_dtype_defaults_to_the_source_and_can_be_set(sources, tmp_path):
     assert run(sources["llama"], tmp_path, name="a").dtype == "bfloat16"
     assert {t.dtype for t in load_file(next((tmp_path / "a").glob("*.safetensors"))).values()} == {torch.bfloat16}

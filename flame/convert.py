@@ -18,6 +18,7 @@ import re
 import shutil
 import struct
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -179,7 +180,8 @@ def _read_tensor(info: TensorInfo) -> torch.Tensor:
 
 def _tensor_table(model_dir: Path) -> dict[str, TensorInfo]:
     """Name -> where the tensor lives, over all shards, without reading any data."""
-    files = sorted(model_dir.glob("*.safetensors"))
+    # model*.safetensors: Mistral's repos also hold consolidated.safetensors (mistral-inference's names, same data).
+    files = sorted(model_dir.glob("model*.safetensors"))
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         files = sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
@@ -190,7 +192,9 @@ def _tensor_table(model_dir: Path) -> dict[str, TensorInfo]:
         return table
     bins = sorted(model_dir.glob("pytorch_model*.bin"))
     if not bins:
-        raise CheckpointError(f"{model_dir} has no weights (*.safetensors or pytorch_model*.bin)", "pass a model dir")
+        raise CheckpointError(
+            f"{model_dir} has no weights (model*.safetensors or pytorch_model*.bin)", "pass a transformers model dir"
+        )
     table = {}
     for f in bins:
         # mmap: only the tensor table is needed here, the data is read when copied.
@@ -224,7 +228,8 @@ def resolve_source(model: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        patterns = ["*.json", "model*.safetensors", "*.model", "*.txt", "*.jinja"]
+        return Path(snapshot_download(model, allow_patterns=patterns))
     except Exception as e:  # the hub client raises many kinds (offline, gated, not found); all mean the same here
         raise ModelError(
             f"--model {model} is not a local directory and could not be fetched from the hub ({type(e).__name__})",
@@ -444,6 +449,17 @@ def _progress_iter(items: list, label: str, by_file: Callable) -> Iterator:
         yield item
 
 
+@contextmanager
+def _phase(label: str):
+    """A step with no count to show (building, saving): a spinner on a terminal, one plain line elsewhere."""
+    if interactive():
+        with err_console.status(label):
+            yield
+    else:
+        err_console.print(label)
+        yield
+
+
 def _copy_tokenizer(source: Path, out: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
@@ -515,7 +531,8 @@ def convert_from_llama(opts: ConvertOptions) -> ConvertReport:
     cfg = target_config(opts, src, table, changes)
     dtype = getattr(torch, opts.dtype.value) if opts.dtype else _source_dtype(table, raw)
 
-    model = build_target(cfg, dtype, opts.seed)
+    with _phase(f"build: {cfg.model_type} model in {str(dtype).removeprefix('torch.')} (seed {opts.seed})"):
+        model = build_target(cfg, dtype, opts.seed)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}  # tied weights appear once
     if not any(_PROJ.search(n) for n in shapes) or not any(_MLP.search(n) for n in shapes):
         raise ModelError(
@@ -546,7 +563,8 @@ def convert_from_llama(opts: ConvertOptions) -> ConvertReport:
     tmp = opts.output.with_name(f".{opts.output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _save(model, tmp)
+        with _phase(f"save: {opts.output}"):
+            _save(model, tmp)
         tokenizer_files = _copy_tokenizer(source, tmp)
         counts = _counts(shapes, planned, new)
         del model, params

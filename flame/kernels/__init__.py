@@ -74,6 +74,9 @@ def install(mode: str | None = None, chunk_size: int | None | str = "keep") -> K
     for target, _ in resolved:
         dispatch.patch(target)
     dispatch.guard_uncovered_ops()
+    from flame.kernels.compat import patch_generation_cache_name
+
+    patch_generation_cache_name()
     _installed = True
     return settings
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from flame.kernels import varlen
 from flame.kernels.config import settings
-from flame.kernels.modules import l2norm
+from flame.kernels.modules import l2norm, up
 
 
 def delta_recurrent(q, k, v, beta, g, h0):
@@ -97,15 +97,15 @@ def _run(q, k, v, beta, g, scale, initial_state, output_final_state, state_v_fir
         q, k = (x.repeat_interleave(rep, dim=2) for x in (q, k))
     h0 = initial_state
     if h0 is not None:
-        h0 = h0.float()
+        h0 = up(h0)
         if state_v_first:
             h0 = h0.transpose(-1, -2)
     mask = None
     if cu_seqlens is not None:
         mask, (q, k, v, beta, g) = varlen.pack(cu_seqlens, q, k, v, beta, g)
-    q, k, v = (x.float().transpose(1, 2) for x in (q, k, v))
-    beta = beta.float().transpose(1, 2)
-    g = None if g is None else g.float().transpose(1, 2)
+    q, k, v = (up(x).transpose(1, 2) for x in (q, k, v))
+    beta = up(beta).transpose(1, 2)
+    g = None if g is None else up(g).transpose(1, 2)
     q = q * scale
     if settings.chunk_size is None:
         o, S = delta_recurrent(q, k, v, beta, g, h0)
@@ -160,10 +160,10 @@ def fused_recurrent_delta_rule(
 def _gates(g, beta, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval):
     if use_gate_in_kernel:
         # fla.ops.gated_delta_rule.gate.naive_gdn_gate: g = -exp(A_log) * softplus(g + dt_bias)
-        g = g.float() if dt_bias is None else g.float() + dt_bias.float()
-        g = -A_log.float().exp() * F.softplus(g)
+        g = up(g) if dt_bias is None else up(g) + up(dt_bias)
+        g = -up(A_log).exp() * F.softplus(g)
     if use_beta_sigmoid_in_kernel:
-        beta = torch.sigmoid(beta.float())
+        beta = torch.sigmoid(up(beta))
         if allow_neg_eigval:
             beta = beta * 2.0
     return g, beta

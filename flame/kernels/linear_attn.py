@@ -22,6 +22,7 @@ import torch
 
 from flame.kernels import varlen
 from flame.kernels.config import settings
+from flame.kernels.modules import up
 
 
 def gla_recurrent(q, k, v, gk, gv, h0):
@@ -40,8 +41,8 @@ def gla_recurrent(q, k, v, gk, gv, h0):
     return o, S
 
 
-def gla_chunked(q, k, v, gk, h0, chunk_size):
-    """Chunkwise form of `gla_recurrent` for gates on the key channels only (gv is None)."""
+def gla_chunked(q, k, v, gk, gv, h0, chunk_size):
+    """Chunkwise form of `gla_recurrent`. Every decay factor is exp of a difference <= 0, so none overflows."""
     B, H, T, K = q.shape
     V = v.shape[-1]
     C = chunk_size
@@ -51,24 +52,39 @@ def gla_chunked(q, k, v, gk, h0, chunk_size):
     if pad:
         # Zero keys and zero log-gates after the end leave the state as it was at the last real token.
         q, k, v, gk = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v, gk))
+        gv = None if gv is None else torch.nn.functional.pad(gv, (0, 0, 0, pad))
     N = (T + pad) // C
     q, k, gk = (x.reshape(B, H, N, C, K) for x in (q, k, gk))
     v = v.reshape(B, H, N, C, V)
 
-    b = gk.cumsum(dim=-2)  # cumulative log decay inside each chunk, <= 0 and non-increasing
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    diff = (b[..., :, None, :] - b[..., None, :, :]).masked_fill(~causal[..., None], float("-inf"))
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()[..., None]
+    bk = gk.cumsum(dim=-2)  # cumulative log decay inside each chunk, <= 0 and non-increasing
+    diff = (bk[..., :, None, :] - bk[..., None, :, :]).masked_fill(~causal, float("-inf"))
     attn = (q[..., :, None, :] * k[..., None, :, :] * diff.exp()).sum(-1)  # [B, H, N, C, C]
-    o = attn @ v
+    bk_last = bk[..., -1, :]  # [B, H, N, K]
+    k_end = k * (bk_last[..., None, :] - bk).exp()
+    q_dec = q * bk.exp()
+    if gv is None:
+        o = attn @ v
+        v_end, decay = v, bk_last.exp()[..., None]
+    else:
+        bv = gv.reshape(B, H, N, C, V).cumsum(dim=-2)
+        diff_v = (bv[..., :, None, :] - bv[..., None, :, :]).masked_fill(~causal, float("-inf"))
+        o = (attn[..., None] * v[..., None, :, :] * diff_v.exp()).sum(-2)
+        bv_last = bv[..., -1, :]
+        v_end = v * (bv_last[..., None, :] - bv).exp()
+        decay = bk_last.exp()[..., None] * bv_last.exp()[..., None, :]
+    kv = k_end.transpose(-1, -2) @ v_end  # the chunk's contribution to S: [B, H, N, K, V]
 
-    b_last = b[..., -1, :]  # [B, H, N, K]
-    kv = (k * (b_last[..., None, :] - b).exp()).transpose(-1, -2) @ v  # chunk's contribution to S: [B, H, N, K, V]
     S = q.new_zeros(B, H, K, V) if h0 is None else h0
     states = []
     for n in range(N):
         states.append(S)
-        S = S * b_last[:, :, n, :, None].exp() + kv[:, :, n]
-    o = o + (q * b.exp()) @ torch.stack(states, dim=2)
+        S = S * decay[:, :, n] + kv[:, :, n]
+    inter = q_dec @ torch.stack(states, dim=2)
+    if gv is not None:
+        inter = inter * bv.exp()
+    o = o + inter
     return o.reshape(B, H, N * C, V)[:, :, :T], S
 
 
@@ -81,19 +97,19 @@ def _run(q, k, v, gk, gv, scale, initial_state, output_final_state, state_v_firs
         scale = q.shape[-1] ** -0.5
     h0 = initial_state
     if h0 is not None:
-        h0 = h0.float()
+        h0 = up(h0)
         if state_v_first:
             h0 = h0.transpose(-1, -2)
     mask = None
     if cu_seqlens is not None:
         mask, (q, k, v, gk, gv) = varlen.pack(cu_seqlens, q, k, v, gk, gv)
-    q, k, v = ((x.float().transpose(1, 2)) for x in (q, k, v))
-    gk, gv = ((None if x is None else x.float().transpose(1, 2)) for x in (gk, gv))
+    q, k, v = ((up(x).transpose(1, 2)) for x in (q, k, v))
+    gk, gv = ((None if x is None else up(x).transpose(1, 2)) for x in (gk, gv))
     q = q * scale
-    if settings.chunk_size is None or gv is not None:
+    if settings.chunk_size is None:
         o, S = gla_recurrent(q, k, v, gk, gv, h0)
     else:
-        o, S = gla_chunked(q, k, v, gk, h0, settings.chunk_size)
+        o, S = gla_chunked(q, k, v, gk, gv, h0, settings.chunk_size)
     o = o.transpose(1, 2)
     if mask is not None:
         o = varlen.unpack(o, mask)
@@ -144,8 +160,8 @@ def _scalar_gate(q, g, g_gamma):
     if g is None and g_gamma is None:
         return None
     if g is None:
-        g = g_gamma.float().view(1, 1, H).expand(B, T, H)
-    return g.float()[..., None].expand(B, T, H, K)
+        g = up(g_gamma).view(1, 1, H).expand(B, T, H)
+    return up(g)[..., None].expand(B, T, H, K)
 
 
 def chunk_simple_gla(
@@ -221,3 +237,62 @@ def parallel_retention(q, k, v, scale=None, output_attentions=False, cu_seqlens=
         raise NotImplementedError("parallel_retention(output_attentions=True) has no portable torch implementation")
     o, _ = chunk_retention(q, k, v, scale=scale, cu_seqlens=cu_seqlens)
     return o, None
+
+
+def _gsa(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens):
+    """Gated slot attention (Zhang et al. 2024, "Gated Slot Attention for Efficient Linear-Time Sequence
+    Modeling") as FLA's naive_recurrent_gsa defines it: two gated linear attentions through M memory slots,
+    the first gated on its value side (the slots), the second on its key side, a softmax over slots between."""
+    dtype = v.dtype
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    mask = None
+    if cu_seqlens is not None:
+        mask, (q, k, v, s, g) = varlen.pack(cu_seqlens, q, k, v, s, g)
+    s = up(s)
+    if g is None:
+        # ABC: slot gates from a running softmax normaliser of s
+        z = s.logcumsumexp(dim=1)
+        g = torch.cat([z[:, :1], z[:, :-1]], dim=1) - z
+        s = (s - z).exp()
+        if mask is not None:
+            s, g = s * mask[..., None, None], g * mask[..., None, None]
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:
+        k, v, s, g = (x.repeat_interleave(groups, dim=2) for x in (k, v, s, g))
+    hk0, hv0 = (None, None) if initial_state is None else initial_state
+    if groups > 1 and hk0 is not None:
+        hk0, hv0 = hk0.repeat_interleave(groups, dim=1), hv0.repeat_interleave(groups, dim=1)
+    ok, hk = _run(q, k, s, None, g, scale, hk0, True, False, None)
+    ov, hv = _run(ok.softmax(dim=-1), s, v, g, None, 1.0, hv0, True, False, None)
+    if mask is not None:
+        ov = varlen.unpack(ov, mask)
+    final = (hk[:, ::groups], hv[:, ::groups]) if output_final_state else None
+    return ov.to(dtype), final
+
+
+def chunk_gsa(
+    q,
+    k,
+    v,
+    s,
+    g=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    checkpoint_level=2,
+    cu_seqlens=None,
+    cu_seqlens_cpu=None,
+    **kwargs,
+):
+    """fla.ops.gsa.chunk_gsa"""
+    return _gsa(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def fused_recurrent_gsa(
+    q, k, v, s, g=None, scale=None, initial_state=None, output_final_state=False, reverse=False, cu_seqlens=None
+):
+    """fla.ops.gsa.fused_recurrent_gsa"""
+    if reverse:
+        raise NotImplementedError("reverse=True has no portable torch implementation")
+    return _gsa(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)

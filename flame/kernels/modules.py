@@ -12,12 +12,18 @@ import torch.nn.functional as F
 
 from flame.kernels import varlen
 
+
+def up(x: torch.Tensor) -> torch.Tensor:
+    """Compute in float32 at least, as the Triton kernels do; float64 stays float64 (gradcheck)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 # --- norms ------------------------------------------------------------------------------------------------------
 
 
 def _norm(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm, num_groups=1):
     """Returns (y in float32, pre-norm sum in its storage dtype) as FLA's layer_norm_fwd does."""
-    res = x.float() if residual is None else x.float() + residual.float()
+    res = up(x) if residual is None else up(x) + up(residual)
     res_dtype = residual.dtype if residual is not None else (torch.float32 if residual_in_fp32 else x.dtype)
     shape = res.shape
     xg = res.reshape(*shape[:-1], num_groups, shape[-1] // num_groups)
@@ -25,9 +31,9 @@ def _norm(x, weight, bias, residual, eps, residual_in_fp32, is_rms_norm, num_gro
         xg = xg - xg.mean(dim=-1, keepdim=True)
     y = (xg * torch.rsqrt(xg.square().mean(dim=-1, keepdim=True) + eps)).reshape(shape)
     if weight is not None:
-        y = y * weight.float()
+        y = y * up(weight)
     if bias is not None:
-        y = y + bias.float()
+        y = y + up(bias)
     return y, res.to(res_dtype)
 
 
@@ -64,7 +70,7 @@ def layer_norm_linear(
 
 
 def _gate(y, g, activation):
-    g = g.float()
+    g = up(g)
     if activation in ("swish", "silu"):
         return y * g * torch.sigmoid(g)
     if activation == "sigmoid":
@@ -108,8 +114,8 @@ def layer_norm_group_gated(
 ):
     """fla.modules.norm.layernorm_gated.LayerNormFn (Mamba2's RMSNormGated, groups of `group_size` channels)"""
     dtype = x.dtype
-    xf = x.float()
-    zf = None if z is None else z.float()
+    xf = up(x)
+    zf = None if z is None else up(z)
     if zf is not None and not norm_before_gate:
         xf = xf * F.silu(zf)
     D = xf.shape[-1]
@@ -117,9 +123,9 @@ def layer_norm_group_gated(
     xg = xf.reshape(*xf.shape[:-1], D // group, group)
     if not is_rms_norm:
         xg = xg - xg.mean(dim=-1, keepdim=True)
-    y = (xg * torch.rsqrt(xg.square().mean(dim=-1, keepdim=True) + eps)).reshape(xf.shape) * weight.float()
+    y = (xg * torch.rsqrt(xg.square().mean(dim=-1, keepdim=True) + eps)).reshape(xf.shape) * up(weight)
     if bias is not None:
-        y = y + bias.float()
+        y = y + up(bias)
     if zf is not None and norm_before_gate:
         y = y * F.silu(zf)
     return y.to(dtype)
@@ -127,7 +133,7 @@ def layer_norm_group_gated(
 
 def l2norm(x, eps=1e-6, output_dtype=None):
     """fla.modules.norm.l2norm.L2NormFunction: x / sqrt(sum(x^2) + eps) over the last dim"""
-    xf = x.float()
+    xf = up(x)
     y = xf * torch.rsqrt(xf.square().sum(dim=-1, keepdim=True) + eps)
     return y.to(x.dtype if output_dtype is None else output_dtype)
 
@@ -137,27 +143,27 @@ def l2norm(x, eps=1e-6, output_dtype=None):
 
 def sigmoid(x):
     """fla.modules.activations.SigmoidFunction"""
-    return torch.sigmoid(x.float()).to(x.dtype)
+    return torch.sigmoid(up(x)).to(x.dtype)
 
 
 def swish(x):
     """fla.modules.activations.SwishFunction"""
-    return F.silu(x.float()).to(x.dtype)
+    return F.silu(up(x)).to(x.dtype)
 
 
 def logsigmoid(x, temperature=1.0):
     """fla.modules.activations.LogSigmoidFunction"""
-    return (F.logsigmoid(x.float()) / temperature).to(x.dtype)
+    return (F.logsigmoid(up(x)) / temperature).to(x.dtype)
 
 
 def elu_p1(x):
     """fla.modules.activations.ELUPlusOneFunction"""
-    return (F.elu(x.float()) + 1.0).to(x.dtype)
+    return (F.elu(up(x)) + 1.0).to(x.dtype)
 
 
 def swiglu(x, y):
     """fla.modules.activations.SwiGLUFunction: silu(x) * y"""
-    return (F.silu(x.float()) * y.float()).to(x.dtype)
+    return (F.silu(up(x)) * up(y)).to(x.dtype)
 
 
 def swiglu_linear(x, y, weight, bias):
@@ -167,7 +173,7 @@ def swiglu_linear(x, y, weight, bias):
 
 def sigmoidglu(x, y):
     """fla.modules.activations.SigmoidGLUFunction: sigmoid(x) * y"""
-    return (torch.sigmoid(x.float()) * y.float()).to(x.dtype)
+    return (torch.sigmoid(up(x)) * up(y)).to(x.dtype)
 
 
 # --- short convolution ------------------------------------------------------------------------------------------
@@ -180,14 +186,14 @@ def _conv(x, weight, bias, residual, initial_state, activation):
     prefix = x.new_zeros(B, W - 1, D) if initial_state is None else initial_state[..., 1:].transpose(1, 2).to(x)
     xp = torch.cat([prefix, x], dim=1)  # [B, W - 1 + T, D]
     y = F.conv1d(
-        xp.transpose(1, 2).float(), weight.float().unsqueeze(1), None if bias is None else bias.float(), groups=D
+        up(xp.transpose(1, 2)), up(weight).unsqueeze(1), None if bias is None else up(bias), groups=D
     ).transpose(1, 2)
     if activation in ("swish", "silu"):
         y = F.silu(y)
     elif activation is not None:
         raise NotImplementedError(f"convolution activation {activation!r} has no portable torch implementation")
     if residual is not None:
-        y = y + residual.float()
+        y = y + up(residual)
     # The state keeps the last W inputs; with fewer than W tokens so far the older slots stay zero (or carry on).
     full = torch.cat(
         [x.new_zeros(B, 1, D) if initial_state is None else initial_state[..., :1].transpose(1, 2).to(x), xp], dim=1
@@ -249,15 +255,15 @@ def causal_conv1d_update(x, cache, residual=None, weight=None, bias=None, activa
     shape = x.shape
     xt = x.reshape(-1, cache.shape[1])  # [N, D]
     new_cache = torch.cat([cache[..., 1:], xt.unsqueeze(-1).to(cache.dtype)], dim=-1)
-    y = (new_cache.float() * weight.float()).sum(-1)
+    y = (up(new_cache) * up(weight)).sum(-1)
     if bias is not None:
-        y = y + bias.float()
+        y = y + up(bias)
     if activation in ("swish", "silu"):
         y = F.silu(y)
     elif activation is not None:
         raise NotImplementedError(f"convolution activation {activation!r} has no portable torch implementation")
     if residual is not None:
-        y = y + residual.reshape(y.shape).float()
+        y = y + up(residual.reshape(y.shape))
     with torch.no_grad():
         cache.copy_(new_cache)
     return y.to(x.dtype).reshape(shape), cache
@@ -303,9 +309,9 @@ def rotary_embedding(
     else:
         c = cos[seqlen_offsets : seqlen_offsets + T][None, :, None]
         s = sin[seqlen_offsets : seqlen_offsets + T][None, :, None]
-    xf = x.float()
+    xf = up(x)
     rot, rest = xf[..., : 2 * half], xf[..., 2 * half :]
-    c, s = c.float(), s.float()
+    c, s = up(c), up(s)
     if interleaved:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
         out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
@@ -319,7 +325,7 @@ def rotary_embedding(
 
 
 def _logits(logits, logit_scale, logit_softcapping):
-    z = logits.float() * logit_scale
+    z = up(logits) * logit_scale
     if logit_softcapping is not None:
         z = logit_softcapping * torch.tanh(z / logit_softcapping)
     return z

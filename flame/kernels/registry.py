@@ -46,6 +46,8 @@ TARGETS: tuple[Target, ...] = (
     Target("fla.ops.retention.fused_chunk:fused_chunk_retention", linear_attn.chunk_retention),
     Target("fla.ops.retention.fused_recurrent:fused_recurrent_retention", linear_attn.fused_recurrent_retention),
     Target("fla.ops.retention.parallel:parallel_retention", linear_attn.parallel_retention),
+    Target("fla.ops.gsa.chunk:chunk_gsa", linear_attn.chunk_gsa),
+    Target("fla.ops.gsa.fused_recurrent:fused_recurrent_gsa", linear_attn.fused_recurrent_gsa),
     Target("fla.ops.delta_rule.chunk:chunk_delta_rule", delta.chunk_delta_rule),
     Target("fla.ops.delta_rule.fused_recurrent:fused_recurrent_delta_rule", delta.fused_recurrent_delta_rule),
     Target("fla.ops.gated_delta_rule.chunk:chunk_gated_delta_rule", delta.chunk_gated_delta_rule),
@@ -55,5 +57,5 @@ TARGETS: tuple[Target, ...] = (
     ),
 )
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2")
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2", "gsa")
 """FLA model types whose forward, backward and cached generation run on CPU (tests/kernels pin each one)."""

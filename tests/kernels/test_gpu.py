@@ -1,0 +1,241 @@
+"""Torch path vs FLA's Triton path on a GPU: outputs and gradients per op and per model family.
+
+Run on a CUDA machine: `pytest -m gpu tests/kernels`. The error measure is FLA's own (fla/utils testing):
+ratio = rms(torch - triton) / rms(triton), per output and per gradient. Tolerances (README, "Running on CPU"):
+float32 inputs 5e-3 (Triton's dots run in TF32), bfloat16 inputs 2e-2 (Triton multiplies bf16 tiles, the torch
+path upcasts to float32); model-level losses 1e-2 relative, model gradients 5e-2 ratio.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flame.kernels
+
+pytestmark = pytest.mark.gpu
+
+TOL = {torch.float32: 5e-3, torch.bfloat16: 2e-2}
+B, T, H, K, V = 2, 300, 4, 64, 64
+
+
+def ratio(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-12)).item()
+
+
+def both(op):
+    """(portable, original) of an installed FLA entry point."""
+    return op.__flame_portable__, op.__flame_original__
+
+
+def leaf(x):
+    return x.detach().clone().requires_grad_()
+
+
+def compare(op, make_inputs, dtype, kwargs):
+    portable, original = both(op)
+    torch.manual_seed(0)
+    inputs = make_inputs(dtype)
+    results = []
+    for fn in (portable, original):
+        args = [leaf(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
+        o, ht = fn(*args, **kwargs)
+        torch.manual_seed(1)
+        do, dht = torch.randn_like(o), None if ht is None else torch.randn_like(ht)
+        loss = (o.float() * do.float()).sum() + (0 if ht is None else (ht.float() * dht).sum())
+        loss.backward()
+        grads = [a.grad for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        results.append((o, ht, grads))
+    (o_p, h_p, g_p), (o_t, h_t, g_t) = results
+    tol = TOL[dtype]
+    assert ratio(o_p, o_t) < tol, ("output", ratio(o_p, o_t))
+    if h_t is not None:
+        assert ratio(h_p, h_t) < tol, ("final state", ratio(h_p, h_t))
+    for i, (a, b) in enumerate(zip(g_p, g_t)):
+        assert ratio(a, b) < 2 * tol, (f"grad of input {i}", ratio(a, b))
+
+
+def cuda(*shape, fn=None, dtype=torch.float32):
+    x = torch.randn(*shape, device="cuda", dtype=torch.float32)
+    return (fn(x) if fn else x).to(dtype)
+
+
+def gla_inputs(dtype):
+    h0 = torch.randn(B, H, K, V, device="cuda")
+    return (
+        cuda(B, T, H, K, dtype=dtype),
+        cuda(B, T, H, K, dtype=dtype),
+        cuda(B, T, H, V, dtype=dtype),
+        cuda(B, T, H, K, fn=lambda x: F.logsigmoid(x) / 16, dtype=dtype),
+        None,
+        h0,
+    )
+
+
+def gdn_inputs(dtype):
+    h0 = torch.randn(B, H, K, V, device="cuda")
+    return (
+        cuda(B, T, H, K, dtype=dtype),
+        cuda(B, T, H, K, fn=lambda x: F.normalize(x, dim=-1), dtype=dtype),
+        cuda(B, T, H, V, dtype=dtype),
+        cuda(B, T, H, fn=F.logsigmoid, dtype=dtype),
+        cuda(B, T, H, fn=torch.sigmoid, dtype=dtype),
+        None,
+        h0,
+    )
+
+
+def delta_inputs(dtype):
+    h0 = torch.randn(B, H, K, V, device="cuda")
+    return (
+        cuda(B, T, H, K, dtype=dtype),
+        cuda(B, T, H, K, fn=lambda x: F.normalize(x, dim=-1), dtype=dtype),
+        cuda(B, T, H, V, dtype=dtype),
+        cuda(B, T, H, fn=torch.sigmoid, dtype=dtype),
+        None,
+        h0,
+    )
+
+
+def varlen(make):
+    """Pack the same inputs as one row of 2*T tokens with 4 uneven documents."""
+
+    def inner(dtype):
+        xs = make(dtype)
+        packed = [
+            x.reshape(1, -1, *x.shape[2:]) if isinstance(x, torch.Tensor) and x.dim() >= 3 and x.shape[1] == T else x
+            for x in xs[:-1]
+        ]
+        h0 = torch.randn(4, *xs[-1].shape[1:], device="cuda")
+        return (*packed, h0)
+
+    return inner
+
+
+CU = [0, 17, 300, 301, 600]
+
+
+def op_cases():
+    from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    from fla.ops.gla import chunk_gla, fused_recurrent_gla
+    from fla.ops.retention import chunk_retention
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    def with_state(fn):
+        # the last input of each maker is the initial state: pass it by keyword
+        def call(*args, **kwargs):
+            return fn(*args[:-2], initial_state=args[-1], output_final_state=True, **kwargs)
+
+        call.__flame_portable__ = lambda *a, **k: fn.__flame_portable__(
+            *a[:-2], initial_state=a[-1], output_final_state=True, **k
+        )
+        call.__flame_original__ = lambda *a, **k: fn.__flame_original__(
+            *a[:-2], initial_state=a[-1], output_final_state=True, **k
+        )
+        return call
+
+    def simple(dtype):
+        q, k, v, g, _, h0 = gla_inputs(dtype)
+        return q, k, v, g[..., 0], None, h0
+
+    def retention(dtype):
+        q, k, v, _, _, h0 = gla_inputs(dtype)
+        return q, k, v, None, h0
+
+    return {
+        "chunk_gla": (with_state(chunk_gla), gla_inputs),
+        "fused_recurrent_gla": (with_state(fused_recurrent_gla), gla_inputs),
+        "chunk_simple_gla": (with_state(chunk_simple_gla), simple),
+        "chunk_retention": (with_state(chunk_retention), retention),
+        "chunk_gated_delta_rule": (with_state(chunk_gated_delta_rule), gdn_inputs),
+        "fused_recurrent_gated_delta_rule": (with_state(fused_recurrent_gated_delta_rule), gdn_inputs),
+        "chunk_delta_rule": (with_state(chunk_delta_rule), delta_inputs),
+        "fused_recurrent_delta_rule": (with_state(fused_recurrent_delta_rule), delta_inputs),
+    }
+
+
+OPS = [
+    "chunk_gla",
+    "fused_recurrent_gla",
+    "chunk_simple_gla",
+    "chunk_retention",
+    "chunk_gated_delta_rule",
+    "fused_recurrent_gated_delta_rule",
+    "chunk_delta_rule",
+    "fused_recurrent_delta_rule",
+]
+
+
+@pytest.fixture(autouse=True)
+def installed():
+    flame.kernels.install(mode="auto")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", OPS)
+def test_op_matches_triton(name, dtype):
+    op, make = op_cases()[name]
+    if name == "fused_recurrent_gated_delta_rule":
+        # FLA's fused_recurrent_gated_delta_rule takes g and beta by keyword (gk, gv sit between them)
+        def make_kw(dt):
+            q, k, v, g, beta, _, h0 = make(dt)
+            return q, k, v, g, beta, None, h0
+
+        portable, original = both(op)
+        op = type("Op", (), {})()
+        op.__flame_portable__ = lambda q, k, v, g, beta, _, h0: portable(q, k, v, None, h0, g=g, beta=beta)
+        op.__flame_original__ = lambda q, k, v, g, beta, _, h0: original(q, k, v, None, h0, g=g, beta=beta)
+        compare(op, make_kw, dtype, {})
+        return
+    compare(op, make, dtype, {})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["chunk_gla", "chunk_gated_delta_rule", "chunk_delta_rule"])
+def test_varlen_op_matches_triton(name, dtype):
+    op, make = op_cases()[name]
+    compare(op, varlen(make), dtype, {"cu_seqlens": torch.tensor(CU, device="cuda")})
+
+
+def test_short_convolution_matches_triton():
+    from fla.modules.causal_conv1d.ops import causal_conv1d
+
+    portable, original = both(causal_conv1d)
+    x, w, b = (
+        torch.randn(1, 600, 128, device="cuda"),
+        torch.randn(128, 4, device="cuda"),
+        torch.randn(128, device="cuda"),
+    )
+    cu = torch.tensor(CU, device="cuda")
+    for kwargs in ({}, {"cu_seqlens": cu}):
+        outs = []
+        for fn in (portable, original):
+            xs, ws = leaf(x), leaf(w)
+            y, _ = fn(xs, ws, b, activation="silu", **kwargs)
+            y.sum().backward()
+            outs.append((y, xs.grad, ws.grad))
+        for a, c in zip(*outs):
+            assert ratio(a, c) < 1e-4
+
+
+@pytest.mark.parametrize("model_type", ["gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2", "gsa"])
+def test_model_loss_and_gradients_match_triton(model_type):
+    from tests.kernels.test_models import CONFIGS, VOCAB, build
+
+    assert model_type in CONFIGS
+    model = build(model_type).cuda().train()
+    ids = torch.randint(0, VOCAB, (2, 200), device="cuda")
+    results = {}
+    for mode in ("torch", "triton"):
+        flame.kernels.install(mode=mode)
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        results[mode] = (loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    flame.kernels.install(mode="auto")
+    (l_t, g_t), (l_r, g_r) = results["torch"], results["triton"]
+    assert abs(l_t - l_r) / abs(l_r) < 1e-2
+    for a, b in zip(g_t, g_r):
+        assert ratio(a, b) < 5e-2

@@ -1,0 +1,61 @@
+"""install(): idempotent, modes, version check, and what it wraps."""
+
+import pytest
+import torch
+
+import flame.kernels
+from flame.errors import ConfigError, ModelError
+from flame.kernels import dispatch
+
+
+@pytest.fixture
+def mode():
+    old = flame.kernels.settings.mode
+    yield
+    flame.kernels.settings.mode = old
+
+
+def test_install_is_idempotent_and_wraps_the_names_fla_layers_imported():
+    import fla.layers.gla as gla_layer
+    import fla.modules.activations as act
+    from fla.ops.gla import chunk_gla
+
+    flame.kernels.install()
+    flame.kernels.install()
+    assert flame.kernels.is_installed()
+    assert gla_layer.chunk_gla is chunk_gla
+    assert chunk_gla.__flame_portable__.__module__ == "flame.kernels.linear_attn"
+    assert getattr(chunk_gla.__flame_original__, "__flame_original__", None) is None  # wrapped once, not twice
+    assert act.ACT2FN["swish"].__flame_portable__.__name__ == "swish"
+
+
+def test_mode_picks_the_implementation(mode):
+    x = torch.randn(3, 4)
+    flame.kernels.install(mode="auto")
+    assert dispatch.use_portable((x,), {})
+    flame.kernels.install(mode="triton")
+    assert not dispatch.use_portable((x,), {})
+    flame.kernels.install(mode="torch")
+    assert dispatch.use_portable((x.to("meta"),), {})
+    with pytest.raises(ConfigError, match="unknown kernels mode 'cuda'"):
+        flame.kernels.install(mode="cuda")
+
+
+def test_unknown_fla_version_is_refused():
+    with pytest.raises(ModelError, match="checked against flash-linear-attention 0.6.x, found 0.7.1"):
+        flame.kernels._check_fla_version("0.7.1")
+    flame.kernels._check_fla_version("0.6.3")
+
+
+def test_unrecognised_internals_fail_clearly():
+    with pytest.raises(AttributeError):
+        dispatch.resolve("fla.ops.gla.chunk:no_such_kernel")
+
+
+def test_flame_package_import_stays_light():
+    import subprocess
+    import sys
+
+    code = "import sys, flame; print('fla' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

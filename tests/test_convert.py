@@ -292,7 +292,7 @@ def test_shipped_gla_7B_halves_keys_so_llama2_7B_fits_only_partially():
     assert sorted(dropped) == sorted(s for _, s in mismatched)
 
 
-@pytest.mark.parametrize("family", ["gla", "gated_deltanet"])
+@pytest.mark.parametrize("family", sorted(TARGETS))
 def test_converted_model_starts_far_below_a_random_one(sources, tmp_path, family):
     """The point of converting: on text the source was fit to, the converted model's first-step loss is far below
     that of the same config initialised at random."""
@@ -311,8 +311,9 @@ def test_converted_model_starts_far_below_a_random_one(sources, tmp_path, family
     with torch.no_grad():
         ours = converted(input_ids=ids, labels=ids).loss.item()
         theirs = random(input_ids=ids, labels=ids).loss.item()
-    # Measured (seed 0): 3.91 vs 5.71 for GLA, 3.86 vs 5.70 for Gated DeltaNet. The tiny source leans on its
-    # softmax attention, which the conversion replaces; fit longer and it leans on it more, so 20 steps.
+    # Measured: source 3.78; converted 3.79 (DeltaNet) to 3.91 (GLA); random 5.70-5.73. Fit the tiny source much
+    # longer and it memorises TEXT through its softmax attention, which the conversion replaces (the converted
+    # loss then rises above random), so the source is fit for 20 steps.
     assert ours < theirs - 1.5, (ours, theirs)
     # and it trains from there: a few steps bring it below where it started
     assert fit(converted, ids, 5, lr=1e-3) < ours

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import flame.convert as convert
 from flame.convert import ConvertOptions, DType, TensorInfo, VocabPolicy, convert_from_llama, plan
 from flame.errors import CheckpointError, ConfigError, ModelError, OutputExistsError
-from tests.tiny_models import GEOMETRY, TARGETS, fit, make_llama, target_config, text_ids
+from tests.tiny_models import GEOMETRY, TARGETS, converted_model_dir, make_llama, target_config, text_ids
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -129,6 +129,16 @@ def test_flame_models_loads_the_converted_dir_with_its_weights(sources, tmp_path
     assert config.model_type == "gla"
     assert torch.equal(model.model.layers[1].mlp.down_proj.weight, src["model.layers.1.mlp.down_proj.weight"])
     assert torch.equal(model.lm_head.weight, src["lm_head.weight"])
+
+
+def test_converted_model_dir_helper(tmp_path):
+    # tests.tiny_models.converted_model_dir is what engine tests start `flame train --model` from.
+    from flame.models import build_model
+
+    out = converted_model_dir(tmp_path, "gated_deltanet", source="mistral")
+    model, config = build_model(out)
+    assert (out, config.model_type, config.vocab_size) == (tmp_path / "converted", "gated_deltanet", model.vocab_size)
+    assert (out / "tokenizer.json").exists()
 
 
 def test_dtype_defaults_to_the_source_and_can_be_set(sources, tmp_path):
@@ -292,7 +302,11 @@ def test_shipped_gla_7B_halves_keys_so_llama2_7B_fits_only_partially():
     assert sorted(dropped) == sorted(s for _, s in mismatched)
 
 
-@pytest.mark.parametrize("family", sorted(TARGETS))
+# GLA and Gated DeltaNet in the default run; DeltaNet, GSA and RetNet with -m slow (seconds each, on busy cores).
+SLOW = [pytest.param(f, marks=pytest.mark.slow) for f in ("delta_net", "gsa", "retnet")]
+
+
+@pytest.mark.parametrize("family", ["gla", "gated_deltanet", *SLOW])
 def test_converted_model_starts_far_below_a_random_one(sources, tmp_path, family):
     """The point of converting: on text the source was fit to, the converted model's first-step loss is far below
     that of the same config initialised at random."""
@@ -315,17 +329,25 @@ def test_converted_model_starts_far_below_a_random_one(sources, tmp_path, family
     # longer and it memorises TEXT through its softmax attention, which the conversion replaces (the converted
     # loss then rises above random), so the source is fit for 20 steps.
     assert ours < theirs - 1.5, (ours, theirs)
-    # and it trains from there: a few steps bring it below where it started
-    assert fit(converted, ids, 5, lr=1e-3) < ours
 
 
-@pytest.mark.gpu
-def test_qwen2_into_fla_transformer_copies_biases_and_rope_theta(sources, tmp_path):
-    pytest.importorskip("flash_attn", reason="FLA's transformer needs flash-attn to be built")
+def test_qwen2_into_fla_transformer_copies_biases_and_rope_theta(sources, tmp_path, monkeypatch):
+    import fla.layers.attn
+
+    # FLA's Attention refuses to be built without flash-attn (a GPU package); the conversion only builds the model
+    # and copies weights, so a stand-in lets the mapping be checked here. No forward pass runs.
+    if fla.layers.attn.flash_attn_func is None:
+        monkeypatch.setattr(fla.layers.attn, "flash_attn_func", object())
     cfg = tmp_path / "transformer.json"
     cfg.write_text(json.dumps({"model_type": "transformer", "hidden_size": 64, "num_hidden_layers": 2,
                                "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128}))  # fmt: skip
     report = convert_from_llama(ConvertOptions(model=str(sources["qwen2"]), config=cfg, output=tmp_path / "out"))
-    assert report.dropped == [] and report.new == []
+    assert (report.new, report.reshaped, report.dropped) == ([], [], [])
+    assert report.counts["copied"][0] == 2 * 12 + 2  # 9 Llama tensors + 3 biases per layer, embedding, final norm
     assert ("qkv_bias", False, True) in report.config_changes
     assert ("rope_theta", 10000.0, 5000.0) in report.config_changes
+    assert ("tie_word_embeddings", False, True) in report.config_changes
+    model = load_converted(tmp_path / "out")
+    src = source_state(sources["qwen2"])
+    assert torch.equal(model.model.layers[1].attn.k_proj.bias, src["model.layers.1.self_attn.k_proj.bias"])
+    assert model.config.rope_theta == 5000.0

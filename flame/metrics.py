@@ -128,3 +128,41 @@ def _peak_rss_bytes() -> int:
         return peak if os.uname().sysname == "Darwin" else peak * 1024
     except (ImportError, AttributeError):  # Windows
         return 0
+
+
+def measure_training_peak(model, batch: int, context: int, *, steps: int = 3, seed: int = 0) -> dict[str, float]:
+    """Peak GPU memory (GiB) and tokens/s of plain training steps on random tokens: bf16 autocast over the
+    model's fp32 weights, fused AdamW, grad-norm clipping, zero_grad(set_to_none=True), as `flame train` runs
+    a step with --update 1. For checking estimate_memory() and for benchmarks; needs CUDA.
+
+    The peak is read over the steps after the first, when AdamW's moments exist.
+    """
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ValueError("measure_training_peak needs the model on a CUDA device")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    vocab = model.config.vocab_size
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    model.train()
+    elapsed, tokens = 0.0, 0
+    for step in range(steps):
+        ids = torch.randint(0, vocab, (batch, context), device=device, generator=generator)
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+        if step == 0:
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            elapsed += time.perf_counter() - start
+            tokens += ids.numel()
+    return {
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 1024**3,
+        "tokens_per_s": tokens / elapsed if elapsed else 0.0,
+        "loss": float(loss),
+    }

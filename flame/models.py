@@ -53,15 +53,19 @@ that never form a T x T matrix. Here the count is
 Memory estimate
 ===============
 
-estimate_memory() adds, in GiB: weights (fp32 master, plus the bf16 copies autocast caches for the forward),
-grads (fp32), optimizer (AdamW: two fp32 moments), each divided by the ZeRO / FSDP world size from the stage that
-shards it, and activations: the tensors autograd keeps per token per layer, listed family by family below
-(MIXER_ACTIVATIONS, BLOCK_ACTIVATIONS), plus the logits of the LM head. ACTIVATION_SCALE is the one knob to
-calibrate against measured peak memory (torch.cuda.max_memory_allocated) on a GPU.
+estimate_memory() adds, in GiB per device: weights (fp32 master, plus the bf16 copies autocast keeps for the
+backward), grads (fp32; all of them only when they stay allocated: DDP buckets, ZeRO, accumulation), optimizer
+(AdamW: two fp32 moments), each divided by the world size from the ZeRO / FSDP stage that shards it, and
+activations: the tensors autograd keeps per token, term by term per layer from what each FLA / transformers
+module saves (activation_breakdown(): _mixer_activations() per family, _block_activations() for norms and MLP),
+plus the LM head's logits. ACTIVATION_SCALE and FAMILY_ACTIVATION_SCALE are the knobs to calibrate against a
+measured peak (torch.cuda.max_memory_allocated; benchmarks/memory_estimate.py).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -86,27 +90,22 @@ def _import_fla() -> None:
     """Register FLA's model types with transformers' Auto classes; install portable kernels where they exist."""
     import fla  # noqa: F401  (registers AutoConfig / AutoModelForCausalLM entries)
 
-    try:  # flame.kernels lands from the kernels branch; until then FLA's own Triton kernels are used
-        from flame import kernels
-    except ImportError:
+    # flame.kernels (portable CPU kernels) lands from the kernels branch; until then FLA's own Triton kernels are
+    # used. find_spec rather than catching ImportError, so that a broken kernels module still fails loudly.
+    if importlib.util.find_spec("flame.kernels") is None:
         return
-    kernels.install()
+    importlib.import_module("flame.kernels").install()
 
 
 def fla_model_types() -> list[str]:
     """The model_type names FLA registers with transformers (gla, gated_deltanet, mamba2, ...)."""
     _import_fla()
+    import fla.models
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    types = []
-    for name in CONFIG_MAPPING.keys():
-        try:
-            cls = CONFIG_MAPPING[name]
-        except Exception:  # a transformers entry whose module cannot import here
-            continue
-        if cls.__module__.startswith("fla."):
-            types.append(name)
-    return sorted(types)
+    configs = (getattr(fla.models, name) for name in fla.models.__all__ if name.endswith("Config"))
+    # a few FLA configs are exported but not registered with AutoConfig; those cannot be built from a JSON
+    return sorted({c.model_type for c in configs if getattr(c, "model_type", "") in CONFIG_MAPPING})
 
 
 def load_config(path: str | os.PathLike):
@@ -152,7 +151,8 @@ def _from_config(config, dtype: torch.dtype | None):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
     except ValueError as e:  # a config type with no causal LM head (e.g. an encoder)
         raise ModelError(f"no causal LM for model_type {config.model_type!r}: {e}", "use a causal LM type") from None
-    except (ImportError, AssertionError) as e:
+    except (ImportError, AssertionError, NotImplementedError, TypeError, KeyError) as e:
+        # FLA validates shapes with asserts (e.g. hidden_size * expand_k must divide into num_heads)
         raise ModelError(f"cannot build model_type {config.model_type!r}: {e}", "fix the config") from None
 
 
@@ -164,7 +164,8 @@ def build_model(
     device: str | torch.device | None = None,
     meta: bool = False,
 ):
-    """(model, config) from a config JSON (new weights from `seed`) or a model dir (weights as saved).
+    """(model, config) from a config JSON (new weights from `seed`) or a model dir (weights as saved; `seed`
+    plays no part).
 
     dtype: parameter dtype, float32 by default (fp32 master weights; bf16 comes from autocast).
     device: where the model ends up; a new model is initialised on the CPU first so that `seed` gives the
@@ -211,6 +212,21 @@ def _load_pretrained(path: Path, dtype: torch.dtype):
             "the checkpoint is incomplete or its config.json does not match; flame never fills weights randomly",
         )
     return model
+
+
+def max_context(config) -> int | None:
+    """The longest sequence the model can run at all, or None when nothing in it limits the length.
+
+    Only a learned absolute position table (GPT-2's wpe, OPT's embed_positions) is a hard limit. Recurrent and
+    linear-attention models have no position table; RoPE models (Llama) compute positions on the fly, so their
+    max_position_embeddings is the length they were trained for, not a limit.
+    """
+    model = _as_model(config)
+    table = model.get_input_embeddings()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and module is not table:
+            return module.num_embeddings - getattr(module, "offset", 0)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,8 +308,26 @@ class MixerCost:
 
 
 def _window(module) -> int | None:
-    w = getattr(module, "window_size", None) or getattr(module, "sliding_window", None)
+    """The attention window: FLA's window_size, transformers' per-layer sliding_window (Qwen2) or, where a layer
+    keeps none, the config's (Mistral)."""
+    a = module.__dict__
+    if "window_size" in a or "sliding_window" in a:
+        w = a.get("window_size") or a.get("sliding_window")
+    else:
+        w = getattr(a.get("config"), "sliding_window", None)
     return int(w) if isinstance(w, int) and w > 0 else None
+
+
+#: FLA layers that compute dense causal softmax attention (sparse ones, NSA and MoBA, are not counted as dense).
+_FLA_SOFTMAX = {
+    "Attention",
+    "BitAttention",
+    "ForgettingAttention",
+    "PaTHAttention",
+    "StickBreakingAttention",
+    "DeltaFormerAttention",
+    "WallAttention",
+}
 
 
 def _mixer_cost(module: nn.Module, context: int) -> MixerCost | None:
@@ -343,8 +377,9 @@ def _mixer_cost(module: nn.Module, context: int) -> MixerCost | None:
         return MixerCost("ssd", ssd_flops(heads, a["head_dim"], a["ssm_state_size"], a["n_groups"], a["chunk_size"]))
     if name == "Mamba":
         return MixerCost("selective_scan", 9.0 * a["intermediate_size"] * a["ssm_state_size"])
-    # softmax attention: FLA's Attention and transformers' *Attention (Llama, Mistral, Qwen2, ...)
-    if name.endswith("Attention") and "head_dim" in a:
+    # softmax attention: FLA's dense-attention layers and transformers' *Attention (Llama, Mistral, Qwen2, ...)
+    dense = name in _FLA_SOFTMAX or (type(module).__module__.startswith("transformers.") and name.endswith("Attention"))
+    if dense and "head_dim" in a:
         config = a.get("config")
         if heads is None and config is not None:
             heads = getattr(config, "num_attention_heads", None)
@@ -359,11 +394,16 @@ _MIXER_ATTRS = ("attn", "self_attn", "mixer", "token_mixer", "attention")
 
 
 def _mixers(model: nn.Module):
-    """(block, mixer) for each layer: the mixer is the child a block calls attn / self_attn / mixer."""
-    for module in model.modules():
+    """(block, mixer) for each layer: the mixer is the child a block calls attn / self_attn / mixer. Modules
+    inside a mixer are part of it, never mixers of their own."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
         for attr in _MIXER_ATTRS:
             child = module._modules.get(attr)
             if child is not None:
+                inside.append(f"{name}.{attr}." if name else f"{attr}.")
                 yield module, child
                 break
 
@@ -406,6 +446,14 @@ def flops_per_token(config, context: int) -> float:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Memory
+#
+# What autograd keeps between the forward and the backward, per token, is listed term by term below from the
+# tensors each FLA / transformers module saves (save_for_backward in fla/ops/*/chunk.py, fla/modules/*), for
+# bf16 autocast over fp32 weights: the residual stream stays fp32 (the embedding output is fp32 and every
+# residual add promotes), so a norm's output is fp32 too and each projection reading it keeps its own bf16 cast.
+
+#: Per-family multipliers on the activation terms, for calibration against measured peaks (1.0 = as listed).
+FAMILY_ACTIVATION_SCALE: dict[str, float] = {}
 
 
 def estimate_memory(
@@ -417,12 +465,21 @@ def estimate_memory(
     zero_stage: int = 0,
     world_size: int = 1,
     activation_checkpointing: bool = False,
+    accumulation: int = 1,
 ) -> dict[str, float]:
-    """Estimated peak training memory per device in GiB: weights, grads, optimizer, activations, total.
+    """Estimated peak training memory per device in GiB (what torch.cuda.max_memory_allocated reports).
 
-    precision "bf16": fp32 master weights, grads and AdamW moments, bf16 autocast activations (flame's default
-    on GPU); "fp32": everything fp32. zero_stage 1 shards the optimizer over world_size, 2 also the grads, 3 (or
-    FSDP full shard) also the weights.
+    precision "bf16": fp32 master weights, grads and AdamW moments, bf16 autocast (flame's default on GPU);
+    "fp32": everything fp32. zero_stage 1 shards the AdamW moments over world_size, 2 also the grads, 3 (or FSDP
+    full shard) also the weights. batch is per device.
+
+    weights: fp32 master weights plus, under autocast, the bf16 copy of each matmul weight the forward keeps for
+        the backward. grads: the fp32 gradients alive at the peak: all of them when they stay allocated through
+        the backward (DDP's gradient buckets when world_size > 1, ZeRO partitions, accumulation > 1), else only
+        the LM head's (the peak is at the start of the backward; zero_grad(set_to_none=True) freed the rest).
+    optimizer: AdamW's two fp32 moments. activations: activation_breakdown() for batch x context tokens, plus
+        one layer's worth for the gradients its backward creates. total: the larger of the backward peak
+        (all of the above) and the optimizer-step peak (weights + all grads + moments).
     """
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be bf16 or fp32, got {precision!r}")
@@ -432,80 +489,161 @@ def estimate_memory(
     params = count_params(model)["total"]
     n_matmul = flops_breakdown(model, context)["n_matmul"]
     shard = max(1, world_size)
-    weights = 4.0 * params / (shard if zero_stage >= 3 else 1)
-    if precision == "bf16":  # autocast keeps a bf16 copy of each matmul weight for the forward
-        weights += 2.0 * n_matmul / (shard if zero_stage >= 3 else 1)
-    grads = 4.0 * params / (shard if zero_stage >= 2 else 1)
+    w_shard = shard if zero_stage >= 3 else 1
+    g_shard = shard if zero_stage >= 2 else 1
+    master = 4.0 * params / w_shard
+    copies = 2.0 * n_matmul / w_shard if precision == "bf16" else 0.0
+    all_grads = 4.0 * params / g_shard
+    resident = world_size > 1 or zero_stage > 0 or accumulation > 1
+    head = model.get_output_embeddings()
+    grads = all_grads if resident else 4.0 * (head.weight.numel() if head is not None else 0)
     optimizer = 8.0 * params / (shard if zero_stage >= 1 else 1)
-    act = activation_bytes_per_token(model, precision, activation_checkpointing) * batch * context
-    total = weights + grads + optimizer + act
-    return {
-        k: v / GIB
-        for k, v in {
-            "weights": weights,
-            "grads": grads,
-            "optimizer": optimizer,
-            "activations": act,
-            "total": total,
-        }.items()
+    parts = activation_breakdown(model, precision, activation_checkpointing)
+    act = parts["total"] * batch * context
+    backward_peak = master + copies + grads + optimizer + act
+    step_peak = master + all_grads + optimizer
+    out = {
+        "weights": master + copies,
+        "grads": grads,
+        "optimizer": optimizer,
+        "activations": act,
+        "total": max(backward_peak, step_peak),
     }
+    return {k: v / GIB for k, v in out.items()}
 
 
-def _mixer_activation_elems(module: nn.Module) -> float:
-    """Elements autograd keeps per token for one token mixer (inputs to its projections and kernel excluded).
+def activation_breakdown(model_or_config, precision: str = "bf16", checkpointing: bool = False) -> dict:
+    """Activation bytes per token: {"layers": [{term: bytes}, ...], "head": {term: bytes}, "total": bytes}.
 
-    Linear-attention kernels save q, k, v, the gates (fp32, counted twice) and the output, and recompute the
-    chunk states in the backward; the fused gated norm keeps its input and gate; o_proj keeps its input.
+    total = sum of the layers (or, with checkpointing, each layer's fp32 input plus one layer rebuilt at a time)
+    + the largest layer once more (the gradients its backward creates) + the head (final norm, logits).
     """
-    a = module.__dict__
-    name = type(module).__name__
-    heads = a.get("num_heads") or 1
-    key = a.get("key_dim") or heads * (a.get("head_k_dim") or a.get("head_dim") or 0)
-    value = a.get("value_dim") or heads * (a.get("head_v_dim") or a.get("head_dim") or 0)
-    if name == "Mamba2":
-        inner = a["intermediate_size"]
-        conv = inner + 2 * a["n_groups"] * a["ssm_state_size"]
-        # in_proj output (z, xBC, dt), conv output, scan output, gated norm input and output
-        return 2 * inner + 2 * conv + 4 * inner
-    if (
-        name.endswith("Attention")
-        and "head_dim" in a
-        and _mixer_cost(module, 1) is not None
-        and _mixer_cost(module, 1).kind == "softmax_attention"
-    ):
-        kv = a.get("num_kv_heads") or a.get("num_key_value_heads") or heads
-        hd = a["head_dim"]
-        # q, k, v, the attention output, o_proj input (flash attention keeps no T x T matrix)
-        return heads * hd + 2 * kv * hd + 2 * heads * hd
-    # q, k, v, gates (fp32 = 2 bf16 elements), output gate, kernel output, normed output
-    return 2 * key + value + 2 * key + 3 * value
-
-
-def activation_bytes_per_token(model: nn.Module, precision: str = "bf16", checkpointing: bool = False) -> float:
-    """Bytes autograd keeps per token for the whole model: per layer (block + mixer) plus the logits."""
+    model = _as_model(model_or_config)
     config = model.config
-    hidden = config.hidden_size
-    elem = 2 if precision == "bf16" else 4
-    layers = list(_mixers(model))
+    e = 2 if precision == "bf16" else 4
+    h = config.hidden_size
+    layers = []
+    for block, mixer in _mixers(model):
+        family, terms = _mixer_activations(mixer, h, e)
+        terms.update(_block_activations(block, mixer, h, e))
+        scale = ACTIVATION_SCALE * FAMILY_ACTIVATION_SCALE.get(family, 1.0)
+        layers.append({k: v * scale for k, v in terms.items()})
     if not layers:
         raise ModelError(f"no token mixer found in {type(model).__name__}", "use an FLA or transformers causal LM")
-    per_layer = []
-    for block_module, mixer in layers:
-        mlp = block_module._modules.get("mlp") or block_module._modules.get("feed_forward")
-        # block: the fp32 residual stream kept at each norm (4 bytes), each normed input in half precision
-        norms = 2 if mlp is not None else 1
-        block = norms * (4 + elem) * hidden
-        down = getattr(mlp, "down_proj", None)
-        if isinstance(down, nn.Linear):  # SwiGLU: gate and up outputs and the down_proj input
-            block += 3 * elem * down.in_features
-        per_layer.append(block + elem * _mixer_activation_elems(mixer))
-    if checkpointing:
-        # only each layer's input survives the forward; one layer's activations are rebuilt at a time
-        layer_total = 4 * hidden * len(per_layer) + max(per_layer)
+    sizes = [sum(t.values()) for t in layers]
+    if checkpointing:  # only each layer's fp32 input survives the forward; one layer is rebuilt at a time
+        layer_total = 4 * h * len(sizes) + max(sizes)
     else:
-        layer_total = sum(per_layer)
+        layer_total = sum(sizes)
     vocab = config.vocab_size
-    fused = getattr(config, "fuse_cross_entropy", False) or getattr(config, "fuse_linear_cross_entropy", False)
-    # logits in half precision plus their fp32 gradient (fused CE writes the gradient in place of an fp32 copy)
-    logits = vocab * (elem + 4) if fused else vocab * (elem + 4 + 4)
-    return ACTIVATION_SCALE * layer_total + logits
+    fused = bool(getattr(config, "fuse_cross_entropy", False) or getattr(config, "fuse_linear_cross_entropy", False))
+    blocks = [b for b, _ in _mixers(model)]
+    hf_norm = bool(blocks) and "input_layernorm" in blocks[0]._modules
+    head = {
+        # the norm's fp32 input (and, for transformers' RMSNorm, its fp32 normalised output), the LM head's input
+        "final_norm": (8 if hf_norm else 4) * h + e * h,
+        # the half-precision logits (FLA's fused cross entropy keeps them and writes their gradient in place)
+        "logits": e * vocab,
+    }
+    if not fused:  # plain cross entropy keeps fp32 log-probabilities; the backward starts with their gradient
+        head["log_probs"] = 4 * vocab
+        head["log_probs_grad"] = 4 * vocab
+    total = layer_total + max(sizes) + sum(head.values())
+    return {"layers": layers, "head": head, "total": total}
+
+
+def _out(module: nn.Module | None) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else 0
+
+
+def _input_casts(mixer: nn.Module, hidden: int) -> int:
+    """Projections that read the block's (fp32) normed input, each keeping its own half-precision cast."""
+    return sum(
+        1
+        for name, m in mixer.named_modules()
+        if isinstance(m, nn.Linear) and m.in_features == hidden and not name.startswith(("o_proj", "out_proj"))
+    )
+
+
+def _mixer_activations(mixer: nn.Module, h: int, e: int) -> tuple[str, dict[str, float]]:
+    """(family, {term: bytes per token}) for one token mixer."""
+    name = type(mixer).__name__
+    a = mixer.__dict__
+    m = mixer._modules
+    heads = a.get("num_heads") or 1
+    # under autocast each projection keeps its own bf16 cast of the fp32 normed input; in fp32 they share it
+    casts = {"input_casts": e * h * _input_casts(mixer, h) if e == 2 else 4 * h}
+    cost = _mixer_cost(mixer, 1)
+    kind = cost.kind if cost else "unknown"
+    qkv = _out(m.get("q_proj")) + _out(m.get("k_proj")) + _out(m.get("v_proj"))
+    value = a.get("value_dim") or _out(m.get("v_proj"))
+    conv = any(k.endswith("conv1d") for k in m)
+
+    if name == "GatedLinearAttention":
+        key = a["key_dim"]
+        return "gla", {
+            **casts,
+            "short_conv": e * qkv if conv else 0,
+            "qkv": e * qkv,  # q, k, v kept by chunk_gla
+            "gate": e * key * 2 + e * m["gk_proj"][0].out_features,  # logsigmoid input, gate into the kernel
+            "intra_chunk_A": 4 * heads * CHUNK_SIZE,  # fp32 C x C block per chunk
+            "output": 3 * e * value,  # kernel output and output gate (gated norm), o_proj input
+        }
+    if kind == "delta_rule":
+        out_gate = bool(a.get("use_gate")) or "g_proj" in m
+        return "delta_rule", {
+            **casts,
+            "short_conv": e * qkv if conv else 0,  # the convolutions keep their inputs
+            "qkv": e * qkv + 8 * heads,  # l2-normed q, k and v kept by the kernel, fp32 rstd
+            "gate_beta": 12 * heads,  # fp32 decay, beta before and after the sigmoid
+            "wy_A": e * heads * CHUNK_SIZE,  # the WY-representation block per chunk
+            "output": (3 if out_gate else 2) * e * value,  # kernel output (+ gate), o_proj input
+        }
+    if name == "Mamba2":
+        inner = a["intermediate_size"]
+        return "ssd", {
+            **casts,
+            # mamba_ssm's fused split-conv1d-scan keeps the in_proj output and its own output and recomputes
+            # the rest; without mamba_ssm FLA falls back to a PyTorch path that keeps far more
+            "in_proj_out": e * m["in_proj"].out_features,
+            "scan_out": e * inner + 4,
+            "out_proj_in": e * inner,
+        }
+    if kind == "softmax_attention":
+        q = _out(m.get("q_proj"))
+        return "softmax_attention", {
+            **casts,
+            # flash / memory-efficient attention keeps q, k, v after RoPE, the output and its log-sum-exp (no
+            # T x T matrix); o_proj reads a view of that output
+            "qkv_rope": e * qkv,
+            "attn_out": e * q + 4 * heads,
+        }
+    # other linear-attention mixers: q, k, v and their conv inputs, gates, output, gate, o_proj input
+    return kind, {**casts, "short_conv": e * qkv if conv else 0, "qkv": e * qkv, "output": 3 * e * value}
+
+
+def _block_activations(block: nn.Module, mixer: nn.Module, h: int, e: int) -> dict[str, float]:
+    """{term: bytes per token} of a block around its mixer: norms, residual stream, MLP."""
+    m = block._modules
+    mlp = m.get("mlp") or m.get("feed_forward")
+    terms = {}
+    if "input_layernorm" in m:  # transformers (Llama): the norm keeps its fp32 input and normalised output
+        norms = 2 if mlp is not None else 1
+        terms["norms"] = norms * 8 * h
+        mlp_in_casts = 2
+    else:  # FLA: the fused RMSNorm keeps its fp32 input / residual sum and the normalised output's dtype follows
+        norms = 2 if mlp is not None else 1
+        terms["norms"] = norms * 4 * h
+        fused = type(m.get("mlp_norm")).__module__.startswith("fla.")
+        mlp_in_casts = 1 if fused else 2  # the fused norm returns bf16 from the bf16 attention output
+    if mlp is None:
+        return terms
+    inter = _out(mlp._modules.get("gate_proj")) or _out(mlp._modules.get("up_proj"))
+    terms["mlp_input"] = e * h * (mlp_in_casts if e == 2 else 1)
+    if getattr(mlp, "fuse_swiglu", False):
+        terms["mlp"] = 2 * e * inter  # fused SwiGLU-linear keeps gate and up, recomputes the product
+    elif type(mlp).__module__.startswith("fla."):
+        terms["mlp"] = 3 * e * inter  # gate, up, and the product kept by down_proj
+    else:
+        terms["mlp"] = 4 * e * inter  # act(gate) input and output, up, the product kept by down_proj
+    return terms

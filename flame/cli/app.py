@@ -13,6 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from flame import __version__
+from flame.cli import convert
 from flame.errors import FlameError
 from flame.ui import error_line
 
@@ -58,6 +59,7 @@ def root(
 
 # Command groups. One line each; a module registers only commands that work.
 # (filled in as each command lands)
+app.add_typer(convert.app)
 
 
 def main():

@@ -6,7 +6,7 @@ defines each object; a path that does not resolve means FLA's internals changed,
 
 from __future__ import annotations
 
-from flame.kernels import delta, linear_attn, modules
+from flame.kernels import delta, linear_attn, modules, rwkv7
 from flame.kernels.dispatch import Target
 
 _NORM = "fla.modules.norm"
@@ -27,6 +27,9 @@ TARGETS: tuple[Target, ...] = (
     Target(f"{_ACT}:SwiGLUFunction.apply", modules.swiglu),
     Target(f"{_ACT}:SwiGLULinearFunction.apply", modules.swiglu_linear),
     Target(f"{_ACT}:SigmoidGLUFunction.apply", modules.sigmoidglu),
+    Target(f"{_ACT}:SquaredReLUFunction.apply", modules.sqrelu),
+    Target(f"{_ACT}:FastGeLUFunction.apply", modules.fast_gelu),
+    Target(f"{_ACT}:GeLUFunction.apply", modules.bias_gelu),
     Target("fla.modules.causal_conv1d.ops:causal_conv1d", modules.causal_conv1d),
     Target("fla.modules.causal_conv1d.ops:causal_conv1d_update", modules.causal_conv1d_update),
     Target("fla.modules.token_shift:TokenShift.apply", modules.token_shift),
@@ -48,6 +51,12 @@ TARGETS: tuple[Target, ...] = (
     Target("fla.ops.retention.parallel:parallel_retention", linear_attn.parallel_retention),
     Target("fla.ops.gsa.chunk:chunk_gsa", linear_attn.chunk_gsa),
     Target("fla.ops.gsa.fused_recurrent:fused_recurrent_gsa", linear_attn.fused_recurrent_gsa),
+    Target("fla.ops.rwkv7.chunk:chunk_rwkv7", rwkv7.chunk_rwkv7),
+    Target("fla.ops.rwkv7.fused_recurrent:fused_recurrent_rwkv7", rwkv7.fused_recurrent_rwkv7),
+    Target("fla.ops.rwkv7.fused_recurrent:fused_mul_recurrent_rwkv7", rwkv7.fused_mul_recurrent_rwkv7),
+    Target("fla.ops.rwkv7.fused_addcmul:fused_addcmul_rwkv7", rwkv7.fused_addcmul_rwkv7),
+    Target("fla.ops.rwkv7.fused_k_update:fused_k_rwkv7", rwkv7.fused_k_rwkv7),
+    Target("fla.ops.rwkv7.gate_output_correction:gate_output_correction", rwkv7.gate_output_correction),
     Target("fla.ops.delta_rule.chunk:chunk_delta_rule", delta.chunk_delta_rule),
     Target("fla.ops.delta_rule.fused_recurrent:fused_recurrent_delta_rule", delta.fused_recurrent_delta_rule),
     Target("fla.ops.gated_delta_rule.chunk:chunk_gated_delta_rule", delta.chunk_gated_delta_rule),
@@ -57,5 +66,14 @@ TARGETS: tuple[Target, ...] = (
     ),
 )
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2", "gsa")
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
+    "gla",
+    "gated_deltanet",
+    "delta_net",
+    "retnet",
+    "hgrn2",
+    "mamba2",
+    "gsa",
+    "rwkv7",
+)
 """FLA model types whose forward, backward and cached generation run on CPU (tests/kernels pin each one)."""

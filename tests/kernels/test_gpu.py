@@ -97,6 +97,23 @@ def delta_inputs(dtype):
     )
 
 
+def rwkv7_inputs(dtype):
+    h0 = torch.randn(B, H, K, V, device="cuda")
+    kk = cuda(B, T, H, K, fn=lambda x: F.normalize(x, dim=-1))
+    a = cuda(B, T, H, K, fn=torch.sigmoid)
+    w = cuda(B, T, H, K, fn=lambda x: -0.6065306597126334 * torch.sigmoid(x))
+    return (
+        cuda(B, T, H, K, dtype=dtype),
+        w.to(dtype),
+        cuda(B, T, H, K, dtype=dtype),
+        cuda(B, T, H, V, dtype=dtype),
+        (-kk).to(dtype),
+        (kk * a).to(dtype),
+        None,
+        h0,
+    )
+
+
 def varlen(make):
     """Pack the same inputs as one row of 2*T tokens with 4 uneven documents."""
 
@@ -120,6 +137,7 @@ def op_cases():
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
     from fla.ops.gla import chunk_gla, fused_recurrent_gla
     from fla.ops.retention import chunk_retention
+    from fla.ops.rwkv7 import chunk_rwkv7
     from fla.ops.simple_gla import chunk_simple_gla
 
     def with_state(fn):
@@ -151,6 +169,7 @@ def op_cases():
         "chunk_gated_delta_rule": (with_state(chunk_gated_delta_rule), gdn_inputs),
         "fused_recurrent_gated_delta_rule": (with_state(fused_recurrent_gated_delta_rule), gdn_inputs),
         "chunk_delta_rule": (with_state(chunk_delta_rule), delta_inputs),
+        "chunk_rwkv7": (with_state(chunk_rwkv7), rwkv7_inputs),
         "fused_recurrent_delta_rule": (with_state(fused_recurrent_delta_rule), delta_inputs),
     }
 
@@ -164,6 +183,7 @@ OPS = [
     "fused_recurrent_gated_delta_rule",
     "chunk_delta_rule",
     "fused_recurrent_delta_rule",
+    "chunk_rwkv7",
 ]
 
 
@@ -192,7 +212,7 @@ def test_op_matches_triton(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("name", ["chunk_gla", "chunk_gated_delta_rule", "chunk_delta_rule"])
+@pytest.mark.parametrize("name", ["chunk_gla", "chunk_gated_delta_rule", "chunk_delta_rule", "chunk_rwkv7"])
 def test_varlen_op_matches_triton(name, dtype):
     op, make = op_cases()[name]
     compare(op, varlen(make), dtype, {"cu_seqlens": torch.tensor(CU, device="cuda")})
@@ -219,7 +239,9 @@ def test_short_convolution_matches_triton():
             assert ratio(a, c) < 1e-4
 
 
-@pytest.mark.parametrize("model_type", ["gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2", "gsa"])
+@pytest.mark.parametrize(
+    "model_type", ["gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2", "gsa", "rwkv7"]
+)
 def test_model_loss_and_gradients_match_triton(model_type):
     from tests.kernels.test_models import CONFIGS, VOCAB, build
 

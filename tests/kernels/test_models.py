@@ -15,8 +15,17 @@ CONFIGS = {
     "hgrn2": dict(num_heads=2, expand_ratio=16),
     "mamba2": dict(num_heads=4, head_dim=16, expand=2, n_groups=1, state_size=16),
     "gsa": dict(num_heads=2, num_kv_heads=1, num_slots=8),
+    "rwkv7": dict(head_dim=16),
 }
-VARLEN = ("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "gsa")  # Mamba2's torch path takes no cu_seqlens
+VARLEN = (
+    "gla",
+    "gated_deltanet",
+    "delta_net",
+    "retnet",
+    "hgrn2",
+    "gsa",
+    "rwkv7",
+)  # Mamba2's torch path takes no cu_seqlens
 
 
 def build(model_type):
@@ -66,11 +75,25 @@ def test_varlen_batch_equals_documents_run_separately(model_type):
 
 
 def test_uncovered_family_fails_with_one_model_error_naming_type_and_op():
-    from fla.models import RWKV7Config, RWKV7ForCausalLM
+    from fla.models import RWKV6Config, RWKV6ForCausalLM
 
-    model = RWKV7ForCausalLM(RWKV7Config(hidden_size=64, num_hidden_layers=2, head_dim=16, vocab_size=VOCAB))
-    with pytest.raises(ModelError, match=r"model type 'rwkv7' cannot run on CPU: FLA op fla\.ops\.rwkv7\.\S+ has no"):
+    model = RWKV6ForCausalLM(RWKV6Config(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=VOCAB))
+    with pytest.raises(ModelError, match=r"model type 'rwkv6' cannot run on CPU: FLA op fla\.ops\.rwkv6\.\S+ has no"):
         model(torch.randint(0, VOCAB, (1, 8)))
-    with pytest.raises(ModelError, match="model type 'rwkv7' has no portable torch kernels"):
-        flame.kernels.check_model("rwkv7")
+    with pytest.raises(ModelError, match="model type 'rwkv6' has no portable torch kernels"):
+        flame.kernels.check_model("rwkv6")
     flame.kernels.check_model("gla")
+
+
+@pytest.mark.parametrize("model_type", ["gla", "gated_deltanet", "rwkv7"])
+def test_left_padded_batch_equals_unpadded_sequences(model_type):
+    # FLA layers turn an attention mask into cu_seqlens: the padded row must equal the sequence run alone.
+    model = build(model_type)
+    long, short = torch.randint(3, VOCAB, (20,)), torch.randint(3, VOCAB, (12,))
+    ids = torch.stack([long, torch.cat([torch.zeros(8, dtype=torch.long), short])])
+    mask = (ids != 0).long()
+    mask[0] = 1
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask).logits
+        torch.testing.assert_close(out[0], model(long[None]).logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[1, 8:], model(short[None]).logits[0], atol=1e-5, rtol=1e-5)

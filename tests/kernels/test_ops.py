@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flame.kernels import delta, linear_attn, modules, settings
+from flame.kernels import delta, linear_attn, modules, rwkv7, settings
 
 B, T, H, K, V = 2, 37, 2, 8, 6  # T not a multiple of the chunk size: the padding path runs too
 
@@ -263,3 +263,48 @@ def test_value_side_gate_chunked_matches_recurrence(chunk_size):
     o_ref, h_ref = linear_attn.fused_recurrent_gla(q, k, v, gk, gv, initial_state=h0, output_final_state=True)
     torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [None, 16])
+def test_rwkv7_dplr_matches_fla_naive_recurrence(chunk_size, size):
+    from fla.ops.generalized_delta_rule.dplr.naive import dplr_recurrence
+
+    chunk_size(size)
+    r, k, v, _, _, _, h0 = _inputs()
+    g = torch.Generator().manual_seed(4)
+    kk = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
+    a = torch.rand(B, T, H, K, generator=g)
+    w = -0.6065306597126334 * torch.rand(B, T, H, K, generator=g)
+
+    def tr(x):
+        return x.transpose(1, 2)
+
+    o_ref, h_ref = dplr_recurrence(tr(r), tr(k), tr(v), tr(-kk), tr(kk * a), tr(w), initial_state=h0)
+    o, h = rwkv7.fused_mul_recurrent_rwkv7(r, w, k, v, kk, a, scale=K**-0.5, initial_state=h0, output_final_state=True)
+    torch.testing.assert_close(o, tr(o_ref), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rwkv7_dplr_gradients_match_finite_differences(chunk_size):
+    chunk_size(4)
+    g = torch.Generator().manual_seed(5)
+    r, k, v = (torch.randn(1, 6, 1, 3, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    kk = F.normalize(torch.randn(1, 6, 1, 3, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    a = torch.rand(1, 6, 1, 3, generator=g, dtype=torch.float64).requires_grad_()
+    w = (-0.6 * torch.rand(1, 6, 1, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda *x: rwkv7.chunk_rwkv7(x[0], x[1], x[2], x[3], -x[4], x[4] * x[5], output_final_state=True),
+        (r, w, k, v, kk, a),
+    )
+
+
+def test_compiled_activations_match_fla_formulas():
+    x, bias = torch.randn(4, 8), torch.randn(8)
+    torch.testing.assert_close(modules.sqrelu(x), torch.relu(x) ** 2)
+    # the formula of fla.modules.activations.gelu_fwd
+    gelu = x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+    torch.testing.assert_close(modules.fast_gelu(x), gelu, atol=1e-6, rtol=1e-5)
+    xb = x + bias
+    torch.testing.assert_close(
+        modules.bias_gelu(x, bias), xb * 0.5 * (1.0 + torch.tanh(0.79788456 * xb * (1 + 0.044715 * xb * xb)))
+    )

@@ -13,7 +13,8 @@ import typer
 from typer.core import TyperGroup
 
 from flame import __version__
-from flame.cli import data as data_cli
+from flame.cli import convert, data
+from flame.cli import inspect as inspect_cli
 from flame.cli import train as train_cli
 from flame.errors import FlameError
 from flame.ui import error_line
@@ -59,9 +60,10 @@ def root(
 
 
 # Command groups. One line each; a module registers only commands that work.
-# (filled in as each command lands)
-app.add_typer(data_cli.app, name="data")
+app.add_typer(data.app, name="data")
+app.add_typer(convert.app, name="convert")
 app.command("train")(train_cli.train)
+app.command("inspect")(inspect_cli.inspect)
 
 
 def main():

@@ -46,11 +46,11 @@ class _Display:
         self.stage = None
 
     def __enter__(self):
-        self.bar.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
+        if self.task is not None:
+            self.bar.stop()
 
     def __call__(self, state) -> None:
         # Bytes are shown in MB so the done/total column stays readable.
@@ -58,6 +58,9 @@ class _Display:
         done, total = state.done / scale, (state.total / scale if state.total else None)
         label = f"{state.stage} ({'MB' if scale > 1 else 'docs'})"
         if self.task is None:
+            # Started on the first update, after prepare has forked its workers: rich's refresh thread should not
+            # exist at fork time (a forked child inherits locks, never the threads holding them).
+            self.bar.start()
             self.task = self.bar.add_task(label, total=total, docs=0, tokens=0)
         self.bar.update(self.task, description=label, completed=done, total=total, docs=state.docs, tokens=state.tokens)
         if self.bar.disable:
@@ -98,23 +101,23 @@ def prepare_command(
         ),
     ] = 2048,
     output: Annotated[
-        str | None, typer.Option(help="Output folder. [default: data/{dataset}/{name}/{split}]", show_default=False)
+        str | None, typer.Option(help="Output folder. Default: data/{dataset}/{name}/{split}.", show_default=False)
     ] = None,
     tokenizer: Annotated[
         str, typer.Option(help="Hub id or local dir; `flame data tokenizer` builds one offline.")
     ] = DEFAULT_TOKENIZER,
-    column: Annotated[str | None, typer.Option(help="Text column. [default: text or content]")] = None,
+    column: Annotated[str | None, typer.Option(help="Text column. Default: text or content.")] = None,
     streaming: Annotated[bool, typer.Option(help="Stream a hub dataset instead of downloading it first.")] = False,
     val_docs: Annotated[
         str | None,
         typer.Option(
             help="Held-out validation documents: a count (1000) or a fraction (0.01); 0 for none. "
-            "[default: 1% of the documents, at most 1000]",
+            "Default: 1% of the documents, at most 1000.",
             show_default=False,
         ),
     ] = None,
     num_proc: Annotated[
-        int | None, typer.Option(help="Tokenizer processes. [default: all cores]", show_default=False)
+        int | None, typer.Option(help="Tokenizer processes. Default: all cores.", show_default=False)
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the validation draw.")] = 42,
@@ -169,7 +172,7 @@ def tokenizer_command(
     ],
     output: Annotated[str, typer.Option(help="Folder to write; use it as `prepare --tokenizer`.")],
     vocab_size: Annotated[int, typer.Option(help="Vocabulary size, special tokens included.")] = 32000,
-    column: Annotated[str | None, typer.Option(help="Text column. [default: text or content]")] = None,
+    column: Annotated[str | None, typer.Option(help="Text column. Default: text or content.")] = None,
     max_docs: Annotated[int | None, typer.Option(help="Train on the first N documents only.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
 ):

@@ -38,6 +38,19 @@ def _check_fla_version(version: str) -> None:
         )
 
 
+def _check_targets(targets, version: str) -> None:
+    from flame.kernels import dispatch
+
+    for target in targets:
+        try:
+            dispatch.resolve(target.path)
+        except (ImportError, AttributeError) as error:
+            raise ModelError(
+                f"flash-linear-attention {version} does not have {target.path}, which flame.kernels patches",
+                "install flash-linear-attention>=0.6.0,<0.7, the versions flame.kernels was checked against",
+            ) from error
+
+
 def install(mode: str | None = None, chunk_size: int | None | str = "keep") -> KernelSettings:
     """Put the torch kernels behind FLA's entry points (once per process) and return the settings in force.
 
@@ -64,14 +77,8 @@ def install(mode: str | None = None, chunk_size: int | None | str = "keep") -> K
 
     from flame.kernels import dispatch, registry
 
-    try:
-        resolved = [(target, dispatch.resolve(target.path)) for target in registry.TARGETS]
-    except (ImportError, AttributeError) as error:
-        raise ModelError(
-            f"flash-linear-attention {fla.__version__} does not have the internals flame.kernels patches ({error})",
-            "install flash-linear-attention>=0.6.0,<0.7, the versions flame.kernels was checked against",
-        ) from error
-    for target, _ in resolved:
+    _check_targets(registry.TARGETS, fla.__version__)  # all or nothing: never a half-patched FLA
+    for target in registry.TARGETS:
         dispatch.patch(target)
     dispatch.guard_uncovered_ops()
     from flame.kernels.compat import patch_generation_cache_name

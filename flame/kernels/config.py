@@ -21,7 +21,7 @@ class KernelSettings:
     `torch` (the portable torch code everywhere, to debug or compare on a GPU) or `triton` (always FLA's own
     kernels, as if flame.kernels were not installed). Default from the FLAME_KERNELS environment variable."""
 
-    chunk_size: int | None = 32
+    chunk_size: int | None = 16
     """Tokens per chunk of the chunkwise-parallel linear-attention forms; None runs the per-token recurrence
     (FLA's naive reference; exact but slow, kept as the baseline of benchmarks/kernels_cpu.py)."""
 

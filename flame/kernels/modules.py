@@ -176,6 +176,22 @@ def sigmoidglu(x, y):
     return (torch.sigmoid(up(x)) * up(y)).to(x.dtype)
 
 
+def sqrelu(x):
+    """fla.modules.activations.SquaredReLUFunction: relu(x)^2. FLA's version is torch.compile'd, which on CPU
+    means an inductor build (a C compiler, ~10 s per shape) for one elementwise op."""
+    return F.relu(up(x)).square().to(x.dtype)
+
+
+def fast_gelu(input):
+    """fla.modules.activations.FastGeLUFunction: tanh-approximated GELU (torch.compile'd in FLA)"""
+    return F.gelu(up(input), approximate="tanh").to(input.dtype)
+
+
+def bias_gelu(input, bias):
+    """fla.modules.activations.GeLUFunction: tanh-approximated GELU of input + bias (torch.compile'd in FLA)"""
+    return F.gelu(up(input) + up(bias), approximate="tanh").to(input.dtype)
+
+
 # --- short convolution ------------------------------------------------------------------------------------------
 
 

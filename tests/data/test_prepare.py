@@ -217,3 +217,10 @@ def test_a_worker_that_cannot_start_fails_the_run_instead_of_hanging(tmp_path, t
     with pytest.raises(DataError, match="tokenizer failed to load in a worker.*no backend"):
         prepare(cfg)
     assert sorted(os.listdir(tmp_path)) == ["corpus"]
+
+
+def test_to_arrow_appends_eos_to_each_document():
+    column = prepare_module._to_arrow([[5, 6], [], [7]], eos=0)
+    assert column.type.value_type.bit_width == 32
+    assert column.to_pylist() == [[5, 6, 0], [0], [7, 0]]
+    assert prepare_module._to_arrow([], eos=0).to_pylist() == []

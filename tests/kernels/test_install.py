@@ -48,8 +48,13 @@ def test_unknown_fla_version_is_refused():
 
 
 def test_unrecognised_internals_fail_clearly():
-    with pytest.raises(AttributeError):
-        dispatch.resolve("fla.ops.gla.chunk:no_such_kernel")
+    from flame.kernels.dispatch import Target
+
+    bogus = (Target("fla.ops.gla.chunk:chunk_gla", None), Target("fla.ops.gla.chunk:no_such_kernel", None))
+    with pytest.raises(ModelError, match="flash-linear-attention 0.6.9 does not have fla.ops.gla.chunk:no_such_kernel"):
+        flame.kernels._check_targets(bogus, "0.6.9")
+    with pytest.raises(ModelError, match="does not have fla.ops.no_such_op:chunk"):
+        flame.kernels._check_targets((Target("fla.ops.no_such_op:chunk", None),), "0.6.9")
 
 
 def test_flame_package_import_stays_light():

@@ -83,3 +83,17 @@ def test_uncovered_family_fails_with_one_model_error_naming_type_and_op():
     with pytest.raises(ModelError, match="model type 'rwkv6' has no portable torch kernels"):
         flame.kernels.check_model("rwkv6")
     flame.kernels.check_model("gla")
+
+
+@pytest.mark.parametrize("model_type", ["gla", "gated_deltanet", "rwkv7"])
+def test_left_padded_batch_equals_unpadded_sequences(model_type):
+    # FLA layers turn an attention mask into cu_seqlens: the padded row must equal the sequence run alone.
+    model = build(model_type)
+    long, short = torch.randint(3, VOCAB, (20,)), torch.randint(3, VOCAB, (12,))
+    ids = torch.stack([long, torch.cat([torch.zeros(8, dtype=torch.long), short])])
+    mask = (ids != 0).long()
+    mask[0] = 1
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask).logits
+        torch.testing.assert_close(out[0], model(long[None]).logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[1, 8:], model(short[None]).logits[0], atol=1e-5, rtol=1e-5)

@@ -296,3 +296,15 @@ def test_rwkv7_dplr_gradients_match_finite_differences(chunk_size):
         lambda *x: rwkv7.chunk_rwkv7(x[0], x[1], x[2], x[3], -x[4], x[4] * x[5], output_final_state=True),
         (r, w, k, v, kk, a),
     )
+
+
+def test_compiled_activations_match_fla_formulas():
+    x, bias = torch.randn(4, 8), torch.randn(8)
+    torch.testing.assert_close(modules.sqrelu(x), torch.relu(x) ** 2)
+    # the formula of fla.modules.activations.gelu_fwd
+    gelu = x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+    torch.testing.assert_close(modules.fast_gelu(x), gelu, atol=1e-6, rtol=1e-5)
+    xb = x + bias
+    torch.testing.assert_close(
+        modules.bias_gelu(x, bias), xb * 0.5 * (1.0 + torch.tanh(0.79788456 * xb * (1 + 0.044715 * xb * xb)))
+    )

@@ -66,5 +66,7 @@ print(f"""
 demo: checkpoint   {ckpt}
       model dir    {ckpt}/model   (AutoModelForCausalLM.from_pretrained after `import fla`)
       metrics      {run}/metrics.jsonl
+      inspect      flame inspect {run}   (the run: progress, checkpoints, loss curve)
+                   flame inspect {ckpt}   (the checkpoint: weights, state, integrity)
       continue     bash configs/demo_train.sh   (or: flame train ... --checkpoint {ckpt} --steps MORE)""")
 PY

@@ -129,6 +129,7 @@ def _render_result(r) -> None:
     if r.checkpoint:
         ui.console.print(f"checkpoint: {r.checkpoint}")
         ui.console.print(f"  continue:  flame train ... --checkpoint {r.checkpoint}")
+        ui.console.print(f"  inspect:   flame inspect {r.run_dir}  /  flame inspect {r.checkpoint}")
         ui.console.print(
             f'  load:      python -c "import fla; from transformers import AutoModelForCausalLM; '
             f"AutoModelForCausalLM.from_pretrained('{r.checkpoint}/model')\""

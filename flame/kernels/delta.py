@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from flame.kernels import varlen
 from flame.kernels.config import settings
-from flame.kernels.modules import l2norm, up
+from flame.kernels.modules import down, l2norm, up
 
 
 def delta_recurrent(q, k, v, beta, g, h0):
@@ -117,7 +117,7 @@ def _run(q, k, v, beta, g, scale, initial_state, output_final_state, state_v_fir
     final = None
     if output_final_state:
         final = S.transpose(-1, -2).contiguous() if state_v_first else S
-    return o.to(dtype), final
+    return down(o, dtype), final
 
 
 def chunk_delta_rule(

@@ -22,7 +22,7 @@ import torch
 
 from flame.kernels import varlen
 from flame.kernels.config import settings
-from flame.kernels.modules import up
+from flame.kernels.modules import down, up
 
 
 def gla_recurrent(q, k, v, gk, gv, h0):
@@ -116,7 +116,7 @@ def _run(q, k, v, gk, gv, scale, initial_state, output_final_state, state_v_firs
     final = None
     if output_final_state:
         final = S.transpose(-1, -2).contiguous() if state_v_first else S
-    return o.to(dtype), final
+    return down(o, dtype), final
 
 
 def chunk_gla(

@@ -18,6 +18,13 @@ def up(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An op's result in the caller's dtype and contiguous, as FLA's kernels return it. The recurrences compute
+    in `[B, H, T, D]` and hand back a transposed view otherwise, whose memory order differs from the Triton
+    output's: callers that `.view` it, or draw `torch.randn_like` cotangents for it, would see another tensor."""
+    return x.contiguous() if x.dtype == dtype else x.to(dtype, memory_format=torch.contiguous_format)
+
+
 # --- norms ------------------------------------------------------------------------------------------------------
 
 

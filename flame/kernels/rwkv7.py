@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from flame.kernels import varlen
 from flame.kernels.config import settings
-from flame.kernels.modules import up
+from flame.kernels.modules import down, up
 
 
 def dplr_recurrent(q, k, v, a, b, w, h0):
@@ -102,7 +102,7 @@ def _run(q, k, v, a, b, w, scale, initial_state, output_final_state, cu_seqlens)
     o = o.transpose(1, 2)
     if mask is not None:
         o = varlen.unpack(o, mask)
-    return o.to(dtype), (S if output_final_state else None)
+    return down(o, dtype), (S if output_final_state else None)
 
 
 def chunk_rwkv7(

@@ -308,3 +308,60 @@ def test_compiled_activations_match_fla_formulas():
     torch.testing.assert_close(
         modules.bias_gelu(x, bias), xb * 0.5 * (1.0 + torch.tanh(0.79788456 * xb * (1 + 0.044715 * xb * xb)))
     )
+
+
+@pytest.mark.parametrize("size", [None, 4, 16, 64])
+@pytest.mark.parametrize("op", ["chunk_gla", "chunk_gated_delta_rule"])
+def test_gradients_match_fla_naive_recurrent_per_element(chunk_size, size, op):
+    """Every input gradient (q, k, v, gate, [beta,] h0), element by element, against autograd through FLA's naive
+    recurrence: several batches and heads, an initial state, and T = 37, so that the last chunk is partial for
+    every chunk size (64 > T: a single partial chunk). A gradient wrong in one region (the padded chunk, one
+    batch or head) fails here with its position, where finite differences on one tiny head would not look."""
+    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+    from fla.ops.gla.naive import naive_recurrent_gla
+
+    from tests.kernels.harness import run_backward
+
+    chunk_size(size)
+    q, k, v, gk, beta, gs, h0 = _inputs(seed=3)
+    if op == "chunk_gla":
+        inputs, names = (q, k, v, gk / 4, h0), ["q", "k", "v", "g", "h0"]
+
+        def ours(q, k, v, g, h0):
+            return linear_attn.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+
+        def reference(q, k, v, g, h0):
+            return naive_recurrent_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    else:
+        inputs, names = (q, F.normalize(k, dim=-1), v, gs, beta, h0), ["q", "k", "v", "g", "beta", "h0"]
+
+        def ours(q, k, v, g, beta, h0):
+            return delta.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+
+        def reference(q, k, v, g, beta, h0):
+            return naive_recurrent_gated_delta_rule(q, k, v, beta, g, initial_state=h0, output_final_state=True)
+
+    *_, expected, cotangents = run_backward(reference, inputs, {})
+    *_, actual, _ = run_backward(ours, inputs, {}, cotangents=cotangents)
+    assert len(actual) == len(names)
+    for name, a, e in zip(names, actual, expected):
+        torch.testing.assert_close(a, e, atol=2e-4, rtol=2e-4, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def test_outputs_are_contiguous_like_flas():
+    """FLA's kernels return contiguous outputs; ours compute in [B, H, T, D] and must not hand back the transpose
+    (a caller's .view or randn_like would then see the values in another order)."""
+    q, k, v, gk, beta, gs, h0 = _inputs()
+    kn = F.normalize(k, dim=-1)
+    outputs = {
+        "chunk_gla": linear_attn.chunk_gla(q, k, v, gk, initial_state=h0, output_final_state=True),
+        "chunk_gla bf16": linear_attn.chunk_gla(*(x.bfloat16() for x in (q, k, v, gk)), initial_state=h0),
+        "chunk_simple_gla": linear_attn.chunk_simple_gla(q, k, v, g=gs),
+        "chunk_retention": linear_attn.chunk_retention(q, k, v),
+        "chunk_gated_delta_rule": delta.chunk_gated_delta_rule(q, kn, v, gs, beta, initial_state=h0),
+        "chunk_delta_rule": delta.chunk_delta_rule(q, kn, v, beta),
+        "chunk_rwkv7": rwkv7.chunk_rwkv7(q, -gk.abs() / 4, k, v, -kn, kn * 0.5),
+        "chunk_gsa": linear_attn.chunk_gsa(q, k, v, k[..., :4], F.logsigmoid(k[..., :4])),
+    }
+    for name, (o, _) in outputs.items():
+        assert o.is_contiguous(), name

@@ -1,0 +1,74 @@
+"""Compare two implementations of one FLA op (outputs, final state, every input gradient) on any device.
+
+Used by test_gpu.py (flame's torch path against FLA's Triton path) and checked on CPU by test_harness.py.
+
+The cotangents `do` and `dht` are drawn once, contiguous and in logical order, and the same tensors are fed to
+both backward passes. Drawing them per run with `torch.randn_like(o)` is wrong: randn_like fills memory in
+stride order, so an output that is a transposed view (flame's torch path returned `[B, H, T, V]` memory as
+`[B, T, H, V]`) receives other random numbers at every logical position than a contiguous output does, and every
+gradient then differs by a ratio of about sqrt(2) (two unrelated tensors of equal rms), although both are right.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def ratio(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FLA's error measure (fla/utils testing): rms(a - b) / rms(b)."""
+    a, b = a.double(), b.double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-12)).item()
+
+
+def leaf(x: torch.Tensor) -> torch.Tensor:
+    """A fresh leaf with the same values (and memory layout) as `x`, so that each run owns its gradients."""
+    return x.detach().clone().requires_grad_()
+
+
+def _cotangent(like: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor | None:
+    if like is None:
+        return None
+    # torch.randn(shape) is contiguous whatever the strides of `like`: the same logical values for any layout.
+    return torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32)
+
+
+def run_backward(fn, inputs, kwargs, cotangents=None, seed=1):
+    """Call fn on fresh leaves of the floating-point inputs, backpropagate sum(o*do) + sum(ht*dht).
+
+    Returns (o, ht, grads, cotangents); grads is one entry per floating-point input tensor, in input order (None
+    where the op gave it no gradient). Pass the cotangents of a first run to reuse exactly the same ones."""
+    args = [leaf(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
+    o, ht = fn(*args, **kwargs)
+    if cotangents is None:
+        generator = torch.Generator(device=o.device).manual_seed(seed)
+        cotangents = (_cotangent(o, generator), _cotangent(ht, generator))
+    do, dht = cotangents
+    assert do.shape == o.shape, ("output shape", tuple(o.shape), tuple(do.shape))
+    assert (ht is None) == (dht is None), "one run returned a final state and the other did not"
+    loss = (o.float() * do).sum()
+    if ht is not None:
+        assert dht.shape == ht.shape, ("final state shape", tuple(ht.shape), tuple(dht.shape))
+        loss = loss + (ht.float() * dht).sum()
+    loss.backward()
+    grads = [a.grad for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    return o, ht, grads, cotangents
+
+
+def compare(portable, original, inputs, tol, kwargs=None, names=None):
+    """Assert that portable(*inputs) matches original(*inputs): output and final state within tol, every input
+    gradient within 2 * tol (FLA's ratio). Reports every mismatch at once, not only the first."""
+    kwargs = kwargs or {}
+    o_t, h_t, g_t, cotangents = run_backward(original, inputs, kwargs)
+    o_p, h_p, g_p, _ = run_backward(portable, inputs, kwargs, cotangents=cotangents)
+    names = names or [f"input {i}" for i in range(len(g_t))]
+    failures = []
+    if ratio(o_p, o_t) >= tol:
+        failures.append(f"output: ratio {ratio(o_p, o_t):.3g}")
+    if h_t is not None and ratio(h_p, h_t) >= tol:
+        failures.append(f"final state: ratio {ratio(h_p, h_t):.3g}")
+    for name, a, b in zip(names, g_p, g_t):
+        if (a is None) != (b is None):
+            failures.append(f"grad of {name}: {'portable' if a is None else 'original'} gave none")
+        elif a is not None and ratio(a, b) >= 2 * tol:
+            failures.append(f"grad of {name}: ratio {ratio(a, b):.3g}")
+    assert not failures, "; ".join(failures)

@@ -99,14 +99,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def field_docs() -> dict[str, str]:
-    """The docstring under each field, read from this module's source (the same text feeds `--help`)."""
-    tree = ast.parse(inspect.getsource(TrainConfig))
-    docs, body = {}, tree.body[0].body
-    for prev, node in zip(body, body[1:], strict=False):
-        if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            docs[prev.target.id] = node.value.value
-    return docs
+def field_docs(cls: type | None = None) -> dict[str, str]:
+    """The docstring under each field of a dataclass (TrainConfig by default), whitespace folded: one text serves
+    the engine's reader and the command's `--help`."""
+    body = ast.parse(inspect.getsource(cls or TrainConfig)).body[0].body
+    return {
+        prev.target.id: " ".join(node.value.value.split())
+        for prev, node in zip(body, body[1:], strict=False)
+        if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+    }
 
 
 def parse_cache(cache: str) -> list[tuple[str, float]]:

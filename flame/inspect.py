@@ -9,10 +9,8 @@ parameters, FLOPs and memory come from flame.models, checkpoint and run layouts 
 flame.config and flame.logging, the dataset format from flame.data.
 """
 
-import ast
 import contextlib
 import dataclasses
-import inspect as pyinspect
 import json
 import logging
 import math
@@ -28,6 +26,7 @@ import numpy as np
 from flame import checkpoint as ckpt
 from flame import models
 from flame.config import CONFIG_FILE as RUN_CONFIG
+from flame.config import field_docs
 from flame.data import MANIFEST, TOKENIZER_DIR, TOKENS_COLUMN
 from flame.errors import CheckpointError, ConfigError, DataError, ModelError
 from flame.logging import METRICS
@@ -65,12 +64,7 @@ class InspectOptions:
 
 def option_docs() -> dict[str, str]:
     """The docstring under each InspectOptions field (the CLI's --help text)."""
-    body = ast.parse(pyinspect.getsource(InspectOptions)).body[0].body
-    return {
-        prev.target.id: node.value.value
-        for prev, node in zip(body, body[1:], strict=False)
-        if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
-    }
+    return field_docs(InspectOptions)
 
 
 def validate(options: InspectOptions) -> None:

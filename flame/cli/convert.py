@@ -4,33 +4,20 @@
         --output converted/gla-7B
 """
 
-import ast
-import inspect
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from flame.config import field_docs
 from flame.convert import ConvertOptions, ConvertReport, DType, VocabPolicy, convert_from_llama
 from flame.ui import console, human, is_main_process
 
 app = typer.Typer(name="convert", help="Start FLA models from other checkpoints.", no_args_is_help=True)
 
 
-def _field_docs(cls) -> dict[str, str]:
-    """The docstring under each dataclass field: one text for the engine's reader and for --help."""
-    docs, last = {}, None
-    for node in ast.parse(inspect.getsource(cls)).body[0].body:
-        if isinstance(node, ast.AnnAssign):
-            last = node.target.id
-        elif last and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            docs[last] = " ".join(node.value.value.split())
-            last = None
-    return docs
-
-
-_HELP = _field_docs(ConvertOptions)
+_HELP = field_docs(ConvertOptions)
 
 
 @app.command("from-llama")

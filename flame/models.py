@@ -64,8 +64,6 @@ measured peak (torch.cuda.max_memory_allocated; benchmarks/memory_estimate.py).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -87,14 +85,11 @@ GIB = 1024**3
 
 
 def _import_fla() -> None:
-    """Register FLA's model types with transformers' Auto classes; install portable kernels where they exist."""
-    import fla  # noqa: F401  (registers AutoConfig / AutoModelForCausalLM entries)
+    """Register FLA's model types with transformers' Auto classes (importing fla does that) and install the portable
+    CPU kernels; idempotent."""
+    from flame import kernels
 
-    # flame.kernels (portable CPU kernels) lands from the kernels branch; until then FLA's own Triton kernels are
-    # used. find_spec rather than catching ImportError, so that a broken kernels module still fails loudly.
-    if importlib.util.find_spec("flame.kernels") is None:
-        return
-    importlib.import_module("flame.kernels").install()
+    kernels.install()
 
 
 def fla_model_types() -> list[str]:

@@ -67,7 +67,13 @@ def install(mode: str | None = None, chunk_size: int | None | str = "keep") -> K
     if _installed:
         return settings
 
-    import fla
+    import warnings
+
+    with warnings.catch_warnings():
+        # On a machine without a GPU, FLA warns that Triton "rolls back to CPU"; flame runs its own torch
+        # versions there instead, so the warning would only be noise above every command's output.
+        warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
+        import fla
 
     _check_fla_version(fla.__version__)
     # fla imports its layers lazily enough that some modules holding kernel names are not loaded yet.

@@ -87,9 +87,10 @@ def install(mode: str | None = None, chunk_size: int | None | str = "keep") -> K
     for target in registry.TARGETS:
         dispatch.patch(target)
     dispatch.guard_uncovered_ops()
-    from flame.kernels.compat import patch_generation_cache_name
+    from flame.kernels.compat import patch_generation_cache_name, quiet_cache_name_warning
 
     patch_generation_cache_name()
+    quiet_cache_name_warning()
     _installed = True
     return settings
 

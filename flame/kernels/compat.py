@@ -23,3 +23,20 @@ def patch_generation_cache_name() -> None:
 
     prepare_inputs_for_generation.__flame_original__ = prepare
     FLAGenerationMixin.prepare_inputs_for_generation = prepare_inputs_for_generation
+
+
+class _DropCacheNameWarning:
+    """FLA 0.6.0 builds its outputs with `past_key_values=`, which transformers >= 5.2x answers with a
+    "`past_key_values`/`cache_params` are deprecated" warning on every run: a matter between those two libraries
+    that a flame user can do nothing about, so it is filtered from transformers' logger."""
+
+    def filter(self, record) -> bool:
+        return "`past_key_values`/`cache_params` are deprecated" not in record.getMessage()
+
+
+def quiet_cache_name_warning() -> None:
+    from transformers.utils import logging as hf_logging
+
+    logger = hf_logging.get_logger("transformers.utils.generic")
+    if not any(isinstance(f, _DropCacheNameWarning) for f in logger.filters):
+        logger.addFilter(_DropCacheNameWarning())

@@ -102,7 +102,9 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
         is_fla=is_fla,
         params=models.count_params(model),
         flops_per_token=models.flops_per_token(config, cfg.context),
-        memory_gib=models.estimate_memory(config, cfg.batch, cfg.context, precision=precision),
+        memory_gib=models.estimate_memory(
+            config, cfg.batch, cfg.context, precision=precision, world_size=world, accumulation=cfg.update
+        ),
         dataset_tokens=sum(s.tokens for s in sources),
         windows_per_epoch=per_epoch,
         tokens_per_update=windows_per_update * cfg.context,

@@ -75,10 +75,25 @@ def save(accelerator, model, run_dir: str | os.PathLike, step: int, trainer_stat
             shutil.copy2(f, tmp / "model" / Path(f).name)
         (tmp / "state" / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
         if final.exists():  # the same step saved again (a re-run): replace it only now that the new one is whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            old = final.with_name(f".{final.name}.old.tmp")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint so that a kill at any moment leaves it whole or gone: rename it out of the `step-N`
+    namespace first (one atomic rename), then delete. A deletion cut short by a kill would otherwise leave a
+    `step-N` folder without some of its files, which would look complete."""
+    doomed = checkpoint.with_name(f".{checkpoint.name}.tmp")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed)
 
 
 def rotate(run_dir: str | os.PathLike, limit: int) -> list[Path]:
@@ -86,7 +101,7 @@ def rotate(run_dir: str | os.PathLike, limit: int) -> list[Path]:
     found = complete(run_dir)
     doomed = found[:-limit] if limit > 0 else []
     for p in doomed:
-        shutil.rmtree(p)
+        _remove(p)
     return doomed
 
 

@@ -94,7 +94,7 @@ def test_train_reports_the_first_step_apart_and_keeps_it_out_of_tokens_per_s(tmp
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[0]["first_step_s"] >= 1.5 and all("first_step_s" not in r for r in records[1:])
     assert records[0]["tokens_per_s"] == 0.0  # nothing measured yet: step 1 is not throughput
-    # Steps 2-4 take well under a second each here; had step 1 counted, tokens/s would be below 4 steps x 4 x 32 tokens / 1.5 s.
+    # Steps 2-4 take well under a second each; had step 1 counted, tokens/s would be below 4 x (4 x 32) / 1.5.
     assert all(r["tokens_per_s"] > 4 * 4 * 32 / 1.5 for r in records[1:])
     out = capsys.readouterr().out
     assert out.count("first step took ") == 1 and "Triton" not in out  # CPU: no compile notice

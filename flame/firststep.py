@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+from rich.errors import LiveError
+
 from flame import ui
 
 
@@ -78,8 +80,14 @@ class FirstStep:
         ui.print0(notice)
         ui.flush()
         if ui.interactive():
-            self._status = ui.err_console.status("first step: compiling and autotuning kernels")
-            self._status.start()
+            # Shown inside the run's progress display (rich >= 14 nests live displays); older rich refuses a
+            # second live display, and then the plain still-working lines are shown instead.
+            status = ui.err_console.status("first step: compiling and autotuning kernels")
+            try:
+                status.start()
+                self._status = status
+            except LiveError:
+                pass
         self._thread = threading.Thread(target=self._tick, name="flame-first-step", daemon=True)
         self._thread.start()
 

@@ -11,7 +11,9 @@ update (all micro-batches of all processes), so batch=2, update=4 gives the grad
 N processes with update U the gradient of one process with update N x U.
 """
 
+import dataclasses
 import math
+import os
 import signal
 import time
 from contextlib import contextmanager
@@ -166,8 +168,11 @@ def forward_loss(model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
     return out.loss
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train as `cfg` says; returns where it stopped. Every process runs this (under `accelerate launch`)."""
+def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
+    """Train as `cfg` says; returns where it stopped. Every process runs this (under `accelerate launch`).
+
+    force: continue from a checkpoint (cfg.checkpoint) that was trained on other data than cfg.cache.
+    """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
@@ -205,10 +210,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                 f"{cfg.checkpoint} was trained with {state['batch']} x {state['update']} x {state['world']} windows "
                 f"per update, this run uses {cfg.batch} x {update} x {world}"
             )
-        if state.get("sources") and state["sources"] != _fingerprint(p.sources):
+        if not force and state.get("sources") and state["sources"] != _fingerprint(p.sources):
             raise CheckpointError(
                 f"{cfg.checkpoint} was trained on other data ({state['sources']})",
-                "give the --cache that run used: its data position means nothing on another dataset",
+                "give the --cache that run used (its data position means nothing on another dataset), "
+                "or pass --force to continue on the new data from its start position",
             )
         step, tokens, skipped, bad_in_a_row = state["step"], state["tokens"], state["skipped"], state["bad_in_a_row"]
         elapsed_before = state.get("elapsed", 0.0)
@@ -349,3 +355,38 @@ def train(cfg: TrainConfig) -> TrainResult:
         stopped=stopped,
         skipped=skipped,
     )
+
+
+#: Options `flame resume` may change: they say how long to train and how to report and keep checkpoints, never what is
+#: trained (model, data, context, batch, optimizer and seed stay as the run was started, so the continuation is exact).
+RESUME_OVERRIDES = ("steps", "logging", "save", "limit", "project", "max_bad_steps")
+
+
+def resume(run_dir: str | os.PathLike, overrides: dict | None = None, *, force: bool = False) -> TrainResult:
+    """Continue a run from its newest complete checkpoint with the configuration it saved (RUN/config.json).
+
+        flame resume exp/gla-340M-10B --steps 40960
+
+    An interrupted save leaves only a `.step-N.tmp` folder, which is never picked: the run continues from the
+    checkpoint before it, and the records logged after that checkpoint are dropped from metrics.jsonl.
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unsafe = sorted(set(overrides) - set(RESUME_OVERRIDES))
+    if unsafe:
+        raise ConfigError(
+            f"flame resume cannot change {', '.join(unsafe)}",
+            f"only {', '.join(RESUME_OVERRIDES)} may change; start a new run with `flame train --checkpoint` instead",
+        )
+    run = Path(run_dir)
+    if not (run / run_config.CONFIG_FILE).is_file():
+        raise CheckpointError(
+            f"{run} is not a flame run (no {run_config.CONFIG_FILE})", "give the --path of a `flame train` run"
+        )
+    latest = ckpt.latest(run)
+    if latest is None:
+        raise CheckpointError(
+            f"{run} has no complete checkpoint (an interrupted save's .tmp folder is never used)",
+            "start it again with `flame train`, and pass --save to checkpoint more often",
+        )
+    cfg = dataclasses.replace(run_config.load(run), checkpoint=str(latest), path=str(run), **overrides)
+    return train(cfg, force=force)

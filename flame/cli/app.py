@@ -15,6 +15,7 @@ from typer.core import TyperGroup
 from flame import __version__
 from flame.cli import convert, data
 from flame.cli import inspect as inspect_cli
+from flame.cli import resume as resume_cli
 from flame.cli import train as train_cli
 from flame.errors import FlameError
 from flame.ui import error_line
@@ -63,6 +64,7 @@ def root(
 app.add_typer(data.app, name="data")
 app.add_typer(convert.app, name="convert")
 app.command("train")(train_cli.train)
+app.command("resume")(resume_cli.resume)
 app.command("inspect")(inspect_cli.inspect)
 
 

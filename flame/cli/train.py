@@ -128,7 +128,7 @@ def _render_result(r) -> None:
         ui.console.print(f"{r.skipped} updates skipped (NaN/inf loss or gradient)")
     if r.checkpoint:
         ui.console.print(f"checkpoint: {r.checkpoint}")
-        ui.console.print(f"  continue:  flame train ... --checkpoint {r.checkpoint}")
+        ui.console.print(f"  continue:  flame resume {r.run_dir} --steps MORE")
         ui.console.print(f"  inspect:   flame inspect {r.run_dir}  /  flame inspect {r.checkpoint}")
         ui.console.print(
             f'  load:      python -c "import fla; from transformers import AutoModelForCausalLM; '

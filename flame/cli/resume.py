@@ -1,0 +1,40 @@
+"""`flame resume RUN_DIR`: continue an interrupted or finished run from its newest complete checkpoint.
+
+flame resume exp/gla-340M-10B                  # after a preemption, a crash or Ctrl-C
+flame resume exp/gla-340M-10B --steps 40960    # train further than planned
+accelerate launch --num_processes 8 -m flame resume exp/gla-340M-10B
+"""
+
+from typing import Annotated
+
+import typer
+
+from flame import ui
+from flame.cli.train import DOCS, _render_result
+
+
+def resume(
+    run_dir: Annotated[str, typer.Argument(help="The run dir (the --path of `flame train`).", show_default=False)],
+    steps: Annotated[int | None, typer.Option("--steps", help="Train up to this many updates in all.")] = None,
+    logging: Annotated[int | None, typer.Option("--logging", help=DOCS["logging"])] = None,
+    save: Annotated[int | None, typer.Option("--save", help=DOCS["save"])] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help=DOCS["limit"])] = None,
+    project: Annotated[str | None, typer.Option("--project", help=DOCS["project"])] = None,
+    max_bad_steps: Annotated[int | None, typer.Option("--max-bad-steps", help=DOCS["max_bad_steps"])] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Continue even though the run's dataset changed since the checkpoint."),
+    ] = False,
+):
+    """Continue a run from its newest complete checkpoint, with the configuration it saved.
+
+    Everything is restored: weights, optimizer moments, LR schedule, RNG of every process, data position, tokens
+    seen, and the wandb run. Only how long to train and how to log and checkpoint may change here; model, data,
+    batch, context, optimizer and seed stay as the run started.
+    """
+    from flame import engine
+
+    overrides = dict(steps=steps, logging=logging, save=save, limit=limit, project=project, max_bad_steps=max_bad_steps)
+    result = engine.resume(run_dir, overrides, force=force)
+    if ui.is_main_process():
+        _render_result(result)

@@ -1,0 +1,126 @@
+"""`flame resume RUN_DIR`: exact continuation from the newest complete checkpoint, and its errors."""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from flame import engine
+from flame.cli.app import app
+from flame.config import TrainConfig
+from flame.errors import ConfigError
+from tests.prepared import counting_docs, llama_config, make_prepared
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """An uninterrupted 6-update run that checkpoints at 3 and 6."""
+    root = tmp_path_factory.mktemp("resume")
+    make_prepared(root / "ds", counting_docs(300, 64), 64)
+    make_prepared(root / "other", counting_docs(300, 64, seed=7), 64)
+    llama_config(root / "llama.json")
+    cfg = TrainConfig(
+        model=str(root / "llama.json"),
+        cache=str(root / "ds"),
+        path=str(root / "full"),
+        context=32,
+        batch=4,
+        lr=3e-3,
+        warmup=2,
+        seed=0,
+        logging=1,
+        steps=6,
+        save=3,
+    )
+    engine.train(cfg)
+    return root
+
+
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _interrupted_copy(full_run, tmp_path):
+    """The full run as if killed after its step-3 checkpoint, while writing step 6."""
+    run = tmp_path / "run"
+    shutil.copytree(full_run / "full", run)
+    ckpts = run / "checkpoints"
+    (ckpts / "step-00000006").rename(ckpts / ".step-00000006.tmp")
+    return run
+
+
+def test_resume_continues_exactly_from_the_newest_complete_checkpoint(full_run, tmp_path):
+    run = _interrupted_copy(full_run, tmp_path)
+    result = runner.invoke(app, ["resume", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "finished at step 6" in result.output
+    resumed = [(r["step"], r["loss"], r["tokens"]) for r in _records(run)]
+    uninterrupted = [(r["step"], r["loss"], r["tokens"]) for r in _records(full_run / "full")]
+    assert resumed == uninterrupted  # bit for bit on CPU, records after step 3 replaced, none doubled
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+
+
+def test_resume_may_raise_steps(full_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(full_run / "full", run)
+    result = runner.invoke(app, ["resume", str(run), "--steps", "8", "--save", "4"])
+    assert result.exit_code == 0, result.output
+    assert [r["step"] for r in _records(run)][-3:] == [6, 7, 8]
+    assert json.loads((run / "config.json").read_text())["steps"] == 8
+    assert (run / "checkpoints" / "step-00000008").is_dir()
+
+
+def test_resume_of_a_finished_run_has_nothing_to_do(full_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(full_run / "full", run)
+    result = runner.invoke(app, ["resume", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "already at step 6: nothing to train" in result.output
+
+
+def test_not_a_run(tmp_path):
+    result = runner.invoke(app, ["resume", str(tmp_path)])
+    assert result.exit_code == 1
+    assert f"error: {tmp_path} is not a flame run (no config.json)" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_no_complete_checkpoint(full_run, tmp_path):
+    run = _interrupted_copy(full_run, tmp_path)
+    shutil.rmtree(run / "checkpoints" / "step-00000003")
+    result = runner.invoke(app, ["resume", str(run)])
+    assert result.exit_code == 1
+    assert "has no complete checkpoint (an interrupted save's .tmp folder is never used)" in result.output
+
+
+def test_other_data_is_refused_unless_forced(full_run, tmp_path):
+    run = _interrupted_copy(full_run, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    config["cache"] = str(full_run / "other")
+    (run / "config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, ["resume", str(run)])
+    assert result.exit_code == 1
+    assert "was trained on other data" in result.output and "--force" in result.output
+    result = runner.invoke(app, ["resume", str(run), "--force"])
+    assert result.exit_code == 0, result.output
+    assert "finished at step 6" in result.output
+
+
+def test_model_shape_mismatch(full_run, tmp_path):
+    run = _interrupted_copy(full_run, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    config["model"] = str(llama_config(tmp_path / "wider.json", hidden_size=48))
+    (run / "config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, ["resume", str(run)])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert "step-00000003 does not match this model and optimizer" in result.output
+    assert "give the --model config that run was trained with" in result.output
+
+
+def test_only_safe_options_change(tmp_path):
+    with pytest.raises(ConfigError, match="flame resume cannot change context, lr: only steps, logging"):
+        engine.resume(tmp_path, {"lr": 1.0, "context": 64, "steps": 9})

@@ -99,3 +99,15 @@ def test_train_reports_the_first_step_apart_and_keeps_it_out_of_tokens_per_s(tmp
     out = capsys.readouterr().out
     assert out.count("first step took ") == 1 and "Triton" not in out  # CPU: no compile notice
     assert firststep.done_line(records[0]["first_step_s"], False) in out
+
+
+def test_a_continued_run_reports_its_own_first_step_in_its_first_record(tmp_path):
+    make_prepared(tmp_path / "ds", counting_docs(100, 64), 64)
+    llama_config(tmp_path / "llama.json")
+    base = dict(model=str(tmp_path / "llama.json"), cache=str(tmp_path / "ds"), context=32, batch=4, seed=0)
+    engine.train(TrainConfig(**base, path=str(tmp_path / "run"), steps=2, logging=1, save=2))
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
+    engine.train(TrainConfig(**base, path=str(tmp_path / "run"), steps=6, logging=2, save=100, checkpoint=str(ckpt)))
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 4, 6]
+    assert ["first_step_s" in r for r in records] == [True, False, True, False]

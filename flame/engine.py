@@ -28,6 +28,7 @@ from flame import models, ui
 from flame.config import TrainConfig
 from flame.data import loader as data_loader
 from flame.errors import CheckpointError, ConfigError, OutputExistsError, TrainingError
+from flame.firststep import FirstStep
 from flame.logging import RunLogger
 from flame.metrics import Throughput, eta, mfu, peak_flops, peak_memory_gib, reset_peak_memory
 from flame.optim import build_optimizer, schedule
@@ -254,8 +255,14 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
     first_loss, window_losses, grad_norm, loss_value = None, [], None, None
     stopped = "done"
     model.train()
-    with StopFlag().installed() as stop, log:
+    # The first step compiles and autotunes FLA's kernels on a GPU: announced, timed and kept out of tokens/s
+    # (Throughput counts a step from the end of the previous one, so step 1 never enters its window).
+    first = FirstStep(accelerator.device.type, enabled=accelerator.is_main_process)
+    first_step_s, start_step = None, step
+    with StopFlag().installed() as stop, log, first:
         while step < p.steps:
+            if step == start_step:
+                first.begin()
             lr = lr_of(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -287,6 +294,8 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
                 log.warn(f"step {step + 1}: {why}: update skipped ({skipped} so far)")
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if step == start_step + 1:
+                first_step_s = first.end()
             tokens += p.tokens_per_update
             meter.update(p.tokens_per_update)
             if math.isfinite(loss_value):
@@ -295,6 +304,8 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
 
             if step % cfg.logging == 0 or step == p.steps or step == 1:
                 tps = meter.tokens_per_s
+                first_step = {"first_step_s": first_step_s} if first_step_s is not None else {}
+                first_step_s = None  # in the first record after it only
                 log.record(
                     {
                         "step": step,
@@ -310,6 +321,7 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
                         "eta_s": eta(step, p.steps, meter.seconds_per_step),
                         "epoch": loader.epoch(),
                         "skipped": skipped,
+                        **first_step,
                     }
                 )
                 window_losses = []

@@ -1,0 +1,273 @@
+"""Training throughput on one GPU: a bare PyTorch loop, flame's engine and the Hugging Face Trainer (issue 8).
+
+    PYTHONPATH=. python benchmarks/throughput.py                       # GLA-340M, GDN-340M at 8 x 2048, GLA-1.3B
+    PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --batch 16 --steps 30
+    PYTHONPATH=. python benchmarks/throughput.py --device cpu --tiny   # smoke run of the plumbing, seconds
+
+Every (model, engine) pair runs in its own subprocess, so peak memory is that engine's alone. Each runs the same
+model (built by flame.models.build_model from the same config and seed, fp32 weights), batch, context and precision
+(bf16 autocast on CUDA, fp32 on the CPU), fused AdamW (plain AdamW on the CPU), grad-norm clipping at 1.0:
+  bare   the model, the optimizer, autocast, random tokens; no framework
+  flame  flame.engine.train on a prepared dataset of random tokens (logging every step, no checkpoint until the end)
+  hf     transformers.Trainer on the same random tokens
+Step 1 (Triton compilation and FLA autotuning on a fresh machine) is timed alone (first_s), then --warmup steps,
+then --steps timed steps give tokens/s. MFU is shown on flame's FLOP count (flame.models.flops_per_token) and on
+6N alone (N = all parameters). Peak memory is torch.cuda.max_memory_allocated over the whole run (the CPU: peak RSS).
+Prints a table and the ratios flame/bare and flame/hf; --json writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = {
+    "gla-340M": "configs/gla_340M.json",
+    "gdn-340M": "configs/gated_deltanet_340M.json",
+    "gla-1.3B": "configs/gla_1B.json",
+}
+ENGINES = ("bare", "flame", "hf")
+TINY = {  # a GLA small enough for a CPU smoke run through flame's portable kernels
+    "model_type": "gla", "attn_mode": "chunk", "hidden_size": 64, "num_heads": 2, "num_hidden_layers": 2,
+    "expand_k": 0.5, "expand_v": 1, "hidden_ratio": 4, "vocab_size": 256, "max_position_embeddings": 1024,
+    "fuse_cross_entropy": False, "fuse_norm": False, "fuse_swiglu": False, "tie_word_embeddings": True,
+    "use_gk": True, "use_gv": False, "use_output_gate": True, "use_short_conv": False,
+    "bos_token_id": 1, "eos_token_id": 2,
+}  # fmt: skip
+SEED = 0
+
+
+# ---------------------------------------------------------------- one engine, in a subprocess
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gib(device) -> float:
+    from flame.metrics import peak_memory_gib
+
+    return peak_memory_gib(device)
+
+
+def _random_ids(vocab: int, n: int, context: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n, context), generator=g)
+
+
+def run_bare(config_path: str, args, device) -> dict:
+    import torch
+
+    from flame.models import build_model
+
+    model, config = build_model(config_path, seed=SEED, dtype=torch.float32, device=device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=device.type == "cuda")
+    total = 1 + args.warmup + args.steps
+    data = _random_ids(config.vocab_size, total * args.batch, args.context, SEED).view(total, args.batch, -1)
+    times = []
+    for i in range(total):
+        ids = data[i].to(device)
+        _sync(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        float(loss.detach())  # as every engine reads the loss back each step
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    timed = times[1 + args.warmup :]
+    return {"first_s": times[0], "tokens_per_s": args.steps * args.batch * args.context / sum(timed)}
+
+
+def run_flame(config_path: str, args, device, work: Path) -> dict:
+    import numpy as np
+
+    from flame import engine
+    from flame.config import TrainConfig
+    from flame.models import load_config
+    from tests.prepared import make_prepared
+
+    vocab = load_config(config_path).vocab_size
+    total = 1 + args.warmup + args.steps
+    # Documents of 4 windows each, random tokens, enough for every step with a margin.
+    n_docs = total * args.batch // 4 + 8
+    rng = np.random.default_rng(SEED)
+    docs = rng.integers(3, vocab, (n_docs, 4 * args.context)).tolist()
+    make_prepared(work / "data", docs, vocab)
+    cfg = TrainConfig(
+        model=config_path, cache=str(work / "data"), path=str(work / "run"), context=args.context,
+        batch=args.batch, steps=total, lr=3e-4, warmup=0, seed=SEED, logging=1, save=10**9, limit=0,
+    )  # fmt: skip
+    engine.train(cfg)
+    records = [json.loads(ln) for ln in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    # "time" is seconds since the loop started, logged after every step: steps warmup+1 .. total are the timed ones.
+    a, b = records[args.warmup], records[-1]
+    return {
+        "first_s": records[0]["first_step_s"],
+        "tokens_per_s": (b["tokens"] - a["tokens"]) / (b["time"] - a["time"]),
+    }
+
+
+def run_hf(config_path: str, args, device, work: Path) -> dict:
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from flame.models import build_model
+
+    model, config = build_model(config_path, seed=SEED, dtype=torch.float32)
+    total = 1 + args.warmup + args.steps
+    ids = _random_ids(config.vocab_size, total * args.batch, args.context, SEED)
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **kw):
+            _sync(device)
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **kw):
+            _sync(device)
+            times.append(time.perf_counter() - self.start)
+
+    targs = TrainingArguments(
+        output_dir=str(work / "hf"), per_device_train_batch_size=args.batch, max_steps=total, learning_rate=3e-4,
+        weight_decay=0.1, max_grad_norm=1.0, lr_scheduler_type="constant", bf16=device.type == "cuda",
+        use_cpu=device.type == "cpu", optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
+        save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        seed=SEED, remove_unused_columns=False,
+    )  # fmt: skip
+    Trainer(model=model, args=targs, train_dataset=dataset, callbacks=[Timer()]).train()
+    timed = times[1 + args.warmup :]
+    return {"first_s": times[0], "tokens_per_s": args.steps * args.batch * args.context / sum(timed)}
+
+
+def worker(args) -> None:
+    import torch
+
+    from flame.metrics import mfu, peak_flops, reset_peak_memory
+    from flame.models import build_model, count_params, flops_per_token
+
+    device = torch.device(args.device)
+    reset_peak_memory(device)
+    with tempfile.TemporaryDirectory(prefix="flame-bench-") as tmp:
+        work = Path(tmp)
+        config_path = args.worker_config
+        if args.engine == "bare":
+            row = run_bare(config_path, args, device)
+        elif args.engine == "flame":
+            row = run_flame(config_path, args, device, work)
+        else:
+            row = run_hf(config_path, args, device, work)
+    meta, config = build_model(config_path, meta=True)
+    n = count_params(meta)["total"]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = peak_flops(name, "bf16")
+    tps = row["tokens_per_s"]
+    row |= {
+        "params": n,
+        "device": name or "cpu",
+        "peak_gib": _peak_gib(device),
+        "mfu": mfu(tps, flops_per_token(config, args.context), 1, peak),
+        "mfu_6n": mfu(tps, 6.0 * n, 1, peak),
+    }
+    print("RESULT " + json.dumps(row), flush=True)
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    parser.add_argument("--engines", default=",".join(ENGINES), help="comma list of bare, flame, hf")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps, after the first and the warm-up")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--tiny", action="store_true", help="a tiny GLA instead of --models (CPU smoke run)")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--engine", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-config", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.engine:
+        worker(args)
+        return 0
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.setdefault("FLAME_QUIET", "1")
+    env.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="flame-bench-cfg-") as tmp:
+        if args.tiny:
+            tiny = Path(tmp) / "tiny_gla.json"
+            tiny.write_text(json.dumps(TINY))
+            models = {"tiny-gla": str(tiny)}
+        else:
+            unknown = [m for m in args.models.split(",") if m not in MODELS]
+            if unknown:
+                parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+            models = {m: str(REPO / MODELS[m]) for m in args.models.split(",")}
+        for model, config_path in models.items():
+            for eng in args.engines.split(","):
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", eng, "--worker-config", config_path]
+                cmd += ["--batch", str(args.batch), "--context", str(args.context), "--steps", str(args.steps)]
+                cmd += ["--warmup", str(args.warmup), "--device", args.device]
+                print(f"== {model} {eng} (batch {args.batch} x {args.context})", file=sys.stderr, flush=True)
+                proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=str(REPO))
+                result = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode != 0 or not result:
+                    print(proc.stdout[-4000:], file=sys.stderr)
+                    rows.append({"model": model, "engine": eng, "error": f"exit {proc.returncode}"})
+                    continue
+                rows.append({"model": model, "engine": eng} | json.loads(result[-1][len("RESULT ") :]))
+
+    print(f"\nbatch {args.batch} x context {args.context}, {args.steps} timed steps after 1 + {args.warmup}")
+    header = f"{'model':<10} {'engine':<6} {'tokens/s':>10} {'MFU':>6} {'MFU 6N':>7} {'peak GiB':>9} {'first s':>8}"
+    print(header)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<10} {r['engine']:<6} failed ({r['error']})")
+            continue
+        print(
+            f"{r['model']:<10} {r['engine']:<6} {r['tokens_per_s']:>10.0f} {_pct(r['mfu']):>6} "
+            f"{_pct(r['mfu_6n']):>7} {r['peak_gib']:>9.2f} {r['first_s']:>8.1f}"
+        )
+    for model in dict.fromkeys(r["model"] for r in rows):
+        by = {r["engine"]: r for r in rows if r["model"] == model and "error" not in r}
+        if "flame" not in by:
+            continue
+        for other in ("bare", "hf"):
+            if other in by:
+                t = by["flame"]["tokens_per_s"] / by[other]["tokens_per_s"]
+                m = by["flame"]["peak_gib"] / by[other]["peak_gib"]
+                print(f"{model}: flame/{other} tokens/s {t:.3f}, peak memory {m:.3f}")
+    if rows:
+        print(f"device: {rows[0].get('device', '?')}, date: {time.strftime('%Y-%m-%d', time.gmtime())}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,6 +26,15 @@ METRICS = "metrics.jsonl"
 WANDB_ID = "wandb-id"
 
 
+def _parse(line: str) -> dict | None:
+    """One metrics.jsonl record, or None for a blank or torn line (the process was killed mid-write)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and "step" in record else None
+
+
 def _fmt(record: dict) -> str:
     def num(key, spec):
         v = record.get(key)
@@ -68,7 +77,7 @@ class RunLogger:
         if not path.is_file():
             return
         lines = path.read_text().splitlines()
-        keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= self.start_step]
+        keep = [ln for ln in lines if (r := _parse(ln)) is not None and r["step"] <= self.start_step]
         if len(keep) != len(lines):
             tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(ln + "\n" for ln in keep))
@@ -78,8 +87,11 @@ class RunLogger:
         import wandb
 
         id_file = self.run_dir / WANDB_ID
-        if not id_file.is_file():
-            id_file.write_text(uuid.uuid4().hex[:12] + "\n")  # wandb run ids: short, lowercase alphanumeric
+        if not id_file.is_file() or not id_file.read_text().strip():
+            # Temp file and rename: a kill mid-write must not leave an empty id (a new wandb run on resume).
+            tmp = id_file.with_suffix(".tmp")
+            tmp.write_text(uuid.uuid4().hex[:12] + "\n")  # wandb run ids: short, lowercase alphanumeric
+            os.replace(tmp, id_file)
         self.wandb_id = id_file.read_text().strip()
         self.wandb_run = wandb.init(
             project=self.cfg.project,

@@ -28,9 +28,9 @@ def resume(
 ):
     """Continue a run from its newest complete checkpoint, with the configuration it saved.
 
-    Everything is restored: weights, optimizer moments, LR schedule, RNG of every process, data position, tokens
-    seen, and the wandb run. Only how long to train and how to log and checkpoint may change here; model, data,
-    batch, context, optimizer and seed stay as the run started.
+    Restored: weights, optimizer moments, LR schedule, RNG of every process, data position, tokens seen, wandb run.
+
+    Only how long to train and how to log and checkpoint may change; model, data, batch and seed stay as started.
     """
     from flame import engine
 

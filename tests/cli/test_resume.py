@@ -124,3 +124,19 @@ def test_model_shape_mismatch(full_run, tmp_path):
 def test_only_safe_options_change(tmp_path):
     with pytest.raises(ConfigError, match="flame resume cannot change context, lr: only steps, logging"):
         engine.resume(tmp_path, {"lr": 1.0, "context": 64, "steps": 9})
+
+
+def test_resume_continues_the_same_wandb_run(full_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = _interrupted_copy(full_run, tmp_path)
+    result = runner.invoke(app, ["resume", str(run), "--project", "flame-test", "--steps", "5"])
+    assert result.exit_code == 0, result.output
+    run_id = (run / "wandb-id").read_text().strip()
+    result = runner.invoke(app, ["resume", str(run), "--steps", "6"])
+    assert result.exit_code == 0, result.output
+    assert (run / "wandb-id").read_text().strip() == run_id
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(p.name.endswith(f"-{run_id}") for p in offline)
+    state = json.loads((run / "checkpoints" / "step-00000006" / "state" / "trainer.json").read_text())
+    assert state["wandb_id"] == run_id

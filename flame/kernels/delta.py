@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from flame.kernels import varlen
 from flame.kernels.config import settings
-from flame.kernels.modules import down, l2norm, up
+from flame.kernels.modules import down, l2norm, state_in, state_out, up
 
 
 def delta_recurrent(q, k, v, beta, g, h0):
@@ -95,11 +95,7 @@ def _run(q, k, v, beta, g, scale, initial_state, output_final_state, state_v_fir
         # Grouped value attention (GVA): value head j reads query/key head j // (HV / H).
         rep = v.shape[2] // q.shape[2]
         q, k = (x.repeat_interleave(rep, dim=2) for x in (q, k))
-    h0 = initial_state
-    if h0 is not None:
-        h0 = up(h0)
-        if state_v_first:
-            h0 = h0.transpose(-1, -2)
+    h0 = state_in(initial_state, state_v_first)
     mask = None
     if cu_seqlens is not None:
         mask, (q, k, v, beta, g) = varlen.pack(cu_seqlens, q, k, v, beta, g)
@@ -114,10 +110,7 @@ def _run(q, k, v, beta, g, scale, initial_state, output_final_state, state_v_fir
     o = o.transpose(1, 2)
     if mask is not None:
         o = varlen.unpack(o, mask)
-    final = None
-    if output_final_state:
-        final = S.transpose(-1, -2).contiguous() if state_v_first else S
-    return down(o, dtype), final
+    return down(o, dtype), state_out(S, output_final_state, state_v_first)
 
 
 def chunk_delta_rule(

@@ -22,7 +22,7 @@ import torch
 
 from flame.kernels import varlen
 from flame.kernels.config import settings
-from flame.kernels.modules import down, up
+from flame.kernels.modules import down, state_in, state_out, up
 
 
 def gla_recurrent(q, k, v, gk, gv, h0):
@@ -95,11 +95,7 @@ def _run(q, k, v, gk, gv, scale, initial_state, output_final_state, state_v_firs
     dtype = v.dtype
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    h0 = initial_state
-    if h0 is not None:
-        h0 = up(h0)
-        if state_v_first:
-            h0 = h0.transpose(-1, -2)
+    h0 = state_in(initial_state, state_v_first)
     mask = None
     if cu_seqlens is not None:
         mask, (q, k, v, gk, gv) = varlen.pack(cu_seqlens, q, k, v, gk, gv)
@@ -113,10 +109,7 @@ def _run(q, k, v, gk, gv, scale, initial_state, output_final_state, state_v_firs
     o = o.transpose(1, 2)
     if mask is not None:
         o = varlen.unpack(o, mask)
-    final = None
-    if output_final_state:
-        final = S.transpose(-1, -2).contiguous() if state_v_first else S
-    return down(o, dtype), final
+    return down(o, dtype), state_out(S, output_final_state, state_v_first)
 
 
 def chunk_gla(

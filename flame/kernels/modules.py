@@ -25,6 +25,22 @@ def down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.contiguous() if x.dtype == dtype else x.to(dtype, memory_format=torch.contiguous_format)
 
 
+def state_in(h0: torch.Tensor | None, state_v_first: bool) -> torch.Tensor | None:
+    """An initial recurrent state as the torch recurrences take it: float32, `[..., K, V]` (FLA may pass `[..., V, K]`
+    with transpose_state_layout)."""
+    if h0 is None:
+        return None
+    h0 = up(h0)
+    return h0.transpose(-1, -2) if state_v_first else h0
+
+
+def state_out(S: torch.Tensor, output_final_state: bool, state_v_first: bool) -> torch.Tensor | None:
+    """The final state in the layout the caller asked for, or None when it asked for none."""
+    if not output_final_state:
+        return None
+    return S.transpose(-1, -2).contiguous() if state_v_first else S
+
+
 # --- norms ------------------------------------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/throughput.py                       # GLA-340M, GDN-340M at 8 x 2048, GLA-1.3B
     PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --batch 16 --steps 30
     PYTHONPATH=. python benchmarks/throughput.py --device cpu --tiny   # smoke run of the plumbing, seconds
+    PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --set fuse_linear_cross_entropy=true
 
 Every (model, engine) pair runs in its own subprocess, so peak memory is that engine's alone. Each runs the same
 model (built by flame.models.build_model from the same config and seed, fp32 weights), batch, context and precision
@@ -121,6 +122,7 @@ def run_flame(config_path: str, args, device, work: Path) -> dict:
     return {
         "first_s": records[0]["first_step_s"],
         "tokens_per_s": (b["tokens"] - a["tokens"]) / (b["time"] - a["time"]),
+        "first_step_tuning": records[0].get("first_step_tuning"),  # what step 1's autotuning cost, kernel by kernel
     }
 
 
@@ -207,6 +209,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="a tiny GLA instead of --models (CPU smoke run)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a model config field for every engine (JSON value), e.g. fuse_linear_cross_entropy=true",
+    )  # fmt: skip
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--worker-config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -228,6 +234,21 @@ def main(argv=None) -> int:
             if unknown:
                 parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
             models = {m: str(REPO / MODELS[m]) for m in args.models.split(",")}
+        if args.set:
+            overrides = {}
+            for item in args.set:
+                key, sep, value = item.partition("=")
+                if not sep:
+                    parser.error(f"--set {item!r}: expected KEY=VALUE")
+                try:
+                    overrides[key] = json.loads(value)
+                except json.JSONDecodeError:
+                    overrides[key] = value
+            for model, config_path in list(models.items()):
+                changed = Path(tmp) / f"{model}.json"
+                changed.write_text(json.dumps(json.loads(Path(config_path).read_text()) | overrides))
+                models[model] = str(changed)
+            print(f"model config overrides: {overrides}", file=sys.stderr)
         for model, config_path in models.items():
             for eng in args.engines.split(","):
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", eng, "--worker-config", config_path]
@@ -241,6 +262,7 @@ def main(argv=None) -> int:
                     rows.append({"model": model, "engine": eng, "error": f"exit {proc.returncode}"})
                     continue
                 rows.append({"model": model, "engine": eng} | json.loads(result[-1][len("RESULT ") :]))
+                print("ROW " + json.dumps(rows[-1]), file=sys.stderr, flush=True)  # kept if a later one is cut off
 
     print(f"\nbatch {args.batch} x context {args.context}, {args.steps} timed steps after 1 + {args.warmup}")
     header = f"{'model':<10} {'engine':<6} {'tokens/s':>10} {'MFU':>6} {'MFU 6N':>7} {'peak GiB':>9} {'first s':>8}"

@@ -305,6 +305,8 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
             if step % cfg.logging == 0 or step == p.steps or step == 1:
                 tps = meter.tokens_per_s
                 first_step = {"first_step_s": first_step_s} if first_step_s is not None else {}
+                if first_step and first.tuning is not None and first.tuning.tuned:
+                    first_step["first_step_tuning"] = first.tuning.record()
                 first_step_s = None  # in the first record after it only
                 log.record(
                     {

@@ -10,11 +10,17 @@ So that nobody waits at a silent screen, the engine wraps step 1 in `FirstStep`:
 
 It prints the notice before the step, shows that it is still working while the step runs (a rich spinner with the
 elapsed time on a terminal, a plain line every `every` seconds otherwise) and one line with the time after it.
+
+What the time goes to is measured, not guessed: during the first step `Tuning` wraps Triton's autotuner (each
+config it benchmarks, the kernel and the autotune key, i.e. the shapes) and Triton's compile hooks. The
+still-working display names the kernel being tuned, and after the step one line sums it up (kernels tuned, configs
+benchmarked, seconds in autotuning, of which compiling, and the slowest kernels).
 """
 
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.errors import LiveError
@@ -47,6 +53,147 @@ def done_line(seconds: float, compiled: bool) -> str:
     return f"first step took {seconds:.1f} s ({why}not counted in tokens/s)"
 
 
+@dataclass
+class Tuned:
+    kernel: str
+    key: str  # the autotune key: the shapes and dtypes the choice is made for
+    configs: int = 0  # configs benchmarked
+    seconds: float = 0.0  # benchmarking them, their compilation included
+
+
+class Tuning:
+    """Records Triton autotuning and compilation while installed (see the module docstring).
+
+    Wraps `Autotuner._bench` (one call per config benchmarked; a key found in Triton's on-disk autotune cache is
+    never benchmarked, so it costs nothing here) and sets Triton's JIT cache/post-compile hooks where they are free.
+    Triton being absent, or laid out differently, only turns the record off.
+    """
+
+    def __init__(self):
+        self.tuned: dict[tuple[str, str], Tuned] = {}
+        self.current: Tuned | None = None
+        self.compiles, self.compile_s = 0, 0.0
+        self._undo: list = []
+        self._compile_start = threading.local()
+
+    @property
+    def configs(self) -> int:
+        return sum(t.configs for t in self.tuned.values())
+
+    @property
+    def seconds(self) -> float:
+        return sum(t.seconds for t in self.tuned.values())
+
+    def install(self) -> "Tuning":
+        try:
+            from triton.runtime.autotuner import Autotuner
+        except Exception:
+            return self
+        original = getattr(Autotuner, "_bench", None)
+        if original is None:
+            return self
+        tuning = self
+
+        def _bench(autotuner, *args, config, **meta):
+            entry = tuning._entry(autotuner, args, meta)
+            tuning.current = entry
+            start = time.perf_counter()
+            try:
+                return original(autotuner, *args, config=config, **meta)
+            finally:
+                entry.configs += 1
+                entry.seconds += time.perf_counter() - start
+
+        Autotuner._bench = _bench
+        self._undo.append(lambda: setattr(Autotuner, "_bench", original))
+        self._install_compile_hooks()
+        return self
+
+    def uninstall(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+        self.current = None
+
+    def _install_compile_hooks(self) -> None:
+        try:
+            from triton import knobs
+
+            runtime = knobs.runtime
+            if runtime.jit_cache_hook is not None or runtime.jit_post_compile_hook is not None:
+                return  # someone else's hooks: leave them alone
+        except Exception:
+            return
+
+        def before(*args, **kwargs):
+            self._compile_start.t = time.perf_counter()
+            return False  # a true value would tell Triton to skip the compilation
+
+        def after(*args, **kwargs):
+            start = getattr(self._compile_start, "t", None)
+            if start is not None:
+                self.compiles += 1
+                self.compile_s += time.perf_counter() - start
+                self._compile_start.t = None
+            return False
+
+        runtime.jit_cache_hook, runtime.jit_post_compile_hook = before, after
+
+        def undo():
+            runtime.jit_cache_hook = runtime.jit_post_compile_hook = None
+
+        self._undo.append(undo)
+
+    def _entry(self, autotuner, args, meta) -> Tuned:
+        fn = autotuner.fn
+        while hasattr(fn, "fn"):
+            fn = fn.fn
+        name = getattr(fn, "__name__", "kernel")
+        values = dict(zip(getattr(autotuner, "arg_names", ()), args)) | meta
+        parts = []
+        for k in getattr(autotuner, "keys", ()):
+            v = values.get(k)
+            parts.append(f"{k}={getattr(v, 'dtype', v) if hasattr(v, 'dtype') else v}")
+        key = ",".join(parts)
+        entry = self.tuned.get((name, key))
+        if entry is None:
+            entry = self.tuned[(name, key)] = Tuned(name, key)
+        return entry
+
+    def doing(self) -> str:
+        """What is being tuned now, for the still-working display ("" before anything is)."""
+        if self.current is None:
+            return ""
+        return f"autotuning {self.current.kernel} ({self.current.key}), {len(self.tuned)} kernels so far"
+
+    def summary(self, top: int = 3) -> str | None:
+        """One line: what the autotuning cost; None when nothing was tuned (a warm cache)."""
+        if not self.tuned:
+            return None
+        compiling = (
+            f", of which compiling {self.compile_s:.0f} s ({self.compiles} compilations)" if self.compiles else ""
+        )
+        slowest = sorted(self.tuned.values(), key=lambda t: -t.seconds)[:top]
+        worst = "; ".join(f"{t.kernel} ({t.key}) {t.configs} configs {t.seconds:.0f} s" for t in slowest)
+        return (
+            f"first step: autotuned {len(self.tuned)} kernel/shape pairs, {self.configs} configs benchmarked in "
+            f"{self.seconds:.0f} s{compiling}; slowest: {worst}"
+        )
+
+    def record(self) -> dict:
+        """For metrics.jsonl: the totals, and every kernel/shape pair tuned with its configs and seconds."""
+        return {
+            "kernels_tuned": len(self.tuned),
+            "configs_benchmarked": self.configs,
+            "tuning_s": round(self.seconds, 3),
+            "compile_s": round(self.compile_s, 3),
+            "compilations": self.compiles,
+            "tuned": [
+                {"kernel": t.kernel, "key": t.key, "configs": t.configs, "seconds": round(t.seconds, 3)}
+                for t in sorted(self.tuned.values(), key=lambda t: -t.seconds)
+            ],
+        }
+
+
 class FirstStep:
     """Times the first step and keeps the user informed while it runs (rank 0 only; see the module docstring).
 
@@ -62,6 +209,7 @@ class FirstStep:
         self._thread: threading.Thread | None = None
         self._status = None
         self._compiled = False
+        self.tuning: Tuning | None = None
 
     def __enter__(self):
         return self
@@ -77,6 +225,7 @@ class FirstStep:
         if notice is None:
             return
         self._compiled = True
+        self.tuning = Tuning().install()
         ui.print0(notice)
         ui.flush()
         if ui.interactive():
@@ -97,6 +246,9 @@ class FirstStep:
         self.seconds = time.perf_counter() - self._start
         self._halt()
         if self.enabled:
+            summary = self.tuning.summary() if self.tuning is not None else None
+            if summary:
+                ui.print0(summary)
             ui.print0(done_line(self.seconds, self._compiled))
             ui.flush()
         return self.seconds
@@ -104,13 +256,16 @@ class FirstStep:
     def _tick(self) -> None:
         while not self._stop.wait(self.every if self._status is None else 1.0):
             elapsed = time.perf_counter() - self._start
+            doing = self.tuning.doing() if self.tuning is not None else ""
             if self._status is not None:
-                self._status.update(f"first step: compiling and autotuning kernels, {elapsed:.0f} s")
+                self._status.update(f"first step: {doing or 'compiling and autotuning kernels'}, {elapsed:.0f} s")
             else:
-                ui.print0(still_working_line(elapsed))
+                ui.print0(still_working_line(elapsed) + (f" ({doing})" if doing else ""))
                 ui.flush()
 
     def _halt(self) -> None:
+        if self.tuning is not None:
+            self.tuning.uninstall()
         self._stop.set()
         if self._thread is not None:
             self._thread.join()

@@ -2,6 +2,7 @@
 
 import json
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,51 @@ def test_a_continued_run_reports_its_own_first_step_in_its_first_record(tmp_path
     records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 4, 6]
     assert ["first_step_s" in r for r in records] == [True, False, True, False]
+
+
+def test_tuning_records_each_kernel_and_shape_and_restores_triton(monkeypatch):
+    from triton import knobs
+    from triton.runtime.autotuner import Autotuner
+
+    def bench(autotuner, *args, config, **meta):  # stands in for Triton's: one config benchmarked
+        time.sleep(0.01)
+        return [float(config)]
+
+    monkeypatch.setattr(Autotuner, "_bench", bench)
+    kernel = types.SimpleNamespace(__name__="chunk_fwd_kernel")
+    tuner = types.SimpleNamespace(fn=types.SimpleNamespace(fn=kernel), arg_names=["q", "K", "BT"], keys=["K", "BT"])
+    tuning = firststep.Tuning().install()
+    assert Autotuner._bench is not bench
+    assert tuning.doing() == ""
+    for config in (1, 2, 3):
+        assert Autotuner._bench(tuner, "q", 64, config=config, BT=16) == [float(config)]
+    Autotuner._bench(tuner, "q", 128, config=1, BT=16)
+    assert tuning.doing() == "autotuning chunk_fwd_kernel (K=128,BT=16), 2 kernels so far"
+    knobs.runtime.jit_cache_hook()
+    time.sleep(0.01)
+    knobs.runtime.jit_post_compile_hook()
+    tuning.uninstall()
+    assert Autotuner._bench is bench
+    assert knobs.runtime.jit_cache_hook is None and knobs.runtime.jit_post_compile_hook is None
+
+    record = tuning.record()
+    assert [(t["kernel"], t["key"], t["configs"]) for t in record["tuned"]] == [
+        ("chunk_fwd_kernel", "K=64,BT=16", 3),
+        ("chunk_fwd_kernel", "K=128,BT=16", 1),
+    ]
+    assert record["kernels_tuned"] == 2 and record["configs_benchmarked"] == 4 and record["compilations"] == 1
+    assert record["tuning_s"] >= 0.04 and record["compile_s"] >= 0.01
+    line = tuning.summary(top=1)
+    assert line.startswith("first step: autotuned 2 kernel/shape pairs, 4 configs benchmarked in 0 s")
+    assert line.endswith("slowest: chunk_fwd_kernel (K=64,BT=16) 3 configs 0 s")
+    assert firststep.Tuning().summary() is None
+
+
+def test_tuning_leaves_hooks_set_by_others_alone(monkeypatch):
+    from triton import knobs
+
+    mine = lambda *a, **k: False  # noqa: E731
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", mine)
+    tuning = firststep.Tuning().install()
+    tuning.uninstall()
+    assert knobs.runtime.jit_cache_hook is mine and knobs.runtime.jit_post_compile_hook is None

@@ -29,3 +29,20 @@ def test_an_unknown_model_is_refused():
     with pytest.raises(SystemExit) as exc:
         throughput.main(["--models", "gla-9B"])
     assert exc.value.code == 2
+
+
+def test_set_overrides_the_model_config_for_every_engine(tmp_path):
+    rows = {}
+    for layers in (2, 1):
+        out = tmp_path / f"rows{layers}.json"
+        argv = ["--device", "cpu", "--tiny", "--engines", "bare", "--batch", "1", "--context", "32", "--steps", "1"]
+        argv += ["--warmup", "0", "--set", f"num_hidden_layers={layers}", "--json", str(out)]
+        assert throughput.main(argv) == 0
+        (rows[layers],) = json.loads(out.read_text())
+    one_layer = rows[2]["params"] - rows[1]["params"]
+    assert one_layer > 0 and rows[1]["params"] - one_layer > 0  # embeddings and head stay
+
+
+def test_set_needs_key_equals_value():
+    with pytest.raises(SystemExit):
+        throughput.main(["--device", "cpu", "--tiny", "--set", "fuse_norm"])

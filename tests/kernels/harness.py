@@ -54,13 +54,18 @@ def run_backward(fn, inputs, kwargs, cotangents=None, seed=1):
     return o, ht, grads, cotangents
 
 
-def compare(portable, original, inputs, tol, kwargs=None, names=None):
+def compare(portable, original, inputs, tol, kwargs=None, names=None, label=None):
     """Assert that portable(*inputs) matches original(*inputs): output and final state within tol, every input
-    gradient within 2 * tol (FLA's ratio). Reports every mismatch at once, not only the first."""
+    gradient within 2 * tol (FLA's ratio). Reports every mismatch at once, not only the first. With `label`, prints
+    the measured ratios on one line (`RATIO label output=... state=... grad=max...`), for the tolerance table."""
     kwargs = kwargs or {}
     o_t, h_t, g_t, cotangents = run_backward(original, inputs, kwargs)
     o_p, h_p, g_p, _ = run_backward(portable, inputs, kwargs, cotangents=cotangents)
     names = names or [f"input {i}" for i in range(len(g_t))]
+    if label:
+        grads = [ratio(a, b) for a, b in zip(g_p, g_t) if a is not None and b is not None]
+        state = f"{ratio(h_p, h_t):.3g}" if h_t is not None else "-"
+        print(f"RATIO {label} output={ratio(o_p, o_t):.3g} state={state} grad={max(grads, default=0):.3g}")
     failures = []
     if ratio(o_p, o_t) >= tol:
         failures.append(f"output: ratio {ratio(o_p, o_t):.3g}")

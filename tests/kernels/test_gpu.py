@@ -27,9 +27,9 @@ def both(op):
     return op.__flame_portable__, op.__flame_original__
 
 
-def compare(op, make_inputs, dtype, kwargs):
+def compare(op, make_inputs, dtype, kwargs, label=None):
     torch.manual_seed(0)
-    harness.compare(*both(op), make_inputs(dtype), TOL[dtype], kwargs)
+    harness.compare(*both(op), make_inputs(dtype), TOL[dtype], kwargs, label=label)
 
 
 def cuda(*shape, fn=None, dtype=torch.float32):
@@ -183,16 +183,16 @@ def test_op_matches_triton(name, dtype):
         op = type("Op", (), {})()
         op.__flame_portable__ = lambda q, k, v, g, beta, _, h0: portable(q, k, v, None, h0, g=g, beta=beta)
         op.__flame_original__ = lambda q, k, v, g, beta, _, h0: original(q, k, v, None, h0, g=g, beta=beta)
-        compare(op, make_kw, dtype, {})
+        compare(op, make_kw, dtype, {}, label=f"{name} {dtype}")
         return
-    compare(op, make, dtype, {})
+    compare(op, make, dtype, {}, label=f"{name} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", ["chunk_gla", "chunk_gated_delta_rule", "chunk_delta_rule", "chunk_rwkv7"])
 def test_varlen_op_matches_triton(name, dtype):
     op, make = op_cases()[name]
-    compare(op, varlen(make), dtype, {"cu_seqlens": torch.tensor(CU, device="cuda")})
+    compare(op, varlen(make), dtype, {"cu_seqlens": torch.tensor(CU, device="cuda")}, label=f"{name} varlen {dtype}")
 
 
 def test_short_convolution_matches_triton():
@@ -212,6 +212,10 @@ def test_short_convolution_matches_triton():
             y, _ = fn(xs, ws, b, activation="silu", **kwargs)
             y.sum().backward()
             outs.append((y, xs.grad, ws.grad))
+        print(
+            f"RATIO short_convolution {'varlen' if kwargs else 'dense'} "
+            + " ".join(f"{ratio(a, c):.3g}" for a, c in zip(*outs))
+        )
         for a, c in zip(*outs):
             assert ratio(a, c) < 1e-4
 
@@ -239,5 +243,7 @@ def test_model_loss_and_gradients_match_triton(model_type):
     assert abs(l_t - l_r) / abs(l_r) < 1e-2
     # by name: a parameter that only one path gives a gradient must fail, not shift the pairing of the others
     assert g_t.keys() == g_r.keys()
-    bad = {name: ratio(g_t[name], g_r[name]) for name in g_r if ratio(g_t[name], g_r[name]) >= 5e-2}
+    ratios = {name: ratio(g_t[name], g_r[name]) for name in g_r}
+    print(f"RATIO model {model_type} loss={abs(l_t - l_r) / abs(l_r):.3g} grad={max(ratios.values()):.3g}")
+    bad = {name: r for name, r in ratios.items() if r >= 5e-2}
     assert not bad, bad

@@ -27,7 +27,7 @@ from flame import config as run_config
 from flame import models, ui
 from flame.config import TrainConfig
 from flame.data import loader as data_loader
-from flame.errors import CheckpointError, ConfigError, OutputExistsError, TrainingError
+from flame.errors import CheckpointError, ConfigError, ModelError, OutputExistsError, TrainingError
 from flame.firststep import FirstStep
 from flame.logging import RunLogger
 from flame.metrics import Throughput, eta, mfu, peak_flops, peak_memory_gib, reset_peak_memory
@@ -193,6 +193,13 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
 
     # Model: a new one from --seed (the same on every process), or a model dir's weights as saved.
     model, config = models.build_model(cfg.model, seed=cfg.seed, dtype=torch.float32)
+    if accelerator.device.type == "cuda":
+        # Before minutes of autotuning, not after: FLA refuses some backward passes on Hopper with some Tritons.
+        from flame.kernels.compat import hopper_triton_blocker
+
+        blocker = hopper_triton_blocker(config.model_type)
+        if blocker:
+            raise ModelError(*blocker)
     set_seed(cfg.seed + rank)  # per-process RNG (dropout); data order does not use it
     optimizer = build_optimizer(model, cfg, accelerator.device.type)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -40,3 +40,58 @@ def quiet_cache_name_warning() -> None:
     logger = hf_logging.get_logger("transformers.utils.generic")
     if not any(isinstance(f, _DropCacheNameWarning) for f in logger.filters):
         logger.addFilter(_DropCacheNameWarning())
+
+
+# FLA 0.6.0 refuses the backward pass of its gated `chunk_bwd_dqkwg` (used by chunk_gated_delta_rule and
+# chunk_simple_gla with a gate) on Hopper GPUs with Triton >= 3.4.0 and < 3.7.1, which compute it wrongly there
+# (fla-org/flash-linear-attention#640). Its TileLang backend stands in for the gated delta rule when tilelang is
+# installed, not for simple GLA (whose state stays in float32). Found on an H200 with Triton 3.6.0, 2026-11-28:
+# without this check the RuntimeError came mid-step, after minutes of autotuning.
+_GATED_DQKWG = {"gated_deltanet": True, "comba": True, "mom": True, "simple_gla": False, "yoco": False}
+
+
+def _version(text: str) -> tuple[int, ...]:
+    import re
+
+    return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def hopper_triton_blocker(
+    model_type: str,
+    *,
+    capability: tuple[int, int] | None = None,
+    device_name: str = "",
+    triton_version: str | None = None,
+    tilelang: bool | None = None,
+) -> tuple[str, str] | None:
+    """(why FLA will refuse to train `model_type` on this GPU, the fix), or None. With no arguments, asks CUDA,
+    Triton and the installed packages; the arguments let a test describe another machine."""
+    if model_type not in _GATED_DQKWG:
+        return None
+    if capability is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        capability, device_name = torch.cuda.get_device_capability(), torch.cuda.get_device_name()
+    if capability[0] != 9:
+        return None
+    if triton_version is None:
+        import triton
+
+        triton_version = triton.__version__
+    if not (3, 4, 0) <= _version(triton_version) < (3, 7, 1):
+        return None
+    if tilelang is None:
+        import importlib.util
+
+        tilelang = importlib.util.find_spec("tilelang") is not None
+    if tilelang and _GATED_DQKWG[model_type]:
+        return None
+    fix = "pip install 'triton>=3.7.1'" + (" (or pip install tilelang)" if _GATED_DQKWG[model_type] else "")
+    why = (
+        f"{model_type} cannot train on this {device_name or 'Hopper GPU'} with Triton {triton_version}: "
+        "FLA refuses its backward pass there (wrong results on Hopper with Triton 3.4.0 to 3.7.0, "
+        "flash-linear-attention#640)"
+    )
+    return why, f"{fix}, or train on another GPU"

@@ -32,11 +32,12 @@ def _cotangent(like: torch.Tensor | None, generator: torch.Generator) -> torch.T
     return torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32)
 
 
-def run_backward(fn, inputs, kwargs, cotangents=None, seed=1):
+def run_backward(fn, inputs, kwargs, cotangents=None, seed=1, backward=True):
     """Call fn on fresh leaves of the floating-point inputs, backpropagate sum(o*do) + sum(ht*dht).
 
     Returns (o, ht, grads, cotangents); grads is one entry per floating-point input tensor, in input order (None
-    where the op gave it no gradient). Pass the cotangents of a first run to reuse exactly the same ones."""
+    where the op gave it no gradient). Pass the cotangents of a first run to reuse exactly the same ones.
+    backward=False: the forward only (an op with no backward of its own), grads empty."""
     args = [leaf(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
     o, ht = fn(*args, **kwargs)
     if cotangents is None:
@@ -49,18 +50,20 @@ def run_backward(fn, inputs, kwargs, cotangents=None, seed=1):
     if ht is not None:
         assert dht.shape == ht.shape, ("final state shape", tuple(ht.shape), tuple(dht.shape))
         loss = loss + (ht.float() * dht).sum()
+    if not backward:
+        return o, ht, [], cotangents
     loss.backward()
     grads = [a.grad for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     return o, ht, grads, cotangents
 
 
-def compare(portable, original, inputs, tol, kwargs=None, names=None, label=None):
+def compare(portable, original, inputs, tol, kwargs=None, names=None, label=None, backward=True):
     """Assert that portable(*inputs) matches original(*inputs): output and final state within tol, every input
     gradient within 2 * tol (FLA's ratio). Reports every mismatch at once, not only the first. With `label`, prints
     the measured ratios on one line (`RATIO label output=... state=... grad=max...`), for the tolerance table."""
     kwargs = kwargs or {}
-    o_t, h_t, g_t, cotangents = run_backward(original, inputs, kwargs)
-    o_p, h_p, g_p, _ = run_backward(portable, inputs, kwargs, cotangents=cotangents)
+    o_t, h_t, g_t, cotangents = run_backward(original, inputs, kwargs, backward=backward)
+    o_p, h_p, g_p, _ = run_backward(portable, inputs, kwargs, cotangents=cotangents, backward=backward)
     names = names or [f"input {i}" for i in range(len(g_t))]
     if label:
         grads = [ratio(a, b) for a, b in zip(g_p, g_t) if a is not None and b is not None]

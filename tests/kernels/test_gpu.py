@@ -27,9 +27,26 @@ def both(op):
     return op.__flame_portable__, op.__flame_original__
 
 
-def compare(op, make_inputs, dtype, kwargs, label=None):
+def compare(op, make_inputs, dtype, kwargs, label=None, backward=True):
     torch.manual_seed(0)
-    harness.compare(*both(op), make_inputs(dtype), TOL[dtype], kwargs, label=label)
+    harness.compare(*both(op), make_inputs(dtype), TOL[dtype], kwargs, label=label, backward=backward)
+
+
+# What FLA 0.6.0's Triton side cannot be compared on, found on an H200 (2026-11-28):
+NO_FLOAT32 = {"chunk_delta_rule"}  # asserts "ChunkDeltaRuleFunction does not support float32"
+NO_BACKWARD = {"fused_recurrent_gated_delta_rule"}  # its backward raises NotImplementedError (inference only)
+# chunk_bwd_dqkwg with a gate is refused on Hopper with Triton 3.4.0-3.7.0 (flame.kernels.compat)
+GATED_DQKWG = {"chunk_simple_gla": "simple_gla", "chunk_gated_delta_rule": "gated_deltanet"}
+
+
+def skip_what_triton_cannot_run(name, dtype):
+    from flame.kernels.compat import hopper_triton_blocker
+
+    if name in NO_FLOAT32 and dtype == torch.float32:
+        pytest.skip(f"FLA's Triton {name} refuses float32")
+    blocker = hopper_triton_blocker(GATED_DQKWG.get(name, name))
+    if blocker:
+        pytest.skip(blocker[0])
 
 
 def cuda(*shape, fn=None, dtype=torch.float32):
@@ -172,6 +189,7 @@ def installed():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", OPS)
 def test_op_matches_triton(name, dtype):
+    skip_what_triton_cannot_run(name, dtype)
     op, make = op_cases()[name]
     if name == "fused_recurrent_gated_delta_rule":
         # FLA's fused_recurrent_gated_delta_rule takes g and beta by keyword (gk, gv sit between them)
@@ -183,7 +201,7 @@ def test_op_matches_triton(name, dtype):
         op = type("Op", (), {})()
         op.__flame_portable__ = lambda q, k, v, g, beta, _, h0: portable(q, k, v, None, h0, g=g, beta=beta)
         op.__flame_original__ = lambda q, k, v, g, beta, _, h0: original(q, k, v, None, h0, g=g, beta=beta)
-        compare(op, make_kw, dtype, {}, label=f"{name} {dtype}")
+        compare(op, make_kw, dtype, {}, label=f"{name} {dtype}", backward=name not in NO_BACKWARD)
         return
     compare(op, make, dtype, {}, label=f"{name} {dtype}")
 
@@ -191,6 +209,7 @@ def test_op_matches_triton(name, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", ["chunk_gla", "chunk_gated_delta_rule", "chunk_delta_rule", "chunk_rwkv7"])
 def test_varlen_op_matches_triton(name, dtype):
+    skip_what_triton_cannot_run(name, dtype)
     op, make = op_cases()[name]
     compare(op, varlen(make), dtype, {"cu_seqlens": torch.tensor(CU, device="cuda")}, label=f"{name} varlen {dtype}")
 
@@ -224,9 +243,12 @@ def test_short_convolution_matches_triton():
     "model_type", ["gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "mamba2", "gsa", "rwkv7"]
 )
 def test_model_loss_and_gradients_match_triton(model_type):
+    from flame.kernels.compat import hopper_triton_blocker
     from tests.kernels.test_models import CONFIGS, VOCAB, build
 
     assert model_type in CONFIGS
+    if hopper_triton_blocker(model_type):
+        pytest.skip(hopper_triton_blocker(model_type)[0])
     model = build(model_type).cuda().train()
     ids = torch.randint(0, VOCAB, (2, 200), device="cuda")
     results = {}

@@ -76,3 +76,25 @@ def test_a_missing_gradient_fails():
 
     with pytest.raises(AssertionError, match="grad of input 4: portable gave none"):
         compare(no_h0_grad, gla, _inputs(), tol=1e-3)
+
+
+def _no_backward(q, k, v, g, h0):
+    """The op of an inference-only kernel: its backward raises, as FLA's fused_recurrent_gated_delta_rule's does."""
+
+    class NoBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise NotImplementedError("Backward pass is not implemented")
+
+    o, ht = gla(q, k, v, g, h0)
+    return NoBackward.apply(o), ht
+
+
+def test_forward_only_compares_outputs_without_calling_backward():
+    compare(gla, _no_backward, _inputs(), 1e-5, backward=False)
+    with pytest.raises(AssertionError, match="output: ratio"):
+        compare(lambda *a: (gla(*a)[0] * 1.01, gla(*a)[1]), _no_backward, _inputs(), 1e-5, backward=False)

@@ -106,7 +106,13 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
         params=models.count_params(model),
         flops_per_token=models.flops_per_token(config, cfg.context),
         memory_gib=models.estimate_memory(
-            config, cfg.batch, cfg.context, precision=precision, world_size=world, accumulation=cfg.update
+            config,
+            cfg.batch,
+            cfg.context,
+            precision=precision,
+            world_size=world,
+            accumulation=cfg.update,
+            activation_checkpointing=cfg.checkpointing,
         ),
         dataset_tokens=sum(s.tokens for s in sources),
         windows_per_epoch=per_epoch,
@@ -200,6 +206,19 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
         blocker = hopper_triton_blocker(config.model_type)
         if blocker:
             raise ModelError(*blocker)
+    if cfg.checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(
+                f"--checkpointing: model type {config.model_type} does not support activation checkpointing",
+                "drop --checkpointing, or lower --batch / --context to fit memory",
+            )
+        # non-reentrant: works with inputs that need no grad and with accelerate's autocast. transformers >= 5.2x
+        # renamed the method (the old name warns); older ones have only the old name.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     set_seed(cfg.seed + rank)  # per-process RNG (dropout); data order does not use it
     optimizer = build_optimizer(model, cfg, accelerator.device.type)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -15,7 +15,7 @@ import torch
 
 from flame import engine
 from flame.config import TrainConfig
-from flame.errors import CheckpointError, TrainingError
+from flame.errors import CheckpointError, ConfigError, TrainingError
 from tests.prepared import counting_docs, gla_config, llama_config, make_prepared
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +67,36 @@ def test_batch_2_update_4_gives_the_gradient_of_batch_8(files, tmp_path, model):
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7)
     assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), rel=1e-5)
+
+
+def test_activation_checkpointing_trains_the_same_losses_with_less_estimated_memory(files, tmp_path, monkeypatch):
+    from fla.layers.gla import GatedLinearAttention
+
+    calls = []  # (the block's own forward is wrapped by transformers for checkpointing: count inside it)
+    forward = GatedLinearAttention.forward
+    monkeypatch.setattr(
+        GatedLinearAttention, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k)
+    )
+    gla = str(files / "gla.json")
+    runs = {}
+    for name, checkpointing in (("plain", False), ("ckpt", True)):
+        calls.clear()
+        engine.train(_cfg(files, tmp_path / name, model=gla, steps=3, checkpointing=checkpointing))
+        runs[name] = len(calls)
+    assert runs["ckpt"] == 2 * runs["plain"] > 0  # each layer's attention runs again in backward
+    assert _losses(tmp_path / "ckpt") == pytest.approx(_losses(tmp_path / "plain"), rel=1e-6)
+    plain = engine.plan(_cfg(files, tmp_path / "p", model=gla, batch=64, context=256)).memory_gib
+    ckpt = engine.plan(_cfg(files, tmp_path / "p", model=gla, batch=64, context=256, checkpointing=True)).memory_gib
+    assert ckpt["activations"] < plain["activations"] and ckpt["total"] < plain["total"]
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["checkpointing"] is True
+
+
+def test_checkpointing_a_model_that_cannot_is_one_clear_error(files, tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "supports_gradient_checkpointing", False)
+    with pytest.raises(ConfigError, match="--checkpointing: model type llama does not support activation"):
+        engine.train(_cfg(files, tmp_path / "run", steps=1, checkpointing=True))
 
 
 def test_nan_updates_are_skipped_and_counted(files, tmp_path, monkeypatch):

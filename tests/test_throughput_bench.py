@@ -46,3 +46,16 @@ def test_set_overrides_the_model_config_for_every_engine(tmp_path):
 def test_set_needs_key_equals_value():
     with pytest.raises(SystemExit):
         throughput.main(["--device", "cpu", "--tiny", "--set", "fuse_norm"])
+
+
+def test_a_model_fla_refuses_on_this_gpu_is_skipped_before_any_worker_runs(tmp_path, monkeypatch, capsys):
+    why = "gated_deltanet cannot train on this NVIDIA H200 with Triton 3.6.0: FLA refuses its backward pass there"
+    monkeypatch.setattr(throughput, "_blocker", lambda path: (why, "pip install 'triton>=3.7.1'"))
+    monkeypatch.setattr(throughput.subprocess, "Popen", None)  # no worker may start
+    out = tmp_path / "rows.json"
+    assert throughput.main(["--models", "gdn-340M", "--engines", "bare,flame", "--json", str(out)]) == 1
+    assert json.loads(out.read_text()) == [
+        {"model": "gdn-340M", "engine": "bare", "error": why},
+        {"model": "gdn-340M", "engine": "flame", "error": why},
+    ]
+    assert f"gdn-340M   flame  failed ({why})" in capsys.readouterr().out.splitlines()

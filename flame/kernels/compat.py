@@ -63,10 +63,17 @@ def hopper_triton_blocker(
     device_name: str = "",
     triton_version: str | None = None,
     tilelang: bool | None = None,
+    mode: str | None = None,
 ) -> tuple[str, str] | None:
     """(why FLA will refuse to train `model_type` on this GPU, the fix), or None. With no arguments, asks CUDA,
     Triton and the installed packages; the arguments let a test describe another machine."""
     if model_type not in _GATED_DQKWG:
+        return None
+    if mode is None:
+        from flame.kernels import settings
+
+        mode = settings.mode
+    if mode == "torch":  # flame's portable kernels run instead of FLA's Triton ones
         return None
     if capability is None:
         import torch
@@ -94,4 +101,4 @@ def hopper_triton_blocker(
         "FLA refuses its backward pass there (wrong results on Hopper with Triton 3.4.0 to 3.7.0, "
         "flash-linear-attention#640)"
     )
-    return why, f"{fix}, or train on another GPU"
+    return why, f"{fix}, or train on another GPU (or with flame's slower portable kernels: FLAME_KERNELS=torch)"

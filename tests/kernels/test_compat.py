@@ -13,12 +13,15 @@ def test_gated_deltanet_on_hopper_with_triton_3_6_is_refused_with_the_fix():
         "gated_deltanet cannot train on this NVIDIA H200 with Triton 3.6.0: FLA refuses its backward pass there "
         "(wrong results on Hopper with Triton 3.4.0 to 3.7.0, flash-linear-attention#640)"
     )
-    assert fix == "pip install 'triton>=3.7.1' (or pip install tilelang), or train on another GPU"
+    assert fix == (
+        "pip install 'triton>=3.7.1' (or pip install tilelang), or train on another GPU "
+        "(or with flame's slower portable kernels: FLAME_KERNELS=torch)"
+    )
 
 
 def test_simple_gla_is_refused_even_with_tilelang_whose_backend_does_not_take_it():
     why, fix = hopper_triton_blocker("simple_gla", **H200, triton_version="3.5.1", tilelang=True)
-    assert fix == "pip install 'triton>=3.7.1', or train on another GPU"
+    assert fix.startswith("pip install 'triton>=3.7.1', or train on another GPU")
 
 
 @pytest.mark.parametrize(
@@ -34,6 +37,10 @@ def test_simple_gla_is_refused_even_with_tilelang_whose_backend_does_not_take_it
 )
 def test_everything_else_trains(model_type, capability, triton, tilelang):
     assert hopper_triton_blocker(model_type, capability=capability, triton_version=triton, tilelang=tilelang) is None
+
+
+def test_flames_portable_kernels_on_the_gpu_are_not_refused():
+    assert hopper_triton_blocker("gated_deltanet", **H200, triton_version="3.6.0", tilelang=False, mode="torch") is None
 
 
 def test_on_a_machine_without_cuda_nothing_is_refused():

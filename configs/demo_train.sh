@@ -14,12 +14,12 @@ DEMO=.demo
 RUN="$DEMO/run"
 
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    SETTINGS=(--context 1024 --batch 32 --steps "${DEMO_STEPS:-600}" --lr 2e-3 --warmup 50 --logging 20 --save 200)
+    SETTINGS=(--context 1024 --batch 32 --steps "${DEMO_STEPS:-600}" --lr 2e-3 --warmup 50 --logging 20 --save 200 --eval 200)
     echo "demo: training on the GPU"
 else
     # 1K tokens per update at about 2.9K tokens/s on 2 quiet CPU cores (measured 2026-11-28): ~1.5 minutes;
     # several times that on a busy machine (DEMO_STEPS=... for a longer or shorter run).
-    SETTINGS=(--context 256 --batch 4 --steps "${DEMO_STEPS:-240}" --lr 2e-3 --warmup 16 --logging 10 --save 120)
+    SETTINGS=(--context 256 --batch 4 --steps "${DEMO_STEPS:-240}" --lr 2e-3 --warmup 16 --logging 10 --save 120 --eval 60)
     echo "demo: training on the CPU (no GPU found); a GPU runs the same command with bf16 and Triton kernels"
 fi
 
@@ -42,6 +42,11 @@ records = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
 first, last = records[0]["loss"], records[-1]["loss"]
 print(f"\ndemo: loss {first:.3f} at step {records[0]['step']} -> {last:.3f} at step {records[-1]['step']} "
       f"({100 * (1 - last / first):.0f}% lower), {records[-1]['tokens']:,} tokens")
+evals = [r for r in records if r.get("val_loss") is not None]
+if len(evals) > 1:
+    a, b = evals[0], evals[-1]
+    print(f"demo: validation loss (held-out files) {a['val_loss']:.3f} at step {a['step']} -> "
+          f"{b['val_loss']:.3f} at step {b['step']}")
 
 import warnings
 

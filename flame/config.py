@@ -84,6 +84,13 @@ class TrainConfig:
     """Activation checkpointing: keep only each layer's input and recompute the rest in backward (less memory, ~1/3
     more compute); for a batch or model that does not fit otherwise. The losses are the same."""
 
+    # Validation
+    eval: int = 0
+    """Measure the loss on the validation split (the first --cache's, from `flame data prepare --val-docs`) every
+    this many updates and at the end; 0: never. Logged as val_loss."""
+    eval_windows: int = 64
+    """--context windows per evaluation: the same ones each time (fewer if the split is smaller)."""
+
     # Checkpoints, logging, faults
     save: int = 2048
     """Save a checkpoint every this many updates (and always at the end)."""

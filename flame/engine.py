@@ -52,6 +52,7 @@ class Plan:
     world: int
     vocab_size: int | None
     sources: list = field(default_factory=list, repr=False)
+    validation: object = field(default=None, repr=False)  # the validation split's Source when --eval
 
 
 @dataclass
@@ -90,10 +91,18 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
             f"--context {cfg.context} is larger than the model supports (max_position_embeddings {max_pos}): "
             "lower --context or raise max_position_embeddings in the model config"
         )
+    if cfg.eval < 0 or cfg.eval_windows < 1:
+        problems.append("--eval must be 0 (never) or more and --eval-windows at least 1")
     if cfg.varlen and not is_fla:
         problems.append(f"--varlen needs an FLA model (cu_seqlens), {config.model_type} has none: drop --varlen")
     if problems:
         raise ConfigError("; ".join(problems))
+
+    validation = None
+    if cfg.eval:
+        validation = data_loader.open_validation(sources[0].path)
+        # enough tokens for every process? (the windows themselves are read again by each process in train())
+        data_loader.Validation(validation, context=cfg.context, windows=cfg.eval_windows, seed=cfg.seed, world=world)
 
     per_epoch = data_loader.windows_per_epoch(sources, cfg.context)
     windows_per_update = cfg.batch * cfg.update * world
@@ -122,6 +131,7 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
         world=world,
         vocab_size=vocab,
         sources=sources,
+        validation=validation,
     )
 
 
@@ -227,6 +237,26 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
         p.sources, context=cfg.context, batch=cfg.batch, seed=cfg.seed, rank=rank, world=world, varlen=cfg.varlen
     )
 
+    validation = None
+    if p.validation is not None:
+        validation = data_loader.Validation(
+            p.validation, context=cfg.context, windows=cfg.eval_windows, seed=cfg.seed, rank=rank, world=world
+        )
+
+    def evaluate() -> float:
+        """Mean token loss over the validation windows, all processes together (the training loss's measure)."""
+        model.eval()
+        total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+        one = torch.ones((), device=accelerator.device, dtype=torch.long)  # forward_loss then returns the sum
+        with torch.no_grad():
+            for b in validation.batches(cfg.batch, cfg.varlen):
+                b = {k: v.to(accelerator.device) for k, v in b.items()}
+                total[0] += forward_loss(model, b, one).double()
+                total[1] += b["input_ids"].numel() - b["input_ids"].shape[0]
+        model.train()
+        total = accelerator.reduce(total, reduction="sum")
+        return float(total[0] / total[1])
+
     step, tokens, skipped, bad_in_a_row, elapsed_before = 0, 0, 0, 0, 0.0
     if cfg.checkpoint:
         state = ckpt.load(accelerator, cfg.checkpoint)
@@ -328,8 +358,10 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
                 window_losses.append(loss_value)
                 first_loss = loss_value if first_loss is None else first_loss
 
-            if step % cfg.logging == 0 or step == p.steps or step == 1:
+            evaluating = validation is not None and (step % cfg.eval == 0 or step == p.steps)
+            if step % cfg.logging == 0 or step == p.steps or step == 1 or evaluating:
                 tps = meter.tokens_per_s
+                val = {"val_loss": evaluate()} if evaluating else {}
                 first_step = {"first_step_s": first_step_s} if first_step_s is not None else {}
                 if first_step and first.tuning is not None and first.tuning.tuned:
                     first_step["first_step_tuning"] = first.tuning.record()
@@ -350,8 +382,11 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
                         "epoch": loader.epoch(),
                         "skipped": skipped,
                         **first_step,
+                        **val,
                     }
                 )
+                if val:
+                    meter.reset_clock()  # the evaluation does not count as training time
                 window_losses = []
 
             if bad_in_a_row >= cfg.max_bad_steps:

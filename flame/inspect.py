@@ -182,9 +182,11 @@ class RunFacts:
     updated_s_ago: float | None  # since metrics.jsonl was last written
     checkpoints: list[dict]  # complete ones: step, path, bytes; oldest first
     incomplete: list[str]  # .step-N.tmp folders a crash left behind (never resumed from)
-    curve: dict  # "step", "loss", "lr": one entry per metrics.jsonl record
+    curve: dict  # "step", "loss", "lr", "val_loss": one entry per metrics.jsonl record
     model: ModelFacts | None
     plot: str | None = None  # where --plot wrote the PNG
+    val_loss: float | None = None  # latest validation loss (`flame train --eval`)
+    val_loss_step: int | None = None
 
 
 Facts = ModelFacts | DatasetFacts | CheckpointFacts | RunFacts
@@ -676,6 +678,7 @@ def inspect_run(path: str | os.PathLike, options: InspectOptions) -> RunFacts:
             pass
     last = records[-1] if records else {}
     losses = [r for r in records if r.get("loss") is not None]
+    vals = [r for r in records if r.get("val_loss") is not None]
     step = last.get("step", 0)
     steps = _total_steps(config, world) if config else None
     finished = steps is not None and step >= steps
@@ -712,8 +715,11 @@ def inspect_run(path: str | os.PathLike, options: InspectOptions) -> RunFacts:
             "step": [r["step"] for r in records],
             "loss": [r.get("loss") for r in records],
             "lr": [r.get("lr") for r in records],
+            "val_loss": [r.get("val_loss") for r in records],
         },
         model=model_facts,
+        val_loss=vals[-1]["val_loss"] if vals else None,
+        val_loss_step=vals[-1]["step"] if vals else None,
     )
 
 
@@ -734,6 +740,10 @@ def plot_run(facts: RunFacts, output: str | os.PathLike):
     FigureCanvasAgg(fig)  # Agg: no display needed
     ax_loss, ax_lr = fig.subplots(2, 1, sharex=True)
     ax_loss.plot(steps, loss, color="tab:blue", label="loss")
+    evals = [(s, v) for s, v in zip(steps, facts.curve.get("val_loss") or []) if v is not None]
+    if evals:
+        ax_loss.plot(*zip(*evals), "o-", color="tab:green", label="validation loss")
+        ax_loss.legend()
     ax_loss.set_ylabel("loss")
     ax_loss.grid(alpha=0.3)
     ax_lr.plot(steps, lr, color="tab:orange", label="learning rate")

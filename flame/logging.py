@@ -41,8 +41,10 @@ def _fmt(record: dict) -> str:
         return "-" if v is None else format(v, spec)
 
     mfu = record.get("mfu")
+    val = f"val {num('val_loss', '.4f')}  " if "val_loss" in record else ""
     return (
-        f"step {record['step']}  loss {num('loss', '.4f')}  lr {num('lr', '.2e')}  grad {num('grad_norm', '.3f')}  "
+        f"step {record['step']}  loss {num('loss', '.4f')}  {val}"
+        f"lr {num('lr', '.2e')}  grad {num('grad_norm', '.3f')}  "
         f"tokens {ui.human(record['tokens'])}  {ui.human(record['tokens_per_s'])} tok/s  "
         f"mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'}  mem {num('memory_gib', '.2f')} GiB"
     )

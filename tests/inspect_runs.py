@@ -11,7 +11,8 @@ _made: dict[str, Path] = {}
 
 
 def trained_run(tmp_path_factory) -> Path:
-    """RUN/ with config.json, metrics.jsonl (one record per update) and checkpoints/step-0000000{3,6}."""
+    """RUN/ with config.json, metrics.jsonl (one record per update, val_loss at 3 and 6) and
+    checkpoints/step-0000000{3,6}."""
     if "run" not in _made:
         from flame import engine
         from flame.config import TrainConfig
@@ -32,6 +33,8 @@ def trained_run(tmp_path_factory) -> Path:
             save=SAVE,
             steps=STEPS,
             limit=0,
+            eval=SAVE,
+            eval_windows=4,
         )
         engine.train(cfg)
         _made["run"] = root / "run"

@@ -10,12 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from flame import engine
 from flame.config import TrainConfig
-from flame.errors import CheckpointError, ConfigError, TrainingError
+from flame.errors import CheckpointError, ConfigError, DataError, TrainingError
 from tests.prepared import counting_docs, gla_config, llama_config, make_prepared
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +98,63 @@ def test_checkpointing_a_model_that_cannot_is_one_clear_error(files, tmp_path, m
     monkeypatch.setattr(LlamaForCausalLM, "supports_gradient_checkpointing", False)
     with pytest.raises(ConfigError, match="--checkpointing: model type llama does not support activation"):
         engine.train(_cfg(files, tmp_path / "run", steps=1, checkpointing=True))
+
+
+@pytest.fixture(scope="module")
+def with_validation(files):
+    make_prepared(files / "dsv", counting_docs(300, 64), 64, val_docs=counting_docs(40, 64, seed=5))
+    return files / "dsv"
+
+
+def test_validation_loss_is_the_mean_token_loss_of_the_same_windows_and_leaves_training_alone(
+    files, with_validation, tmp_path
+):
+    from transformers import AutoModelForCausalLM
+
+    from flame.data import loader
+
+    common = dict(cache=str(with_validation), steps=4, save=4)
+    engine.train(_cfg(files, tmp_path / "plain", **common))
+    engine.train(_cfg(files, tmp_path / "eval", eval=2, eval_windows=6, **common))
+    records = [json.loads(line) for line in (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "val_loss" in r) for r in records] == [(1, False), (2, True), (3, False), (4, True)]
+    assert _losses(tmp_path / "eval") == _losses(tmp_path / "plain")  # evaluating changes nothing in training
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "eval" / "checkpoints" / "step-00000004" / "model")
+    source = loader.open_source(str(with_validation), split="validation")
+    windows = loader.Validation(source, context=32, windows=6, seed=0)
+    ids = torch.from_numpy(np.stack(windows.rows).astype(np.int64))
+    assert ids.shape == (6, 32)
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=ids).loss.item()  # mean over the 6 x 31 predicted tokens
+    assert records[-1]["val_loss"] == pytest.approx(expected, rel=1e-5)
+    assert records[1]["val_loss"] > records[-1]["val_loss"]
+
+
+def test_validation_of_a_gla_with_varlen_sees_each_document_alone(files, with_validation, tmp_path):
+    common = dict(model=str(files / "gla.json"), cache=str(with_validation), steps=2, eval=2, eval_windows=4)
+    for name, varlen in (("packed", False), ("varlen", True)):
+        engine.train(_cfg(files, tmp_path / name, varlen=varlen, **common))
+    packed, varlen = (
+        json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"]
+        for name in ("packed", "varlen")
+    )
+    assert math.isfinite(packed) and math.isfinite(varlen)
+    assert packed != varlen  # the varlen run trains and evaluates with document boundaries
+
+
+def test_eval_without_a_validation_split_is_one_clear_error(files, tmp_path):
+    with pytest.raises(DataError) as error:
+        engine.plan(_cfg(files, tmp_path / "run", eval=10))
+    assert str(error.value) == (
+        f"{files / 'ds'} has no validation split for --eval: prepare the data with --val-docs > 0, or drop --eval"
+    )
+
+
+def test_a_validation_split_smaller_than_a_window_is_one_clear_error(files, tmp_path):
+    make_prepared(tmp_path / "tiny", counting_docs(300, 64), 64, val_docs=[[5, 6, 7, 2]])
+    with pytest.raises(DataError, match="the validation split of .* has 4 tokens, fewer than one --context window"):
+        engine.plan(_cfg(files, tmp_path / "run", cache=str(tmp_path / "tiny"), eval=10))
 
 
 def test_nan_updates_are_skipped_and_counted(files, tmp_path, monkeypatch):

@@ -318,7 +318,9 @@ def test_run_summary_from_its_metrics(run):
         "step": [r["step"] for r in records],
         "loss": [r["loss"] for r in records],
         "lr": [r["lr"] for r in records],
+        "val_loss": [None, None, records[2]["val_loss"], None, None, last["val_loss"]],
     }
+    assert (facts.val_loss, facts.val_loss_step) == (last["val_loss"], STEPS)
     assert facts.model.model_type == "llama" and facts.config["type"] == "llama"
 
 
@@ -382,6 +384,8 @@ def test_plot_draws_the_loss_and_lr_curves(run, tmp_path):
     assert list(loss_ax.lines[0].get_xdata()) == facts.curve["step"]
     assert list(loss_ax.lines[0].get_ydata()) == facts.curve["loss"]
     assert list(lr_ax.lines[0].get_ydata()) == facts.curve["lr"]
+    assert list(loss_ax.lines[1].get_xdata()) == [3, 6]  # the validation loss, where it was measured
+    assert list(loss_ax.lines[1].get_ydata()) == [facts.curve["val_loss"][2], facts.val_loss]
     assert (loss_ax.get_ylabel(), lr_ax.get_ylabel(), lr_ax.get_xlabel()) == ("loss", "learning rate", "step")
 
     # other curves, another picture

@@ -358,6 +358,7 @@ def render_run(f: RunFacts) -> None:
         ("progress", f"{progress}, {status}"),
         ("tokens", _count(f.tokens)),
         ("loss", _num(f.loss)),
+        *([("validation loss", f"{_num(f.val_loss)} (step {f.val_loss_step})")] if f.val_loss is not None else []),
         ("lr", _num(f.lr, ".3e")),
         ("grad norm", _num(f.grad_norm, ".3f")),
         ("throughput", f"{ui.human(f.tokens_per_s)} tokens/s, MFU {mfu}" if f.tokens_per_s is not None else "-"),

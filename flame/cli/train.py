@@ -49,6 +49,10 @@ def train(
     norm: Annotated[float, _opt("norm", rich_help_panel="Optimizer")] = DEFAULTS.norm,
     precision: Annotated[str, _opt("precision", rich_help_panel="Optimizer")] = DEFAULTS.precision,
     checkpointing: Annotated[bool, _opt("checkpointing", rich_help_panel="Batch")] = DEFAULTS.checkpointing,
+    eval: Annotated[int, _opt("eval", rich_help_panel="Checkpoints and logging")] = DEFAULTS.eval,
+    eval_windows: Annotated[
+        int, _opt("eval_windows", rich_help_panel="Checkpoints and logging")
+    ] = DEFAULTS.eval_windows,
     save: Annotated[int, _opt("save", rich_help_panel="Checkpoints and logging")] = DEFAULTS.save,
     limit: Annotated[int, _opt("limit", rich_help_panel="Checkpoints and logging")] = DEFAULTS.limit,
     logging: Annotated[int, _opt("logging", rich_help_panel="Checkpoints and logging")] = DEFAULTS.logging,

@@ -54,9 +54,9 @@ def open_source(path: str, weight: float = 1.0, split: str = "train") -> Source:
         loaded = datasets.load_from_disk(str(root))
     except (FileNotFoundError, ValueError) as e:
         raise DataError(f"{path} is not a prepared dataset ({e})", "give the output dir of `flame data prepare`") from e
-    ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     if isinstance(loaded, datasets.DatasetDict) and split not in loaded:
         raise DataError(f"{path} has no '{split}' split", "prepare it again with `flame data prepare`")
+    ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     if TOKENS_COLUMN not in ds.column_names:
         raise DataError(f"{path} has no '{TOKENS_COLUMN}' column", "give the output dir of `flame data prepare`")
     if len(ds) == 0:
@@ -117,6 +117,56 @@ class Windows:
         return tokens, starts
 
 
+def collate(rows: list[np.ndarray], starts: list[list[int]], context: int, varlen: bool) -> dict[str, torch.Tensor]:
+    """Windows (and where documents start inside them) as a model batch."""
+    input_ids = torch.from_numpy(np.stack(rows).astype(np.int64))
+    if not varlen:
+        return {"input_ids": input_ids}
+    # FLA's varlen path takes one flattened row plus cumulative sequence lengths over it.
+    cu = [0]
+    for b, doc_starts in enumerate(starts):
+        cu.extend(b * context + o for o in doc_starts)
+        cu.append((b + 1) * context)
+    return {"input_ids": input_ids.reshape(1, -1), "cu_seqlens": torch.tensor(cu, dtype=torch.int32)}
+
+
+class Validation:
+    """The fixed validation windows of one process: the first `n` windows of the split (in the --seed order, epoch
+    0), n = min(eval_windows, what the split holds) rounded down to a multiple of the process count, process r
+    taking windows r, r + world, ... so every process runs the same number of forwards (FSDP needs that)."""
+
+    def __init__(self, source: Source, *, context: int, windows: int, seed: int, rank: int = 0, world: int = 1):
+        if source.tokens < context * world:
+            raise DataError(
+                f"the validation split of {source.path} has {source.tokens} tokens, fewer than one --context window "
+                f"of {context} per process",
+                "prepare the data with a larger --val-docs, or lower --context, or drop --eval",
+            )
+        stream = Windows(source, context, seed)
+        self.total = min(windows, stream.per_epoch) // world * world
+        taken = [stream.window(i) for i in range(rank, self.total, world)]
+        self.rows = [t for t, _ in taken]
+        self.starts = [s for _, s in taken]
+        self.context = context
+
+    def batches(self, batch: int, varlen: bool):
+        for i in range(0, len(self.rows), batch):
+            yield collate(self.rows[i : i + batch], self.starts[i : i + batch], self.context, varlen)
+
+
+def open_validation(path: str) -> Source:
+    """The validation split of a prepared dataset, with the fix when it has none."""
+    try:
+        return open_source(path, split="validation")
+    except DataError as e:
+        if "no 'validation' split" not in e.message:
+            raise
+        raise DataError(
+            f"{path} has no validation split for --eval",
+            "prepare the data with --val-docs > 0, or drop --eval",
+        ) from e
+
+
 class PackedLoader:
     """Batches of packed windows for one process. `state_dict` is the exact position (see the module docstring)."""
 
@@ -159,15 +209,7 @@ class PackedLoader:
                 starts.append(doc_starts)
             self.taken[s] += 1
         self.position += self.batch * self.world
-        input_ids = torch.from_numpy(np.stack(rows).astype(np.int64))
-        if not self.varlen:
-            return {"input_ids": input_ids}
-        # FLA's varlen path takes one flattened row plus cumulative sequence lengths over it.
-        cu = [0]
-        for b, doc_starts in enumerate(starts):
-            cu.extend(b * self.context + o for o in doc_starts)
-            cu.append((b + 1) * self.context)
-        return {"input_ids": input_ids.reshape(1, -1), "cu_seqlens": torch.tensor(cu, dtype=torch.int32)}
+        return collate(rows, starts, self.context, self.varlen)
 
     def epoch(self) -> float:
         """Passes over the data so far (of the first source, the one --epochs counts)."""

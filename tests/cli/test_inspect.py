@@ -126,6 +126,7 @@ def test_run_report_with_the_loss_chart(run):
     facts = inspect(run)
     assert f"step {STEPS} of {STEPS} (100.0%), finished" in result.output
     assert f"{facts.loss:.4f}" in result.output and "checkpoints/step-00000003" in result.output
+    assert f"│ validation loss │ {facts.val_loss:.4f} (step {STEPS})" in result.output
     for line in chart_lines(facts.curve["step"], facts.curve["loss"]):
         assert line in result.output
     out = json.loads(flame(run, "--json").stdout)

@@ -50,17 +50,18 @@ if len(evals) > 1:
 
 import warnings
 
-import fla  # noqa: F401  (registers the GLA model type with transformers)
+warnings.filterwarnings("ignore")  # FLA's notices (no Triton on a CPU; generate()'s cache argument)
+
+import flame.kernels
+
+flame.kernels.install()  # imports fla, which registers the GLA model type with transformers
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-warnings.filterwarnings("ignore")  # FLA's deprecation notices about generate()'s cache argument
 hf_logging.set_verbosity_error()
-
-import flame.kernels
-
-flame.kernels.install()
+hf_logging.disable_progress_bar()
 model = AutoModelForCausalLM.from_pretrained(f"{ckpt}/model")
 tokenizer = AutoTokenizer.from_pretrained(f"{ckpt}/model")
 prompt = tokenizer("def __init__(self", return_tensors="pt").input_ids

@@ -422,7 +422,7 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
 
 #: Options `flame resume` may change: they say how long to train and how to report and keep checkpoints, never what is
 #: trained (model, data, context, batch, optimizer and seed stay as the run was started, so the continuation is exact).
-RESUME_OVERRIDES = ("steps", "logging", "save", "limit", "project", "max_bad_steps")
+RESUME_OVERRIDES = ("steps", "logging", "save", "limit", "project", "max_bad_steps", "eval", "eval_windows")
 
 
 def resume(run_dir: str | os.PathLike, overrides: dict | None = None, *, force: bool = False) -> TrainResult:

@@ -19,7 +19,7 @@ runner = CliRunner()
 def full_run(tmp_path_factory):
     """An uninterrupted 6-update run that checkpoints at 3 and 6."""
     root = tmp_path_factory.mktemp("resume")
-    make_prepared(root / "ds", counting_docs(300, 64), 64)
+    make_prepared(root / "ds", counting_docs(300, 64), 64, val_docs=counting_docs(20, 64, seed=3))
     make_prepared(root / "other", counting_docs(300, 64, seed=7), 64)
     llama_config(root / "llama.json")
     cfg = TrainConfig(
@@ -71,6 +71,17 @@ def test_resume_may_raise_steps(full_run, tmp_path):
     assert [r["step"] for r in _records(run)][-3:] == [6, 7, 8]
     assert json.loads((run / "config.json").read_text())["steps"] == 8
     assert (run / "checkpoints" / "step-00000008").is_dir()
+
+
+def test_resume_may_start_evaluating_without_changing_the_training(full_run, tmp_path):
+    run = _interrupted_copy(full_run, tmp_path)
+    result = runner.invoke(app, ["resume", str(run), "--eval", "2", "--eval-windows", "4"])
+    assert result.exit_code == 0, result.output
+    records = _records(run)
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 6]
+    train = [(r["step"], r["loss"]) for r in records]
+    assert train == [(r["step"], r["loss"]) for r in _records(full_run / "full")]
+    assert json.loads((run / "config.json").read_text())["eval"] == 2
 
 
 def test_resume_of_a_finished_run_has_nothing_to_do(full_run, tmp_path):

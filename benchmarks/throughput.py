@@ -68,12 +68,22 @@ def _random_ids(vocab: int, n: int, context: int, seed: int):
     return torch.randint(3, vocab, (n, context), generator=g)
 
 
+def _maybe_compile(model, config, args) -> None:
+    """--compile: every engine compiles the decoder blocks the way `flame train --compile` does."""
+    if args.compile:
+        from flame.engine import decoder_blocks
+
+        for block in decoder_blocks(model, config):
+            block.compile()
+
+
 def run_bare(config_path: str, args, device) -> dict:
     import torch
 
     from flame.models import build_model
 
     model, config = build_model(config_path, seed=SEED, dtype=torch.float32, device=device)
+    _maybe_compile(model, config, args)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=device.type == "cuda")
     total = 1 + args.warmup + args.steps
@@ -114,6 +124,7 @@ def run_flame(config_path: str, args, device, work: Path) -> dict:
     cfg = TrainConfig(
         model=config_path, cache=str(work / "data"), path=str(work / "run"), context=args.context,
         batch=args.batch, steps=total, lr=3e-4, warmup=0, seed=SEED, logging=1, save=10**9, limit=0,
+        compile=args.compile,
     )  # fmt: skip
     engine.train(cfg)
     records = [json.loads(ln) for ln in (work / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -133,6 +144,7 @@ def run_hf(config_path: str, args, device, work: Path) -> dict:
     from flame.models import build_model
 
     model, config = build_model(config_path, seed=SEED, dtype=torch.float32)
+    _maybe_compile(model, config, args)
     total = 1 + args.warmup + args.steps
     ids = _random_ids(config.vocab_size, total * args.batch, args.context, SEED)
     dataset = [{"input_ids": row, "labels": row} for row in ids]
@@ -214,6 +226,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="a tiny GLA instead of --models (CPU smoke run)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder block, in every engine")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
@@ -264,7 +277,7 @@ def main(argv=None) -> int:
             for eng in args.engines.split(","):
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", eng, "--worker-config", config_path]
                 cmd += ["--batch", str(args.batch), "--context", str(args.context), "--steps", str(args.steps)]
-                cmd += ["--warmup", str(args.warmup), "--device", args.device]
+                cmd += ["--warmup", str(args.warmup), "--device", args.device] + ["--compile"] * args.compile
                 print(f"== {model} {eng} (batch {args.batch} x {args.context})", file=sys.stderr, flush=True)
                 # The worker's output is echoed as it comes (flame's first-step tuning trace included), so a run
                 # cut off by a time limit still shows how far it got.

@@ -80,6 +80,9 @@ class TrainConfig:
     """Gradient clipping max norm (0: no clipping, the norm is still logged)."""
     precision: str = "auto"
     """auto (bf16 autocast with fp32 master weights on GPU, fp32 on CPU), bf16, or fp32."""
+    compile: bool = False
+    """torch.compile each decoder block (inductor, in place: checkpoints keep their names); the first step then
+    includes the compilation. Whether it pays with FLA's Triton kernels on a GPU is not measured yet."""
     checkpointing: bool = False
     """Activation checkpointing: keep only each layer's input and recompute the rest in backward (less memory, ~1/3
     more compute); for a batch or model that does not fit otherwise. The losses are the same."""

@@ -168,6 +168,17 @@ def _fingerprint(sources) -> list[dict]:
     return [{"documents": len(s.lengths), "tokens": s.tokens, "weight": s.weight} for s in sources]
 
 
+def decoder_blocks(model, config) -> torch.nn.ModuleList:
+    """The model's stack of decoder layers (`model.model.layers` in transformers and FLA models)."""
+    n = getattr(config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ConfigError(
+        f"--compile: no stack of {n} decoder layers found in {type(model).__name__}", "drop --compile for this model"
+    )
+
+
 def forward_loss(model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
     """Summed token loss of one micro-batch divided by num_items (the update's token count, all processes).
 
@@ -229,6 +240,11 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if cfg.compile:
+        # Block by block and in place (nn.Module.compile), as torchtitan does: one compiled graph serves every layer
+        # of the same shape, and state_dict names stay as they are, so checkpoints load with or without --compile.
+        for block in decoder_blocks(model, config):
+            block.compile()
     set_seed(cfg.seed + rank)  # per-process RNG (dropout); data order does not use it
     optimizer = build_optimizer(model, cfg, accelerator.device.type)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -4,6 +4,7 @@ SIGTERM, and DDP on CPU (gloo) against one process with twice the accumulation."
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,6 +91,23 @@ def test_activation_checkpointing_trains_the_same_losses_with_less_estimated_mem
     ckpt = engine.plan(_cfg(files, tmp_path / "p", model=gla, batch=64, context=256, checkpointing=True)).memory_gib
     assert ckpt["activations"] < plain["activations"] and ckpt["total"] < plain["total"]
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["checkpointing"] is True
+
+
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor on CPU needs a C++ compiler"
+)
+def test_compile_trains_the_same_losses_and_saves_the_same_weight_names(files, tmp_path):
+    from safetensors import safe_open
+
+    for name, compiled in (("eager", False), ("compiled", True)):
+        engine.train(_cfg(files, tmp_path / name, steps=2, save=2, compile=compiled))
+    assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), rel=1e-4)
+    names = []
+    for name in ("eager", "compiled"):
+        path = tmp_path / name / "checkpoints" / "step-00000002" / "model" / "model.safetensors"
+        with safe_open(str(path), "pt") as f:
+            names.append(sorted(f.keys()))
+    assert names[0] == names[1] and not any("_orig_mod" in k for k in names[1])
 
 
 def test_checkpointing_a_model_that_cannot_is_one_clear_error(files, tmp_path, monkeypatch):

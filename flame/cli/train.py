@@ -48,6 +48,7 @@ def train(
     eps: Annotated[float, _opt("eps", rich_help_panel="Optimizer")] = DEFAULTS.eps,
     norm: Annotated[float, _opt("norm", rich_help_panel="Optimizer")] = DEFAULTS.norm,
     precision: Annotated[str, _opt("precision", rich_help_panel="Optimizer")] = DEFAULTS.precision,
+    compile: Annotated[bool, _opt("compile", rich_help_panel="Batch")] = DEFAULTS.compile,
     checkpointing: Annotated[bool, _opt("checkpointing", rich_help_panel="Batch")] = DEFAULTS.checkpointing,
     eval: Annotated[int, _opt("eval", rich_help_panel="Checkpoints and logging")] = DEFAULTS.eval,
     eval_windows: Annotated[

@@ -115,8 +115,14 @@ def _render_plan(p) -> None:
             "tokens per update",
         ),
         ("steps", f"{p.steps} updates = {p.epochs:.3g} epochs, {ui.human(p.steps * p.tokens_per_update)} tokens"),
-        ("run dir", p.cfg.path),
     ]
+    if p.validation is not None:
+        windows = min(p.cfg.eval_windows, p.validation.tokens // p.cfg.context) // p.world * p.world
+        rows.append(("validation", f"every {p.cfg.eval} updates: {windows} windows of {p.cfg.context} held out"))
+    options = [name for name, on in (("--compile", p.cfg.compile), ("--checkpointing", p.cfg.checkpointing)) if on]
+    if options:
+        rows.append(("options", ", ".join(options)))
+    rows.append(("run dir", p.cfg.path))
     for k, v in rows:
         table.add_row(k, v)
     ui.console.print(table)

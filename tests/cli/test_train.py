@@ -14,7 +14,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("train-cli")
-    make_prepared(root / "ds", counting_docs(300, 64), 64)
+    make_prepared(root / "ds", counting_docs(300, 64), 64, val_docs=counting_docs(30, 64, seed=9))
     llama_config(root / "llama.json")
     gla_config(root / "gla.json")
     return root
@@ -71,6 +71,17 @@ def test_dry_run_prints_the_plan_and_trains_nothing(files, tmp_path):
         assert part in result.output
     assert "10 updates = " in result.output and "epochs" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_shows_validation_and_the_speed_and_memory_options(files, tmp_path):
+    result = _train(files, tmp_path, "gla.json", "--steps", "10", "--eval", "5", "--eval-windows", "12")
+    assert result.exit_code == 0, result.output  # (trains: the CLI options reach the engine)
+    assert [r["step"] for r in _records(tmp_path / "run") if "val_loss" in r] == [5, 10]
+    args = ("--steps", "10", "--eval", "5", "--eval-windows", "12", "--compile", "--checkpointing", "--dry-run")
+    result = _train(files, tmp_path / "dry", "gla.json", *args)
+    assert result.exit_code == 0, result.output
+    assert "every 5 updates: 12 windows of 32 held out" in result.output
+    assert "--compile, --checkpointing" in result.output
 
 
 def _one_error(result, *parts):

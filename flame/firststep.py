@@ -149,11 +149,8 @@ class Tuning:
             fn = fn.fn
         name = getattr(fn, "__name__", "kernel")
         values = dict(zip(getattr(autotuner, "arg_names", ()), args)) | meta
-        parts = []
-        for k in getattr(autotuner, "keys", ()):
-            v = values.get(k)
-            parts.append(f"{k}={getattr(v, 'dtype', v) if hasattr(v, 'dtype') else v}")
-        key = ",".join(parts)
+        # a tensor key (rare) is shown by its dtype, as Triton's own key records it
+        key = ",".join(f"{k}={getattr(values.get(k), 'dtype', values.get(k))}" for k in getattr(autotuner, "keys", ()))
         entry = self.tuned.get((name, key))
         if entry is None:
             entry = self.tuned[(name, key)] = Tuned(name, key)

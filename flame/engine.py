@@ -200,10 +200,14 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
 
     force: continue from a checkpoint (cfg.checkpoint) that was trained on other data than cfg.cache.
     """
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        # accelerate imports DeepSpeed when it is installed; on a machine without a GPU DeepSpeed picks its CPU
+        # accelerator anyway, but first warns "unable to detect" it above every CPU run. Name it, so it need not.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
-    cuda = torch.cuda.is_available()
     update = max(1, cfg.update)
     accelerator = Accelerator(
         mixed_precision=_resolve_precision(cfg.precision, cuda), cpu=not cuda, gradient_accumulation_steps=update

@@ -53,6 +53,7 @@ class Plan:
     vocab_size: int | None
     sources: list = field(default_factory=list, repr=False)
     validation: object = field(default=None, repr=False)  # the validation split's Source when --eval
+    eval_windows: int = 0  # windows per evaluation, all processes together
 
 
 @dataclass
@@ -98,11 +99,12 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
     if problems:
         raise ConfigError("; ".join(problems))
 
-    validation = None
+    validation, eval_windows = None, 0
     if cfg.eval:
         validation = data_loader.open_validation(sources[0].path)
-        # enough tokens for every process? (the windows themselves are read again by each process in train())
-        data_loader.Validation(validation, context=cfg.context, windows=cfg.eval_windows, seed=cfg.seed, world=world)
+        eval_windows = data_loader.Validation.count(
+            validation, context=cfg.context, windows=cfg.eval_windows, world=world
+        )
 
     per_epoch = data_loader.windows_per_epoch(sources, cfg.context)
     windows_per_update = cfg.batch * cfg.update * world
@@ -132,6 +134,7 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
         vocab_size=vocab,
         sources=sources,
         validation=validation,
+        eval_windows=eval_windows,
     )
 
 

@@ -117,8 +117,8 @@ def _render_plan(p) -> None:
         ("steps", f"{p.steps} updates = {p.epochs:.3g} epochs, {ui.human(p.steps * p.tokens_per_update)} tokens"),
     ]
     if p.validation is not None:
-        windows = min(p.cfg.eval_windows, p.validation.tokens // p.cfg.context) // p.world * p.world
-        rows.append(("validation", f"every {p.cfg.eval} updates: {windows} windows of {p.cfg.context} held out"))
+        held_out = f"{p.eval_windows} windows of {p.cfg.context} held out"
+        rows.append(("validation", f"every {p.cfg.eval} updates: {held_out}"))
     options = [name for name, on in (("--compile", p.cfg.compile), ("--checkpointing", p.cfg.checkpointing)) if on]
     if options:
         rows.append(("options", ", ".join(options)))

@@ -136,18 +136,24 @@ class Validation:
     taking windows r, r + world, ... so every process runs the same number of forwards (FSDP needs that)."""
 
     def __init__(self, source: Source, *, context: int, windows: int, seed: int, rank: int = 0, world: int = 1):
+        self.total = self.count(source, context=context, windows=windows, world=world)
+        stream = Windows(source, context, seed)
+        taken = [stream.window(i) for i in range(rank, self.total, world)]
+        self.rows = [t for t, _ in taken]
+        self.starts = [s for _, s in taken]
+        self.context = context
+
+    @staticmethod
+    def count(source: Source, *, context: int, windows: int, world: int = 1) -> int:
+        """How many windows an evaluation takes, all processes together, without reading them; refuses a split
+        that holds less than one window per process."""
         if source.tokens < context * world:
             raise DataError(
                 f"the validation split of {source.path} has {source.tokens} tokens, fewer than one --context window "
                 f"of {context} per process",
                 "prepare the data with a larger --val-docs, or lower --context, or drop --eval",
             )
-        stream = Windows(source, context, seed)
-        self.total = min(windows, stream.per_epoch) // world * world
-        taken = [stream.window(i) for i in range(rank, self.total, world)]
-        self.rows = [t for t, _ in taken]
-        self.starts = [s for _, s in taken]
-        self.context = context
+        return min(windows, source.tokens // context) // world * world
 
     def batches(self, batch: int, varlen: bool):
         for i in range(0, len(self.rows), batch):

@@ -247,8 +247,9 @@ def test_model_loss_and_gradients_match_triton(model_type):
     from tests.kernels.test_models import CONFIGS, VOCAB, build
 
     assert model_type in CONFIGS
-    if hopper_triton_blocker(model_type):
-        pytest.skip(hopper_triton_blocker(model_type)[0])
+    blocker = hopper_triton_blocker(model_type)
+    if blocker:
+        pytest.skip(blocker[0])
     model = build(model_type).cuda().train()
     ids = torch.randint(0, VOCAB, (2, 200), device="cuda")
     results = {}

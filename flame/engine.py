@@ -195,7 +195,7 @@ def forward_loss(model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
         use_cache=False,
         **extra,
     )
-    return out.loss
+    return out.loss.float()
 
 
 def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
@@ -255,6 +255,11 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
     set_seed(cfg.seed + rank)  # per-process RNG (dropout); data order does not use it
     optimizer = build_optimizer(model, cfg, accelerator.device.type)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # accelerate's bf16 wraps the model's forward in autocast AND casts every output to float32: for a 32K vocabulary
+    # at 8 x 2048 that is a 2 GiB float32 copy of the logits at the peak of the forward, which only the loss is
+    # read from. Keep autocast (entered around each forward below), drop the copy: unwrap_model strips both wrappers.
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    autocast = accelerator.autocast
     lr_of = schedule(cfg, p.steps)
     loader = data_loader.PackedLoader(
         p.sources, context=cfg.context, batch=cfg.batch, seed=cfg.seed, rank=rank, world=world, varlen=cfg.varlen
@@ -274,7 +279,8 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
         with torch.no_grad():
             for b in validation.batches(cfg.batch, cfg.varlen):
                 b = {k: v.to(accelerator.device) for k, v in b.items()}
-                total[0] += forward_loss(model, b, one).double()
+                with autocast():
+                    total[0] += forward_loss(model, b, one).double()
                 total[1] += b["input_ids"].numel() - b["input_ids"].shape[0]
         model.train()
         total = accelerator.reduce(total, reduction="sum")
@@ -353,7 +359,8 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
             for b in batches:
                 b = {k: v.to(accelerator.device) for k, v in b.items()}
                 with accelerator.accumulate(model):
-                    loss = forward_loss(model, b, num_items)
+                    with autocast():
+                        loss = forward_loss(model, b, num_items)
                     # accelerate divides by `update` and DDP averages over processes; undo both so the gradient is
                     # that of the summed token loss over num_items.
                     accelerator.backward(loss * update * world)
@@ -420,12 +427,13 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
                     "lower --lr, raise --warmup or --norm clipping, and continue with --checkpoint",
                 )
             # A signal may reach one process only; every process must agree to stop at the same update.
-            wants_stop = torch.tensor(int(stop.requested), device=accelerator.device)
-            if accelerator.distributed_type != DistributedType.NO:
-                wants_stop = accelerator.reduce(wants_stop, reduction="sum")
-            if step % cfg.save == 0 or step == p.steps or wants_stop.item():
+            wants_stop = stop.requested
+            if accelerator.distributed_type != DistributedType.NO:  # one process alone: no device round trip
+                flag = torch.tensor(int(wants_stop), device=accelerator.device)
+                wants_stop = bool(accelerator.reduce(flag, reduction="sum").item())
+            if step % cfg.save == 0 or step == p.steps or wants_stop:
                 last_saved = save()
-            if wants_stop.item() and step < p.steps:
+            if wants_stop and step < p.steps:
                 stopped = "signal"
                 log.warn(f"stop requested: saved {last_saved} at step {step}")
                 break

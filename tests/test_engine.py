@@ -362,3 +362,20 @@ def test_continuing_needs_the_same_model_and_data(files, tmp_path):
     incomplete.mkdir()
     with pytest.raises(CheckpointError, match="not a complete flame checkpoint"):
         engine.train(_cfg(files, tmp_path / "d", steps=4, checkpoint=str(incomplete)))
+
+
+def test_bf16_runs_the_forward_in_autocast_without_a_float32_copy_of_the_logits(files, tmp_path, monkeypatch):
+    """accelerate alone would cast every model output to float32: for logits that is a second, twice-as-large copy
+    at the peak of the forward (2 GiB at 8 x 2048 x 32K). flame keeps autocast and reads only the loss."""
+    seen = []
+    build = engine.models.build_model
+
+    def build_and_watch(*a, **k):
+        model, config = build(*a, **k)
+        model.register_forward_hook(lambda m, args, out: seen.append((out.logits.dtype, out.loss.dtype)))
+        return model, config
+
+    monkeypatch.setattr(engine.models, "build_model", build_and_watch)
+    engine.train(_cfg(files, tmp_path / "r", precision="bf16", steps=2))
+    assert seen == [(torch.bfloat16, torch.float32)] * 2
+    assert all(math.isfinite(x) for x in _losses(tmp_path / "r"))

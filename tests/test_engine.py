@@ -376,6 +376,13 @@ def test_bf16_runs_the_forward_in_autocast_without_a_float32_copy_of_the_logits(
         return model, config
 
     monkeypatch.setattr(engine.models, "build_model", build_and_watch)
-    engine.train(_cfg(files, tmp_path / "r", precision="bf16", steps=2))
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one precision per process; the other tests of this process train in fp32
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        engine.train(_cfg(files, tmp_path / "r", precision="bf16", steps=2))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert seen == [(torch.bfloat16, torch.float32)] * 2
     assert all(math.isfinite(x) for x in _losses(tmp_path / "r"))

@@ -3,7 +3,9 @@
     PYTHONPATH=. python benchmarks/throughput.py                       # GLA-340M, GDN-340M at 8 x 2048, GLA-1.3B
     PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --batch 16 --steps 30
     PYTHONPATH=. python benchmarks/throughput.py --device cpu --tiny   # smoke run of the plumbing, seconds
-    PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --set fuse_linear_cross_entropy=true
+    PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --repeat 3    # engines interleaved, median run
+    PYTHONPATH=. python benchmarks/throughput.py --models gla-340M \
+        --set fuse_cross_entropy=false --set fuse_linear_cross_entropy=true    # FLA allows only one of the two
 
 Every (model, engine) pair runs in its own subprocess, so peak memory is that engine's alone. Each runs the same
 model (built by flame.models.build_model from the same config and seed, fp32 weights), batch, context and precision
@@ -14,7 +16,9 @@ model (built by flame.models.build_model from the same config and seed, fp32 wei
 Step 1 (Triton compilation and FLA autotuning on a fresh machine) is timed alone (first_s), then --warmup steps,
 then --steps timed steps give tokens/s. MFU is shown on flame's FLOP count (flame.models.flops_per_token) and on
 6N alone (N = all parameters). Peak memory is torch.cuda.max_memory_allocated over the whole run (the CPU: peak RSS).
-Prints a table and the ratios flame/bare and flame/hf; --json writes the rows.
+Prints a table and the ratios flame/bare and flame/hf; --json writes the rows. Measured on an H200, a single run of
+a few seconds swings by up to 20% with its place in the sequence (the first engine after a long idle GPU is slow),
+so --repeat N runs every engine N times, the order reversed every other round, and reports the median run.
 """
 
 from __future__ import annotations
@@ -212,8 +216,53 @@ def _blocker(config_path: str) -> tuple[str, str] | None:
     return hopper_triton_blocker(json.loads(Path(config_path).read_text())["model_type"])
 
 
+def _spread(row: dict) -> str:
+    runs = row.get("tokens_per_s_runs")
+    return f"  runs {min(runs):.0f}..{max(runs):.0f}" if runs else ""
+
+
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _run_engine(model: str, eng: str, config_path: str, args, env: dict, round_: int) -> dict:
+    """One engine in its own process; its row, or {"error": ...}."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", eng, "--worker-config", config_path]
+    cmd += ["--batch", str(args.batch), "--context", str(args.context), "--steps", str(args.steps)]
+    cmd += ["--warmup", str(args.warmup), "--device", args.device] + ["--compile"] * args.compile
+    tag = f" round {round_ + 1}/{args.repeat}" if args.repeat > 1 else ""
+    print(f"== {model} {eng} (batch {args.batch} x {args.context}){tag}", file=sys.stderr, flush=True)
+    # The worker's output is echoed as it comes (flame's first-step tuning trace included), so a run cut off by a
+    # time limit still shows how far it got.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=str(REPO))
+    result = []
+    for line in proc.stdout:
+        if line.startswith("RESULT "):
+            result.append(line)
+        else:
+            print(f"   {line}", end="", file=sys.stderr, flush=True)
+    proc.wait()
+    if proc.returncode != 0 or not result:
+        return {"model": model, "engine": eng, "error": f"exit {proc.returncode}"}
+    row = {"model": model, "engine": eng} | json.loads(result[-1][len("RESULT ") :])
+    print("ROW " + json.dumps(row), file=sys.stderr, flush=True)  # kept if a later one is cut off
+    return row
+
+
+def _median(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (the lower middle of an even count), with every run's tokens/s beside it;
+    step 1 is reported from the first run (the one that met a cold cache), peak memory as the largest."""
+    ok = [r for r in runs if "error" not in r]
+    if len(ok) < len(runs):
+        return next(r for r in runs if "error" in r)
+    if len(runs) == 1:
+        return runs[0]
+    by_speed = sorted(ok, key=lambda r: r["tokens_per_s"])
+    row = dict(by_speed[(len(by_speed) - 1) // 2])
+    row["tokens_per_s_runs"] = [r["tokens_per_s"] for r in runs]
+    row["first_s"] = runs[0]["first_s"]
+    row["peak_gib"] = max(r["peak_gib"] for r in runs)
+    return row
 
 
 def main(argv=None) -> int:
@@ -227,6 +276,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="a tiny GLA instead of --models (CPU smoke run)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder block, in every engine")
+    parser.add_argument(
+        "--repeat", type=int, default=1, metavar="N",
+        help="run every engine N times, the order reversed every other round; report the median run and the spread",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
@@ -235,6 +288,8 @@ def main(argv=None) -> int:
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--worker-config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if args.engine:
         worker(args)
         return 0
@@ -274,26 +329,11 @@ def main(argv=None) -> int:
                 print(f"== {model}: skipped: {blocker[0]} ({blocker[1]})", file=sys.stderr, flush=True)
                 rows += [{"model": model, "engine": eng, "error": blocker[0]} for eng in args.engines.split(",")]
                 continue
-            for eng in args.engines.split(","):
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", eng, "--worker-config", config_path]
-                cmd += ["--batch", str(args.batch), "--context", str(args.context), "--steps", str(args.steps)]
-                cmd += ["--warmup", str(args.warmup), "--device", args.device] + ["--compile"] * args.compile
-                print(f"== {model} {eng} (batch {args.batch} x {args.context})", file=sys.stderr, flush=True)
-                # The worker's output is echoed as it comes (flame's first-step tuning trace included), so a run
-                # cut off by a time limit still shows how far it got.
-                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=str(REPO))
-                result = []
-                for line in proc.stdout:
-                    if line.startswith("RESULT "):
-                        result.append(line)
-                    else:
-                        print(f"   {line}", end="", file=sys.stderr, flush=True)
-                proc.wait()
-                if proc.returncode != 0 or not result:
-                    rows.append({"model": model, "engine": eng, "error": f"exit {proc.returncode}"})
-                    continue
-                rows.append({"model": model, "engine": eng} | json.loads(result[-1][len("RESULT ") :]))
-                print("ROW " + json.dumps(rows[-1]), file=sys.stderr, flush=True)  # kept if a later one is cut off
+            runs: dict[str, list[dict]] = {eng: [] for eng in args.engines.split(",")}
+            for r in range(args.repeat):
+                for eng in list(runs)[:: 1 if r % 2 == 0 else -1]:
+                    runs[eng].append(_run_engine(model, eng, config_path, args, env, round_=r))
+            rows += [_median(eng_runs) for eng_runs in runs.values()]
 
     print(f"\nbatch {args.batch} x context {args.context}, {args.steps} timed steps after 1 + {args.warmup}")
     header = f"{'model':<10} {'engine':<6} {'tokens/s':>10} {'MFU':>6} {'MFU 6N':>7} {'peak GiB':>9} {'first s':>8}"
@@ -304,7 +344,7 @@ def main(argv=None) -> int:
             continue
         print(
             f"{r['model']:<10} {r['engine']:<6} {r['tokens_per_s']:>10.0f} {_pct(r['mfu']):>6} "
-            f"{_pct(r['mfu_6n']):>7} {r['peak_gib']:>9.2f} {r['first_s']:>8.1f}"
+            f"{_pct(r['mfu_6n']):>7} {r['peak_gib']:>9.2f} {r['first_s']:>8.1f}{_spread(r)}"
         )
     for model in dict.fromkeys(r["model"] for r in rows):
         by = {r["engine"]: r for r in rows if r["model"] == model and "error" not in r}

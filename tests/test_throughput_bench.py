@@ -59,3 +59,28 @@ def test_a_model_fla_refuses_on_this_gpu_is_skipped_before_any_worker_runs(tmp_p
         {"model": "gdn-340M", "engine": "flame", "error": why},
     ]
     assert f"gdn-340M   flame  failed ({why})" in capsys.readouterr().out.splitlines()
+
+
+def test_repeat_interleaves_the_engines_and_reports_the_median_run(tmp_path, monkeypatch, capsys):
+    order, speeds = [], {"bare": iter([100.0, 300.0, 200.0]), "flame": iter([90.0, 95.0, 400.0])}
+
+    def fake_run(model, eng, config_path, args, env, round_):
+        order.append((round_, eng))
+        first = 50.0 if round_ == 0 else 1.0
+        row = {"model": model, "engine": eng, "tokens_per_s": next(speeds[eng]), "first_s": first}
+        return row | {"peak_gib": 1.0 + round_, "mfu": None, "mfu_6n": None, "device": "cpu"}
+
+    monkeypatch.setattr(throughput, "_run_engine", fake_run)
+    out = tmp_path / "rows.json"
+    argv = ["--device", "cpu", "--tiny", "--engines", "bare,flame", "--repeat", "3", "--json", str(out)]
+    assert throughput.main(argv) == 0
+    assert order == [(0, "bare"), (0, "flame"), (1, "flame"), (1, "bare"), (2, "bare"), (2, "flame")]
+    bare, flame = json.loads(out.read_text())
+    assert (bare["tokens_per_s"], bare["tokens_per_s_runs"]) == (200.0, [100.0, 300.0, 200.0])
+    assert (flame["tokens_per_s"], flame["first_s"], flame["peak_gib"]) == (95.0, 50.0, 3.0)
+    assert "tiny-gla: flame/bare tokens/s 0.475, peak memory 1.000" in capsys.readouterr().out
+
+
+def test_repeat_must_be_positive():
+    with pytest.raises(SystemExit):
+        throughput.main(["--device", "cpu", "--tiny", "--repeat", "0"])

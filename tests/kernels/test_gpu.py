@@ -241,7 +241,8 @@ def test_short_convolution_matches_triton():
 
 @pytest.mark.parametrize(
     # retnet last: its Triton path hit an illegal memory access on the H200 (FLA 0.6.0, Triton 3.6.0, 2026-11-28)
-    "model_type", ["gla", "gated_deltanet", "delta_net", "hgrn2", "mamba2", "gsa", "rwkv7", "retnet"]
+    "model_type",
+    ["gla", "gated_deltanet", "delta_net", "hgrn2", "mamba2", "gsa", "rwkv7", "retnet"],
 )
 def test_model_loss_and_gradients_match_triton(model_type):
     from flame.kernels.compat import hopper_triton_blocker

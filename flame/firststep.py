@@ -8,8 +8,9 @@ So that nobody waits at a silent screen, the engine wraps step 1 in `FirstStep`:
         for each update: if it is this process's first, first.begin(); ...update...; first.end() -> seconds
     # the seconds are reported on their own (metrics.jsonl `first_step_s`), never mixed into tokens/s
 
-It prints the notice before the step, shows that it is still working while the step runs (a rich spinner with the
-elapsed time on a terminal, a plain line every `every` seconds otherwise) and one line with the time after it.
+Once the step has run `quiet_for` seconds (3) it prints the notice and then shows that it is still working (a rich
+spinner with the elapsed time on a terminal, a plain line every `every` seconds otherwise); after the step, one
+line with the time. A step served from a warm cache (about 1 s for GLA-340M on an H200) prints only that line.
 
 What the time goes to is measured, not guessed: during the first step `Tuning` wraps Triton's autotuner (each
 config it benchmarks, the kernel and the autotune key, i.e. the shapes) and Triton's compile hooks. The
@@ -198,8 +199,8 @@ class FirstStep:
     begin() and end() bracket the step itself, so the loop body needs no extra indentation.
     """
 
-    def __init__(self, device_type: str, *, enabled: bool = True, every: float = 30.0):
-        self.device_type, self.enabled, self.every = device_type, enabled, every
+    def __init__(self, device_type: str, *, enabled: bool = True, every: float = 30.0, quiet_for: float = 3.0):
+        self.device_type, self.enabled, self.every, self.quiet_for = device_type, enabled, every, quiet_for
         self.seconds: float | None = None
         self._start: float | None = None
         self._stop = threading.Event()
@@ -207,6 +208,7 @@ class FirstStep:
         self._status = None
         self._compiled = False
         self.tuning: Tuning | None = None
+        self._notice: str | None = None
 
     def __enter__(self):
         return self
@@ -216,14 +218,19 @@ class FirstStep:
         return False
 
     def begin(self) -> None:
-        """Call right before the first step: prints the notice and starts the still-working display."""
+        """Call right before the first step: starts recording the tuning and the clock of the notice."""
         self._start = time.perf_counter()
-        notice = compile_notice(self.device_type) if self.enabled else None
-        if notice is None:
+        self._notice = compile_notice(self.device_type) if self.enabled else None
+        if self._notice is None:
             return
-        self._compiled = True
         self.tuning = Tuning().install()
-        ui.print0(notice)
+        self._thread = threading.Thread(target=self._tick, name="flame-first-step", daemon=True)
+        self._thread.start()
+
+    def _announce(self) -> None:
+        """The step is taking a while: print the notice and start the still-working display."""
+        self._compiled = True
+        ui.print0(self._notice)
         ui.flush()
         if ui.interactive():
             # Shown inside the run's progress display (rich >= 14 nests live displays); older rich refuses a
@@ -234,8 +241,6 @@ class FirstStep:
                 self._status = status
             except LiveError:
                 pass
-        self._thread = threading.Thread(target=self._tick, name="flame-first-step", daemon=True)
-        self._thread.start()
 
     def end(self) -> float:
         """Call right after the first step (after a value has been read back, so the GPU work is done): stops the
@@ -246,11 +251,15 @@ class FirstStep:
             summary = self.tuning.summary() if self.tuning is not None else None
             if summary:
                 ui.print0(summary)
-            ui.print0(done_line(self.seconds, self._compiled))
+            tuned = self.tuning is not None and bool(self.tuning.tuned)
+            ui.print0(done_line(self.seconds, self._compiled or tuned))
             ui.flush()
         return self.seconds
 
     def _tick(self) -> None:
+        if self._stop.wait(self.quiet_for):
+            return
+        self._announce()
         while not self._stop.wait(self.every if self._status is None else 1.0):
             elapsed = time.perf_counter() - self._start
             doing = self.tuning.doing() if self.tuning is not None else ""

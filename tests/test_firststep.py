@@ -32,9 +32,9 @@ def test_the_notice_is_for_cuda_only_and_names_the_cache(monkeypatch):
 
 def test_on_cuda_the_step_is_announced_kept_alive_and_timed(monkeypatch, capsys):
     monkeypatch.setenv("TRITON_CACHE_DIR", "/shared/triton")
-    with FirstStep("cuda", every=0.1) as first:
+    with FirstStep("cuda", every=0.1, quiet_for=0.05) as first:
         first.begin()
-        time.sleep(0.35)
+        time.sleep(0.4)
         seconds = first.end()
         assert first.seconds == seconds and 0.35 <= seconds < 2
     lines = capsys.readouterr().out.splitlines()
@@ -45,6 +45,14 @@ def test_on_cuda_the_step_is_announced_kept_alive_and_timed(monkeypatch, capsys)
     assert firststep.done_line(12.34, True) == (
         "first step took 12.3 s (compilation and autotuning included; not counted in tokens/s)"
     )
+
+
+def test_a_step_from_a_warm_cache_prints_only_its_time(capsys):
+    with FirstStep("cuda", every=0.05, quiet_for=1.0) as first:
+        first.begin()
+        time.sleep(0.1)
+        seconds = first.end()
+    assert capsys.readouterr().out.splitlines() == [f"first step took {seconds:.1f} s (not counted in tokens/s)"]
 
 
 def test_on_cpu_no_notice_only_the_time(capsys):

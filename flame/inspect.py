@@ -187,6 +187,8 @@ class RunFacts:
     plot: str | None = None  # where --plot wrote the PNG
     val_loss: float | None = None  # latest validation loss (`flame train --eval`)
     val_loss_step: int | None = None
+    # the latest first step (a resumed run times its own): seconds, and on a GPU what its autotuning cost
+    first_step: dict | None = None
 
 
 Facts = ModelFacts | DatasetFacts | CheckpointFacts | RunFacts
@@ -679,6 +681,12 @@ def inspect_run(path: str | os.PathLike, options: InspectOptions) -> RunFacts:
     last = records[-1] if records else {}
     losses = [r for r in records if r.get("loss") is not None]
     vals = [r for r in records if r.get("val_loss") is not None]
+    firsts = [r for r in records if r.get("first_step_s") is not None]
+    first_step = None
+    if firsts:
+        first_step = {"step": firsts[-1].get("step"), "seconds": firsts[-1]["first_step_s"]}
+        tuning = firsts[-1].get("first_step_tuning") or {}
+        first_step |= {k: tuning[k] for k in ("kernels_tuned", "configs_benchmarked", "compile_s") if k in tuning}
     step = last.get("step", 0)
     steps = _total_steps(config, world) if config else None
     finished = steps is not None and step >= steps
@@ -720,6 +728,7 @@ def inspect_run(path: str | os.PathLike, options: InspectOptions) -> RunFacts:
         model=model_facts,
         val_loss=vals[-1]["val_loss"] if vals else None,
         val_loss_step=vals[-1]["step"] if vals else None,
+        first_step=first_step,
     )
 
 

@@ -344,6 +344,17 @@ def render_checkpoint(f: CheckpointFacts) -> None:
     ui.console.print(checks)
 
 
+def _first_step(first: dict) -> str:
+    """'418.6 s (autotuned 18 kernel/shape pairs, 400 configs, 366 s compiling; not in tokens/s)'."""
+    tuned = ""
+    if first.get("kernels_tuned"):
+        tuned = (
+            f"autotuned {first['kernels_tuned']} kernel/shape pairs, {first.get('configs_benchmarked', '?')} configs"
+        )
+        tuned += f", {first['compile_s']:.0f} s compiling; " if first.get("compile_s") is not None else "; "
+    return f"{first['seconds']:.1f} s ({tuned}not in tokens/s)"
+
+
 def render_run(f: RunFacts) -> None:
     c = f.config
     pct = f" ({100 * f.step / f.steps:.1f}%)" if f.steps else ""
@@ -364,6 +375,7 @@ def render_run(f: RunFacts) -> None:
         ("throughput", f"{ui.human(f.tokens_per_s)} tokens/s, MFU {mfu}" if f.tokens_per_s is not None else "-"),
         ("memory", f"{_num(f.memory_gib, '.2f')} GiB peak"),
         ("time", _duration(f.elapsed_s)),
+        *([("first step", _first_step(f.first_step))] if f.first_step else []),
     ]
     if f.model:
         rows.append(

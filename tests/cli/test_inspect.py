@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,25 @@ def test_run_report_with_the_loss_chart(run):
     out = json.loads(flame(run, "--json").stdout)
     assert out["step"] == STEPS and out["loss"] == facts.loss and out["curve"] == facts.curve
     assert [c["step"] for c in out["checkpoints"]] == [3, 6]
+    assert f"│ first step      │ {facts.first_step['seconds']:.1f} s (not in tokens/s)" in result.output
+    assert out["first_step"] == facts.first_step
+
+
+def test_a_gpu_runs_first_step_shows_what_its_autotuning_cost(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    records = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    # as the H200 wrote it for GLA-340M (2026-11-28), trimmed to the totals
+    tuning = {"kernels_tuned": 18, "configs_benchmarked": 400, "tuning_s": 416.4, "compile_s": 365.8, "tuned": []}
+    records[0] |= {"first_step_s": 418.6, "first_step_tuning": tuning}
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = flame(copy)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.replace("│", " ").split())  # the row wraps at the test console's width
+    assert "first step 418.6 s (autotuned 18 kernel/shape pairs, 400 configs, 366 s compiling; not in tokens/s)" in text
+    assert inspect(copy).first_step == {
+        "step": 1, "seconds": 418.6, "kernels_tuned": 18, "configs_benchmarked": 400, "compile_s": 365.8,
+    }  # fmt: skip
 
 
 def test_plot_writes_a_png(run, tmp_path):

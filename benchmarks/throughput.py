@@ -252,12 +252,12 @@ def _run_engine(model: str, eng: str, config_path: str, args, env: dict, round_:
 def _median(runs: list[dict]) -> dict:
     """The run with the median tokens/s (the lower middle of an even count), with every run's tokens/s beside it;
     step 1 is reported from the first run (the one that met a cold cache), peak memory as the largest."""
-    ok = [r for r in runs if "error" not in r]
-    if len(ok) < len(runs):
-        return next(r for r in runs if "error" in r)
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
     if len(runs) == 1:
         return runs[0]
-    by_speed = sorted(ok, key=lambda r: r["tokens_per_s"])
+    by_speed = sorted(runs, key=lambda r: r["tokens_per_s"])
     row = dict(by_speed[(len(by_speed) - 1) // 2])
     row["tokens_per_s_runs"] = [r["tokens_per_s"] for r in runs]
     row["first_s"] = runs[0]["first_s"]

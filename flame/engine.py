@@ -259,7 +259,6 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
     # at 8 x 2048 that is a 2 GiB float32 copy of the logits at the peak of the forward, which only the loss is
     # read from. Keep autocast (entered around each forward below), drop the copy: unwrap_model strips both wrappers.
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    autocast = accelerator.autocast
     lr_of = schedule(cfg, p.steps)
     loader = data_loader.PackedLoader(
         p.sources, context=cfg.context, batch=cfg.batch, seed=cfg.seed, rank=rank, world=world, varlen=cfg.varlen
@@ -279,7 +278,7 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
         with torch.no_grad():
             for b in validation.batches(cfg.batch, cfg.varlen):
                 b = {k: v.to(accelerator.device) for k, v in b.items()}
-                with autocast():
+                with accelerator.autocast():
                     total[0] += forward_loss(model, b, one).double()
                 total[1] += b["input_ids"].numel() - b["input_ids"].shape[0]
         model.train()
@@ -359,7 +358,7 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
             for b in batches:
                 b = {k: v.to(accelerator.device) for k, v in b.items()}
                 with accelerator.accumulate(model):
-                    with autocast():
+                    with accelerator.autocast():
                         loss = forward_loss(model, b, num_items)
                     # accelerate divides by `update` and DDP averages over processes; undo both so the gradient is
                     # that of the summed token loss over num_items.

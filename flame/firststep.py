@@ -206,7 +206,7 @@ class FirstStep:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._status = None
-        self._compiled = False
+        self._announced = False
         self.tuning: Tuning | None = None
         self._notice: str | None = None
 
@@ -229,7 +229,7 @@ class FirstStep:
 
     def _announce(self) -> None:
         """The step is taking a while: print the notice and start the still-working display."""
-        self._compiled = True
+        self._announced = True
         ui.print0(self._notice)
         ui.flush()
         if ui.interactive():
@@ -252,7 +252,7 @@ class FirstStep:
             if summary:
                 ui.print0(summary)
             tuned = self.tuning is not None and bool(self.tuning.tuned)
-            ui.print0(done_line(self.seconds, self._compiled or tuned))
+            ui.print0(done_line(self.seconds, self._announced or tuned))
             ui.flush()
         return self.seconds
 

@@ -39,14 +39,17 @@ NO_BACKWARD = {"fused_recurrent_gated_delta_rule"}  # its backward raises NotImp
 GATED_DQKWG = {"chunk_simple_gla": "simple_gla", "chunk_gated_delta_rule": "gated_deltanet"}
 
 
-def skip_what_triton_cannot_run(name, dtype):
+def triton_backward_runs(name, dtype) -> bool:
+    """Skip what FLA's Triton side refuses outright; False where only its backward is refused (the Hopper guard
+    raises inside chunk_bwd_dqkwg), so that the forward is still compared."""
     from flame.kernels.compat import hopper_triton_blocker
 
     if name in NO_FLOAT32 and dtype == torch.float32:
         pytest.skip(f"FLA's Triton {name} refuses float32")
-    blocker = hopper_triton_blocker(GATED_DQKWG.get(name, name))
-    if blocker:
-        pytest.skip(blocker[0])
+    if hopper_triton_blocker(GATED_DQKWG.get(name, name)):
+        print(f"{name}: forward only, FLA refuses the backward on this GPU and Triton")
+        return False
+    return name not in NO_BACKWARD
 
 
 def cuda(*shape, fn=None, dtype=torch.float32):
@@ -189,7 +192,7 @@ def installed():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", OPS)
 def test_op_matches_triton(name, dtype):
-    skip_what_triton_cannot_run(name, dtype)
+    backward = triton_backward_runs(name, dtype)
     op, make = op_cases()[name]
     if name == "fused_recurrent_gated_delta_rule":
         # FLA's fused_recurrent_gated_delta_rule takes g and beta by keyword (gk, gv sit between them)
@@ -201,17 +204,18 @@ def test_op_matches_triton(name, dtype):
         op = type("Op", (), {})()
         op.__flame_portable__ = lambda q, k, v, g, beta, _, h0: portable(q, k, v, None, h0, g=g, beta=beta)
         op.__flame_original__ = lambda q, k, v, g, beta, _, h0: original(q, k, v, None, h0, g=g, beta=beta)
-        compare(op, make_kw, dtype, {}, label=f"{name} {dtype}", backward=name not in NO_BACKWARD)
+        compare(op, make_kw, dtype, {}, label=f"{name} {dtype}", backward=backward)
         return
-    compare(op, make, dtype, {}, label=f"{name} {dtype}")
+    compare(op, make, dtype, {}, label=f"{name} {dtype}", backward=backward)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", ["chunk_gla", "chunk_gated_delta_rule", "chunk_delta_rule", "chunk_rwkv7"])
 def test_varlen_op_matches_triton(name, dtype):
-    skip_what_triton_cannot_run(name, dtype)
+    backward = triton_backward_runs(name, dtype)
     op, make = op_cases()[name]
-    compare(op, varlen(make), dtype, {"cu_seqlens": torch.tensor(CU, device="cuda")}, label=f"{name} varlen {dtype}")
+    cu = {"cu_seqlens": torch.tensor(CU, device="cuda")}
+    compare(op, varlen(make), dtype, cu, label=f"{name} varlen {dtype}", backward=backward)
 
 
 def test_short_convolution_matches_triton():
@@ -249,23 +253,26 @@ def test_model_loss_and_gradients_match_triton(model_type):
     from tests.kernels.test_models import CONFIGS, VOCAB, build
 
     assert model_type in CONFIGS
-    blocker = hopper_triton_blocker(model_type)
-    if blocker:
-        pytest.skip(blocker[0])
+    # where FLA refuses the backward on this GPU (flame.kernels.compat), the loss is still compared
+    backward = hopper_triton_blocker(model_type) is None
     model = build(model_type).cuda().train()
     ids = torch.randint(0, VOCAB, (2, 200), device="cuda")
     results = {}
     for mode in ("torch", "triton"):
         flame.kernels.install(mode=mode)
         model.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16), torch.set_grad_enabled(backward):
             loss = model(ids, labels=ids).loss
-        loss.backward()
+        if backward:
+            loss.backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         results[mode] = (loss.item(), grads)
     flame.kernels.install(mode="auto")
     (l_t, g_t), (l_r, g_r) = results["torch"], results["triton"]
     assert abs(l_t - l_r) / abs(l_r) < 1e-2
+    if not backward:
+        print(f"RATIO model {model_type} loss={abs(l_t - l_r) / abs(l_r):.3g} (forward only: FLA refuses the backward)")
+        return
     # by name: a parameter that only one path gives a gradient must fail, not shift the pairing of the others
     assert g_t.keys() == g_r.keys()
     ratios = {name: ratio(g_t[name], g_r[name]) for name in g_r}

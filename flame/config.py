@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,23 +148,40 @@ def resolve(cfg: TrainConfig, model_type: str | None = None) -> TrainConfig:
     if not cfg.path:
         cfg.path = str(Path("exp") / cfg.type)
     validate(cfg)
+    # absolute, so that `flame resume RUN` works from any directory (RUN/config.json keeps them as resolved here)
+    cfg.model = os.path.abspath(cfg.model)
+    cfg.cache = ",".join(
+        os.path.abspath(path) + ("" if len(sources) == 1 and weight == 1.0 else f":{weight:g}")
+        for sources in [parse_cache(cfg.cache)]
+        for path, weight in sources
+    )
+    if cfg.checkpoint:
+        cfg.checkpoint = os.path.abspath(cfg.checkpoint)
     return cfg
 
 
 def validate(cfg: TrainConfig) -> None:
-    problems = []
+    problems = [
+        f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(cfg, f.name)}"
+        for f in dataclasses.fields(cfg)
+        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name))
+    ]
+    if problems:  # the range checks below cannot judge nan
+        raise ConfigError("; ".join(problems))
     if not cfg.model:
         problems.append("--model is required (a model config JSON or a model dir)")
     elif not Path(cfg.model).exists():
         problems.append(f"--model {cfg.model} does not exist")
     if not cfg.cache:
         problems.append("--cache is required (a prepared dataset dir from `flame data prepare`)")
+    elif not parse_cache(cfg.cache):
+        problems.append(f"--cache {cfg.cache!r} names no dataset (a prepared dataset dir, or DIR:WEIGHT,DIR:WEIGHT)")
     else:
         for path, weight in parse_cache(cfg.cache):
             if not Path(path).is_dir():
                 problems.append(f"--cache {path} does not exist (prepare it with `flame data prepare`)")
-            if weight <= 0:
-                problems.append(f"--cache weight of {path} must be > 0, got {weight}")
+            if not (math.isfinite(weight) and weight > 0):
+                problems.append(f"--cache weight of {path} must be a number > 0, got {weight}")
     if cfg.checkpoint and not Path(cfg.checkpoint).is_dir():
         problems.append(f"--checkpoint {cfg.checkpoint} does not exist")
     for name in ("context", "batch", "update", "save", "logging", "max_bad_steps"):
@@ -209,9 +227,30 @@ def load(run_dir: str | os.PathLike) -> TrainConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no {CONFIG_FILE}", "give a run dir written by `flame train`")
-    values = json.loads(path.read_text())
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+    fix = "restore it (every checkpoint's model/ holds the model config, not the run's), or train into a new run dir"
+    try:
+        values = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})", fix) from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} is not a flame run config (a JSON object of options)", fix)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"{path} has unknown keys {', '.join(unknown)}", "remove them")
+    wrong = [
+        f"{name} = {value!r} (want {type(fields[name].default).__name__})"
+        for name, value in values.items()
+        if not _is_type(value, type(fields[name].default))
+    ]
+    if wrong:
+        raise ConfigError(f"{path} has values of the wrong type: {'; '.join(wrong)}", fix)
     return TrainConfig(**values)
+
+
+def _is_type(value, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)

@@ -68,6 +68,35 @@ class TrainResult:
     skipped: int
 
 
+def check_run_dir(cfg: TrainConfig) -> None:
+    """--path must be new, or a run of flame's that this one continues: never another run's checkpoints, a model dir
+    or a file, which training there would overwrite or rotate away."""
+    run_dir = Path(cfg.path)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise OutputExistsError(f"--path {run_dir} is a file", "give a folder for the run (flame creates it)")
+    if (run_dir / run_config.CONFIG_FILE).is_file():
+        try:
+            run_config.load(run_dir)
+        except ConfigError as e:
+            raise OutputExistsError(
+                f"--path {run_dir} has a {run_config.CONFIG_FILE} that flame train did not write ({e.message})",
+                "give another --path (a model dir is read with --model, never trained into)",
+            ) from e
+    latest = ckpt.latest(run_dir)
+    if latest is None:
+        return
+    if not cfg.checkpoint:
+        raise OutputExistsError(
+            f"run dir {run_dir} already has checkpoints",
+            f"continue it with --checkpoint {latest}, or give another --path",
+        )
+    if Path(cfg.checkpoint).resolve().parent != (run_dir / ckpt.CHECKPOINTS).resolve():
+        raise OutputExistsError(
+            f"run dir {run_dir} has checkpoints of its own, and --checkpoint {cfg.checkpoint} is not one of them",
+            f"give a new --path to continue {cfg.checkpoint} there, or continue this run with --checkpoint {latest}",
+        )
+
+
 def plan(cfg: TrainConfig, world: int = 1) -> Plan:
     """Resolve and check the run without training: model on the meta device, data lengths, schedule length."""
     config = models.load_config(cfg.model)
@@ -218,12 +247,8 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
     world, rank = accelerator.num_processes, accelerator.process_index
     p = plan(cfg, world=world)
     cfg = p.cfg
+    check_run_dir(cfg)
     run_dir = Path(cfg.path)
-    if not cfg.checkpoint and ckpt.latest(run_dir) is not None:
-        raise OutputExistsError(
-            f"run dir {run_dir} already has checkpoints",
-            f"continue it with --checkpoint {ckpt.latest(run_dir)}, or give another --path",
-        )
 
     # Model: a new one from --seed (the same on every process), or a model dir's weights as saved.
     model, config = models.build_model(cfg.model, seed=cfg.seed, dtype=torch.float32)

@@ -39,3 +39,19 @@ class OutputExistsError(FlameError):
 
 class TrainingError(FlameError):
     """Training cannot go on (e.g. the loss diverged); what was trained is saved first."""
+
+
+def check_output_dir(output, inputs) -> None:
+    """Refuse an --output that is a file, or that is or holds one of the inputs (--overwrite would delete them)."""
+    from pathlib import Path
+
+    out = Path(output).expanduser().resolve()
+    for given in inputs:
+        if given and Path(given).expanduser().exists():
+            source = Path(given).expanduser().resolve()
+            if source == out or out in source.parents:
+                raise OutputExistsError(
+                    f"--output {output} is, or holds, the input {given}", "give an --output outside the inputs"
+                )
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--output {output} is a file", "give a folder for the output (flame creates it)")

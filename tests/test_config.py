@@ -1,9 +1,10 @@
 import dataclasses
+import math
 
 import pytest
 
 from flame import config as run_config
-from flame.config import TrainConfig, field_docs, parse_cache, resolve
+from flame.config import TrainConfig, field_docs, load, parse_cache, resolve
 from flame.errors import ConfigError
 
 
@@ -47,7 +48,7 @@ def test_resolve_fills_defaults(tmp_path):
         cfg = resolve(cfg, model_type="gla")
     finally:
         os.chdir(old)
-    assert cfg.cache == "data/org/ds/sub/train"
+    assert cfg.cache == str(data)  # absolute: `flame resume` works from any directory
     assert cfg.type == "gla"
     assert cfg.path == "exp/gla"
     assert cfg.scheduler == "cosine"
@@ -64,3 +65,33 @@ def test_load_refuses_unknown_keys(tmp_path):
     (tmp_path / "config.json").write_text('{"lr": 1.0, "bogus": 2}')
     with pytest.raises(ConfigError, match="unknown keys bogus"):
         run_config.load(tmp_path)
+
+
+@pytest.mark.parametrize("option", ["lr", "decay", "norm", "eps", "epochs", "min_lr"])
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_non_finite_numbers_are_refused_by_name(tmp_path, option, value):
+    (tmp_path / "m.json").write_text("{}")
+    (tmp_path / "d").mkdir()
+    cfg = TrainConfig(model=str(tmp_path / "m.json"), cache=str(tmp_path / "d"), **{option: value})
+    with pytest.raises(ConfigError, match=f"--{option.replace('_', '-')} must be a finite number, got {value}"):
+        resolve(cfg)
+
+
+def test_cache_weights_must_be_finite_and_the_cache_must_name_a_dataset(tmp_path):
+    (tmp_path / "m.json").write_text("{}")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ConfigError, match="--cache weight of .* must be a number > 0, got nan"):
+        resolve(TrainConfig(model=str(tmp_path / "m.json"), cache=f"{tmp_path / 'd'}:nan"))
+    with pytest.raises(ConfigError, match="names no dataset"):
+        resolve(TrainConfig(model=str(tmp_path / "m.json"), cache=","))
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [("{not json", "is not valid JSON"), ("", "is not valid JSON"), ("[1]", "is not a flame run config"),
+     ('{"batch": "x"}', "values of the wrong type: batch = 'x' \\(want int\\)")],
+)  # fmt: skip
+def test_a_damaged_run_config_is_one_clear_error(tmp_path, text, problem):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=problem):
+        load(tmp_path)

@@ -1,6 +1,7 @@
 """flame.convert: tiny Llama / Mistral / Qwen2 models made here (no hub) converted into every supported FLA family."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -351,3 +352,13 @@ def test_qwen2_into_fla_transformer_copies_biases_and_rope_theta(sources, tmp_pa
     src = source_state(sources["qwen2"])
     assert torch.equal(model.model.layers[1].attn.k_proj.bias, src["model.layers.1.self_attn.k_proj.bias"])
     assert model.config.rope_theta == 5000.0
+
+
+def test_an_output_that_is_the_source_is_refused_even_with_overwrite(sources, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(sources["llama"], src)
+    before = sorted(p.name for p in src.iterdir())
+    cfg = target_config(tmp_path / "gla.json", "gla")
+    with pytest.raises(OutputExistsError, match="is, or holds, the input"):
+        convert_from_llama(ConvertOptions(model=str(src), config=cfg, output=src, overwrite=True))
+    assert sorted(p.name for p in src.iterdir()) == before

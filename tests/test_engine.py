@@ -386,3 +386,36 @@ def test_bf16_runs_the_forward_in_autocast_without_a_float32_copy_of_the_logits(
         AcceleratorState._reset_state(reset_partial_state=True)
     assert seen == [(torch.bfloat16, torch.float32)] * 2
     assert all(math.isfinite(x) for x in _losses(tmp_path / "r"))
+
+
+def test_a_run_dir_is_never_trained_over_by_another_run_or_a_model_dir(files, tmp_path):
+    from flame.errors import OutputExistsError
+
+    engine.train(_cfg(files, tmp_path / "a", steps=2))
+    engine.train(_cfg(files, tmp_path / "b", steps=4, save=2))
+    before = {p: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()}
+    other = tmp_path / "a" / "checkpoints" / "step-00000002"
+    # another run's checkpoint into a run dir with checkpoints of its own: refused, nothing there touched
+    with pytest.raises(OutputExistsError, match="has checkpoints of its own, and --checkpoint .* is not one of them"):
+        engine.train(_cfg(files, tmp_path / "b", steps=6, save=2, checkpoint=str(other)))
+    # a model dir (its config.json is a model's) or a file as --path: refused
+    model_dir = tmp_path / "b" / "checkpoints" / "step-00000004" / "model"
+    with pytest.raises(OutputExistsError, match="that flame train did not write"):
+        engine.train(_cfg(files, model_dir, steps=2))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputExistsError, match="is a file"):
+        engine.train(_cfg(files, tmp_path / "file", steps=2))
+    assert {p: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()} == before
+    # its own checkpoint continues it, as before
+    assert engine.train(_cfg(files, tmp_path / "b", steps=6, save=2, checkpoint=str(model_dir.parent))).step == 6
+
+
+def test_a_run_resumes_from_any_working_directory(files, tmp_path, monkeypatch):
+    files_copy = tmp_path / "work"
+    shutil.copytree(files, files_copy)
+    monkeypatch.chdir(files_copy)
+    engine.train(_cfg(files, "run", model="llama.json", cache="ds", steps=2, save=1))
+    saved = json.loads((files_copy / "run" / "config.json").read_text())
+    assert saved["model"] == str(files_copy / "llama.json") and saved["cache"] == str(files_copy / "ds")
+    monkeypatch.chdir("/")
+    assert engine.resume(str(files_copy / "run"), {"steps": 3}).step == 3

@@ -81,7 +81,9 @@ def train(
     values = {k: v for k, v in locals().items() if k in DOCS}
     cfg = TrainConfig(**values)
     if dry_run:
-        _render_plan(engine.plan(cfg, world=_world()))
+        planned = engine.plan(cfg, world=_world())
+        engine.check_run_dir(planned.cfg)  # what the real run would refuse, a dry run refuses too
+        _render_plan(planned)
         return
     result = engine.train(cfg)
     if ui.is_main_process():

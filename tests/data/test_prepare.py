@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 from collections import Counter
@@ -145,6 +146,23 @@ def test_refuses_existing_output_and_overwrite_replaces(tmp_path, tokenizer_dir)
     prepare(cfg)
     assert not (out / "keep.txt").exists() and (out / MANIFEST).exists()
     assert sorted(os.listdir(tmp_path)) == ["corpus", "out"]
+
+
+def test_an_output_that_is_or_holds_an_input_is_refused_even_with_overwrite(tmp_path, tokenizer_dir):
+    corpus(tmp_path / "corpus", n=12)
+    before = sorted(p.name for p in (tmp_path / "corpus").iterdir())
+    for output in (tmp_path / "corpus", tmp_path):
+        cfg = PrepareConfig(
+            dataset=str(tmp_path / "corpus"), tokenizer=str(tokenizer_dir), output=str(output), overwrite=True
+        )
+        with pytest.raises(OutputExistsError, match="is, or holds, the input"):
+            prepare(cfg)
+    assert sorted(p.name for p in (tmp_path / "corpus").iterdir()) == before
+    (tmp_path / "file").write_text("mine")
+    cfg = PrepareConfig(dataset=str(tmp_path / "corpus"), tokenizer=str(tokenizer_dir), output=str(tmp_path / "file"))
+    with pytest.raises(OutputExistsError, match="is a file"):
+        prepare(dataclasses.replace(cfg, overwrite=True))
+    assert (tmp_path / "file").read_text() == "mine"
 
 
 def test_a_failed_run_leaves_no_output(tmp_path, tokenizer_dir, monkeypatch):

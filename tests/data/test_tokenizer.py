@@ -76,6 +76,13 @@ def test_train_overwrite_replaces_and_max_docs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "tok"]  # no temp or .old folder left
 
 
+def test_train_refuses_to_write_over_its_input_even_with_overwrite(tmp_path):
+    write_jsonl(tmp_path / "c" / "a.jsonl", documents(50))
+    with pytest.raises(OutputExistsError, match="is, or holds, the input"):
+        train_tokenizer(TokenizerConfig(inputs=[str(tmp_path / "c")], output=str(tmp_path / "c"), overwrite=True))
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["a.jsonl"]
+
+
 def test_train_on_empty_text_fails(tmp_path):
     write_jsonl(tmp_path / "c" / "a.jsonl", ["", ""])
     with pytest.raises(DataError, match="no documents in"):

@@ -125,6 +125,12 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
         problems.append("--eval must be 0 (never) or more and --eval-windows at least 1")
     if cfg.varlen and not is_fla:
         problems.append(f"--varlen needs an FLA model (cu_seqlens), {config.model_type} has none: drop --varlen")
+    problems += [
+        f"--context {cfg.context} is longer than all of {s.path} ({s.tokens} tokens): lower --context or prepare "
+        "more text"
+        for s in sources
+        if s.tokens < cfg.context
+    ]
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -198,6 +204,10 @@ class StopFlag:
 def _fingerprint(sources) -> list[dict]:
     """What identifies the training data of a run: documents and tokens of each source, with its weight."""
     return [{"documents": len(s.lengths), "tokens": s.tokens, "weight": s.weight} for s in sources]
+
+
+def _describe(fingerprint: list[dict]) -> str:
+    return ", ".join(f"{s['documents']:,} documents of {s['tokens']:,} tokens" for s in fingerprint)
 
 
 def decoder_blocks(model, config) -> torch.nn.ModuleList:
@@ -321,7 +331,8 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
             )
         if not force and state.get("sources") and state["sources"] != _fingerprint(p.sources):
             raise CheckpointError(
-                f"{cfg.checkpoint} was trained on other data ({state['sources']})",
+                f"{cfg.checkpoint} was trained on other data ({_describe(state['sources'])}; --cache has "
+                f"{_describe(_fingerprint(p.sources))})",
                 "give the --cache that run used (its data position means nothing on another dataset), "
                 "or pass --force to continue on the new data from its start position",
             )

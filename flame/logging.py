@@ -21,6 +21,7 @@ from rich.progress import TextColumn
 
 from flame import ui
 from flame.config import TrainConfig
+from flame.errors import ConfigError
 
 METRICS = "metrics.jsonl"
 WANDB_ID = "wandb-id"
@@ -32,7 +33,8 @@ def _parse(line: str) -> dict | None:
         record = json.loads(line)
     except json.JSONDecodeError:
         return None
-    return record if isinstance(record, dict) and "step" in record else None
+    ok = isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool)
+    return record if ok else None
 
 
 def _fmt(record: dict) -> str:
@@ -65,7 +67,11 @@ class RunLogger:
         self._truncate(path)
         self.file = path.open("a")
         if self.cfg.project:
-            self._start_wandb()
+            try:
+                self._start_wandb()
+            except BaseException:
+                self.file.close()
+                raise
         if ui.interactive():
             self.progress = ui.progress(TextColumn("{task.fields[line]}"))
             self.progress.start()
@@ -95,14 +101,20 @@ class RunLogger:
             tmp.write_text(uuid.uuid4().hex[:12] + "\n")  # wandb run ids: short, lowercase alphanumeric
             os.replace(tmp, id_file)
         self.wandb_id = id_file.read_text().strip()
-        self.wandb_run = wandb.init(
-            project=self.cfg.project,
-            name=self.cfg.type,
-            id=self.wandb_id,
-            resume="allow",
-            dir=str(self.run_dir),
-            config=self.cfg.to_dict(),
-        )
+        try:
+            self.wandb_run = wandb.init(
+                project=self.cfg.project,
+                name=self.cfg.type,
+                id=self.wandb_id,
+                resume="allow",
+                dir=str(self.run_dir),
+                config=self.cfg.to_dict(),
+            )
+        except wandb.errors.UsageError as e:  # e.g. no API key; nothing was trained yet
+            raise ConfigError(
+                f"--project {self.cfg.project}: wandb cannot start ({e})",
+                "run `wandb login` (or set WANDB_API_KEY), set WANDB_MODE=offline to log locally, or drop --project",
+            ) from e
 
     def record(self, record: dict) -> None:
         self.last = record

@@ -16,8 +16,9 @@ from rich.progress import (
 from rich.text import Text
 
 # stderr for diagnostics and progress, stdout for results a script may read (tables, --json).
-console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# markup off: printed strings carry user paths and labels ("data[1]", "[model config]"), never rich markup
+console = Console(highlight=False, soft_wrap=True, markup=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
 def is_main_process() -> bool:
@@ -38,7 +39,7 @@ def print0(*args, **kwargs) -> None:
 
 def warn(message: str) -> None:
     if is_main_process():
-        err_console.print(f"[yellow]warning:[/yellow] {message}")
+        err_console.print(Text.assemble(("warning: ", "yellow"), message))
 
 
 def error_line(message: str) -> None:

@@ -310,9 +310,12 @@ def render_checkpoint(f: CheckpointFacts) -> None:
 
     stats = f.stats
     ui.console.print(
-        f"[bold]weights[/bold]: {stats['tensors']} tensors, {_count(stats['params'])} values, "
-        f"global L2 norm {_num(stats['norm'])}, max |x| {_num(stats['max_abs'])}, "
-        f"NaN {stats['nan']}, inf {stats['inf']}"
+        Text.assemble(
+            ("weights", "bold"),
+            f": {stats['tensors']} tensors, {_count(stats['params'])} values, "
+            f"global L2 norm {_num(stats['norm'])}, max |x| {_num(stats['max_abs'])}, "
+            f"NaN {stats['nan']}, inf {stats['inf']}",
+        )
     )
     shown = sorted(f.tensors, key=lambda t: -t.norm if math.isfinite(t.norm) else -math.inf)[:TOP_TENSORS]
     shown += [t for t in f.tensors if (t.nan or t.inf) and t not in shown]

@@ -62,6 +62,14 @@ def train(
     max_bad_steps: Annotated[
         int, _opt("max_bad_steps", rich_help_panel="Checkpoints and logging")
     ] = DEFAULTS.max_bad_steps,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="With --checkpoint: continue it on other data than it was trained on (from its data position).",
+            rich_help_panel="Checkpoints and logging",
+        ),
+    ] = False,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -85,7 +93,7 @@ def train(
         engine.check_run_dir(planned.cfg)  # what the real run would refuse, a dry run refuses too
         _render_plan(planned)
         return
-    result = engine.train(cfg)
+    result = engine.train(cfg, force=force)
     if ui.is_main_process():
         _render_result(result)
 

@@ -116,6 +116,19 @@ def test_context_larger_than_the_model_supports(files, tmp_path):
     _one_error(result, "--context 512 is larger than the model supports (max_position_embeddings 256)")
 
 
+def test_context_longer_than_the_whole_dataset(files, tmp_path):
+    make_prepared(tmp_path / "small", counting_docs(2, 8), 64)
+    result = _train(files, tmp_path, "llama.json", "--cache", str(tmp_path / "small"), "--context", "64", "--dry-run")
+    _one_error(result, f"--context 64 is longer than all of {tmp_path / 'small'}", "lower --context")
+
+
+def test_paths_that_look_like_rich_markup_are_printed_as_they_are(files, tmp_path):
+    run = tmp_path / "br[/x]" / "[run]"
+    result = _train(files, tmp_path, "llama.json", "--steps", "2", "--path", str(run))
+    assert result.exit_code == 0, result.output
+    assert f"checkpoint: {run / 'checkpoints' / 'step-00000002'}" in result.output
+
+
 def test_varlen_needs_an_fla_model(files, tmp_path):
     result = _train(files, tmp_path, "llama.json", "--varlen", "--dry-run")
     _one_error(result, "--varlen needs an FLA model")
@@ -157,3 +170,33 @@ def test_epochs_set_the_steps_when_steps_is_0(files, tmp_path):
     steps = -(-2 * windows // 4)  # ceil: 4 windows per update
     assert f"{steps} updates = " in result.output
     assert f"{windows} windows of 32" in result.output
+
+
+def test_wandb_without_a_login_is_one_clear_error(files, tmp_path):
+    # a fresh process: wandb keeps its settings (the offline mode of the other tests) per process
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env |= {"WANDB_MODE": "online", "HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")}
+    args = ["--model", str(files / "llama.json"), "--cache", str(files / "ds"), "--path", str(tmp_path / "run")]
+    result = subprocess.run(
+        [sys.executable, "-m", "flame", "train", *args, "--context", "32", "--steps", "2", "--project", "p"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --project p: wandb cannot start")
+    assert "Traceback" not in result.stderr and "WANDB_MODE=offline" in result.stderr
+
+
+def test_a_checkpoint_on_other_data_needs_force(files, tmp_path):
+    assert _train(files, tmp_path, "llama.json", "--steps", "2").exit_code == 0
+    other = make_prepared(tmp_path / "other", counting_docs(100, 64, seed=3), 64)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
+    args = ["--steps", "4", "--cache", str(other), "--checkpoint", str(ckpt), "--path", str(tmp_path / "next")]
+    result = _train(files, tmp_path, "llama.json", *args)
+    _one_error(result, "was trained on other data (300 documents of", "--force")
+    result = _train(files, tmp_path, "llama.json", *args, "--force")
+    assert result.exit_code == 0, result.output
+    assert "finished at step 4" in result.output

@@ -112,7 +112,16 @@ def read_trainer_state(checkpoint: str | os.PathLike) -> dict:
             f"{checkpoint} is not a complete flame checkpoint (no state/{TRAINER_STATE})",
             "give a RUN/checkpoints/step-N folder written by flame train",
         )
-    return json.loads(path.read_text())
+    try:
+        state = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        state = e
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path} is damaged ({state if isinstance(state, Exception) else 'not a JSON object'})",
+            "continue from an earlier checkpoint of the run (--checkpoint RUN/checkpoints/step-N)",
+        )
+    return state
 
 
 def load(accelerator, checkpoint: str | os.PathLike) -> dict:

@@ -81,6 +81,8 @@ def validate(options: InspectOptions) -> None:
         problems.append(f"--sample must be >= 0, got {options.sample}")
     if options.plot is not None and not options.plot.lower().endswith(".png"):
         problems.append(f"--plot writes a PNG image; give a FILE.png, got {options.plot}")
+    elif options.plot is not None and os.path.isdir(options.plot):
+        problems.append(f"--plot {options.plot} is a folder; give a FILE.png to write")
     if problems:
         raise ConfigError("; ".join(problems))
 

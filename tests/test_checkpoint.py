@@ -39,3 +39,11 @@ def test_trainer_state_of_an_incomplete_folder_is_an_error(tmp_path):
     with pytest.raises(CheckpointError, match="not a complete flame checkpoint"):
         ckpt.read_trainer_state(tmp_path / "x")
     assert ckpt.read_trainer_state(_fake(tmp_path, 7)) == {"step": 7}
+
+
+@pytest.mark.parametrize("text", ["", "{torn", "[1]"])
+def test_a_damaged_trainer_state_is_one_error_pointing_at_an_earlier_checkpoint(tmp_path, text):
+    path = _fake(tmp_path, 7)
+    (path / "state" / ckpt.TRAINER_STATE).write_text(text)
+    with pytest.raises(CheckpointError, match="trainer.json is damaged .*: continue from an earlier checkpoint"):
+        ckpt.read_trainer_state(path)

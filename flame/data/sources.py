@@ -17,10 +17,11 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flame.errors import DataError
+from flame.errors import DataError, FlameError
 
 # Longest suffix first: `.jsonl.zst` must win over a plain `.zst` lookup.
 EXTENSIONS = (".jsonl.zst", ".jsonl", ".json", ".parquet", ".txt", ".csv")
@@ -31,6 +32,7 @@ TEXT_COLUMNS = ("text", "content")
 MIN_UNIT_BYTES = 1 << 20
 MAX_UNIT_BYTES = 64 << 20
 GROUP_FILES = 2000
+LFS_POINTER = b"version https://git-lfs"  # how a file that `git lfs pull` has not fetched begins
 # A batch ends at batch_size documents or at this many characters, whichever comes first: a batch's Encodings
 # take ~100 bytes a token, so this keeps a worker near 100 MB whatever the document lengths.
 BATCH_CHARS = 1 << 20
@@ -192,7 +194,8 @@ def _local_units(files: list[str]) -> list[Unit]:
             close_group()
             import pyarrow.parquet as pq
 
-            groups = pq.ParquetFile(path).num_row_groups
+            with _reading(path):
+                groups = pq.ParquetFile(path).num_row_groups
             for rg in range(groups):
                 # Weight each row group by its share of the file, so progress stays in bytes.
                 lo, hi = size * rg // groups, size * (rg + 1) // groups
@@ -208,6 +211,11 @@ def _local_units(files: list[str]) -> list[Unit]:
 
 def _first_columns(path: str) -> list[str]:
     """Column names of a local file, from its first record (or its schema)."""
+    with _reading(path):
+        return _columns_of(path)
+
+
+def _columns_of(path: str) -> list[str]:
     kind = file_type(path)
     if kind == ".txt":
         return ["text"]
@@ -295,6 +303,23 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [""])[0]
 
 
+@contextmanager
+def _reading(path: str):
+    """A local file that cannot be read (damaged, truncated, a git-lfs pointer) is one DataError naming it."""
+    try:
+        yield
+    except FlameError:
+        raise
+    except Exception as e:
+        with open(path, "rb") as f:
+            lfs = f.read(len(LFS_POINTER)) == LFS_POINTER
+        if lfs:
+            raise DataError(f"{path} is a git-lfs pointer, not data", "run `git lfs pull` in that clone") from e
+        raise DataError(
+            f"cannot read {path} ({type(e).__name__}: {_first_line(e)})", "check the file, or download it again"
+        ) from e
+
+
 def read_unit(source: Source, unit: Unit, batch_size: int) -> Iterator[tuple[list, int]]:
     """Yield (texts, progress done so far within the unit) batch by batch; texts may hold None for empty rows."""
     if source.kind == "hub":
@@ -310,8 +335,9 @@ def read_unit(source: Source, unit: Unit, batch_size: int) -> Iterator[tuple[lis
             yield texts, done
             continue
         base = done
-        for texts, pos in _read_file(path, kind, unit, source.column, batch_size):
-            yield texts, base + pos
+        with _reading(path):
+            for texts, pos in _read_file(path, kind, unit, source.column, batch_size):
+                yield texts, base + pos
         done = base + (unit.weight if unit.stop is not None else os.path.getsize(path))
 
 

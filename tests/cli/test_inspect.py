@@ -184,6 +184,12 @@ def test_plot_into_a_missing_folder(run, tmp_path):
     assert "folder" in one_error_line(flame(run, "--plot", tmp_path / "no" / "x.png"))
 
 
+def test_plot_onto_a_folder_is_one_error_and_leaves_nothing(run, tmp_path):
+    (tmp_path / "d.png").mkdir()
+    assert f"--plot {tmp_path / 'd.png'} is a folder" in one_error_line(flame(run, "--plot", tmp_path / "d.png"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.png"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the terminal pictures
 

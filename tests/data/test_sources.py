@@ -135,6 +135,23 @@ def test_paths_that_match_nothing(tmp_path):
         local_files(str(tmp_path / "empty"))
 
 
+def test_unreadable_files_are_one_data_error_naming_the_file(tmp_path):
+    # what a SlimPajama clone holds before `git lfs pull`
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:ab12\nsize 123\n"
+    (tmp_path / "lfs").mkdir()
+    (tmp_path / "lfs" / "chunk_0.jsonl.zst").write_bytes(pointer)
+    with pytest.raises(DataError, match=r"chunk_0.jsonl.zst is a git-lfs pointer, not data: run `git lfs pull`"):
+        resolve_source(str(tmp_path / "lfs"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"cannot read .*a.parquet \(ArrowInvalid: .*\): check the file"):
+        resolve_source(str(tmp_path / "bad"))
+    (tmp_path / "zst").mkdir()
+    (tmp_path / "zst" / "b.jsonl.zst").write_bytes(b"\x00" * 64)
+    with pytest.raises(DataError, match=r"cannot read .*b.jsonl.zst \(ZstdError: "):
+        resolve_source(str(tmp_path / "zst"))
+
+
 def test_unknown_file_types(tmp_path):
     (tmp_path / "corpus.xml").write_text("<doc/>")
     with pytest.raises(DataError, match=r"no supported files .*\(found \.xml\).*\.jsonl\.zst"):

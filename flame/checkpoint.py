@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 from flame.errors import CheckpointError
@@ -124,9 +125,39 @@ def read_trainer_state(checkpoint: str | os.PathLike) -> dict:
     return state
 
 
+def damaged(path: str | os.PathLike) -> str | None:
+    """Why a state file cannot be read whole (truncated, not what its name says), or None. Cheap: reads a
+    safetensors header or a torch zip's directory, never the tensors."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if path.suffix == ".safetensors":
+            with path.open("rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+            if not isinstance(header, dict):
+                return "not a safetensors file"
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            return None if size == 8 + n + end else f"{size:,} bytes where its header needs {8 + n + end:,}"
+        if path.suffix in (".bin", ".pt", ".pth", ".pkl"):  # torch.save's zip format (accelerate's RNG .pkl too)
+            with zipfile.ZipFile(path):
+                return None
+    except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
 def load(accelerator, checkpoint: str | os.PathLike) -> dict:
     """Restore weights, optimizer and every process's RNG from a checkpoint; returns its trainer state."""
     state = read_trainer_state(checkpoint)
+    acc = Path(checkpoint) / "state" / "accelerate"
+    # accelerate only logs a random_states file it cannot read and goes on with fresh RNG: no exact resume
+    problems = [f"{f.relative_to(acc)} {why}" for f in sorted(acc.rglob("*")) if f.is_file() and (why := damaged(f))]
+    if problems:
+        raise CheckpointError(
+            f"{checkpoint} is damaged: {'; '.join(problems)}",
+            "continue from an earlier checkpoint of the run (--checkpoint RUN/checkpoints/step-N)",
+        )
     try:
         accelerator.load_state(str(Path(checkpoint) / "state" / "accelerate"))
     except (RuntimeError, ValueError, KeyError) as e:  # torch's size mismatch, a missing tensor or optimizer group

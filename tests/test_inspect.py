@@ -286,6 +286,22 @@ def test_missing_training_state_fails_the_integrity_check(run, tmp_path):
     assert facts.checks[1].detail == "0 random_states_*.pkl for 1 processes; no optimizer state"
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.bin", "random_states_0.pkl"])
+def test_a_truncated_state_file_fails_the_integrity_check_and_the_resume(run, tmp_path, name):
+    from flame import checkpoint as ckpt
+    from flame.errors import CheckpointError
+
+    cp = copy_checkpoint(run, 6, tmp_path)
+    path = cp / "state" / "accelerate" / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    facts = inspect(cp)
+    assert not facts.ok and [c.name for c in facts.checks if not c.ok] == ["state/accelerate"]
+    assert facts.checks[1].detail.startswith(name)
+    # accelerate alone would go on without it (RNG: only a log line); flame refuses before loading anything
+    with pytest.raises(CheckpointError, match=f"is damaged: {name}"):
+        ckpt.load(None, cp)
+
+
 def test_incomplete_checkpoint_misses_its_trainer_state(run, tmp_path):
     cp = copy_checkpoint(run, 6, tmp_path)
     tmp = cp.parent / ".step-00000006.tmp"

@@ -54,6 +54,9 @@ def open_source(path: str, weight: float = 1.0, split: str = "train") -> Source:
         loaded = datasets.load_from_disk(str(root))
     except (FileNotFoundError, ValueError) as e:
         raise DataError(f"{path} is not a prepared dataset ({e})", "give the output dir of `flame data prepare`") from e
+    except OSError as e:  # a truncated or damaged .arrow file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{path} is damaged ({first})", "prepare it again with `flame data prepare`") from e
     if isinstance(loaded, datasets.DatasetDict) and split not in loaded:
         raise DataError(f"{path} has no '{split}' split", "prepare it again with `flame data prepare`")
     ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
@@ -62,7 +65,12 @@ def open_source(path: str, weight: float = 1.0, split: str = "train") -> Source:
     if len(ds) == 0:
         raise DataError(f"{path} has no documents", "prepare it from a non-empty corpus")
     manifest_path = root / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    try:
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{manifest_path} is damaged ({e})", "prepare the dataset again") from e
+    if not isinstance(manifest, dict):
+        raise DataError(f"{manifest_path} is not a manifest (a JSON object)", "prepare the dataset again")
     column = ds.data.column(TOKENS_COLUMN)
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
     return Source(str(root), weight, column, lengths, manifest)

@@ -92,3 +92,18 @@ def test_missing_and_too_small_datasets(tmp_path):
     small = open_source(str(make_prepared(tmp_path / "s", [[3, 4, 2]], 64)))
     with pytest.raises(DataError, match="fewer than one --context window"):
         PackedLoader([small], context=16, batch=1, seed=0)
+
+
+def test_a_damaged_dataset_is_one_data_error(tmp_path):
+    import shutil
+
+    good = make_prepared(tmp_path / "good", counting_docs(50, 64, seed=1), 64)
+    torn = shutil.copytree(good, tmp_path / "torn")
+    arrow = max(torn.rglob("*.arrow"), key=lambda p: p.stat().st_size)
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    with pytest.raises(DataError, match=f"{torn} is damaged .*: prepare it again"):
+        open_source(str(torn))
+    bad_manifest = shutil.copytree(good, tmp_path / "manifest")
+    (bad_manifest / "manifest.json").write_text("{torn")
+    with pytest.raises(DataError, match="manifest.json is damaged"):
+        open_source(str(bad_manifest))

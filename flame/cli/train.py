@@ -7,6 +7,7 @@
 Every option is the seed's `train.sh key=value` with the same name (README "Training" has the table).
 """
 
+import shlex
 from typing import Annotated
 
 import typer
@@ -150,9 +151,11 @@ def _render_result(r) -> None:
         ui.console.print(f"{r.skipped} updates skipped (NaN/inf loss or gradient)")
     if r.checkpoint:
         ui.console.print(f"checkpoint: {r.checkpoint}")
-        ui.console.print(f"  continue:  flame resume {r.run_dir} --steps MORE")
-        ui.console.print(f"  inspect:   flame inspect {r.run_dir}  /  flame inspect {r.checkpoint}")
-        ui.console.print(
-            f'  load:      python -c "import fla; from transformers import AutoModelForCausalLM; '
-            f"AutoModelForCausalLM.from_pretrained('{r.checkpoint}/model')\""
+        run, checkpoint = shlex.quote(str(r.run_dir)), shlex.quote(str(r.checkpoint))  # to paste into a shell
+        ui.console.print(f"  continue:  flame resume {run} --steps MORE")
+        ui.console.print(f"  inspect:   flame inspect {run}  /  flame inspect {checkpoint}")
+        model = shlex.quote(
+            "import fla; from transformers import AutoModelForCausalLM; "
+            f"AutoModelForCausalLM.from_pretrained({str(r.checkpoint / 'model')!r})"
         )
+        ui.console.print(f"  load:      python -c {model}")

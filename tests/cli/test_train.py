@@ -123,10 +123,15 @@ def test_context_longer_than_the_whole_dataset(files, tmp_path):
 
 
 def test_paths_that_look_like_rich_markup_are_printed_as_they_are(files, tmp_path):
-    run = tmp_path / "br[/x]" / "[run]"
+    import shlex
+
+    run = tmp_path / "br[/x]" / "my [run]"
     result = _train(files, tmp_path, "llama.json", "--steps", "2", "--path", str(run))
     assert result.exit_code == 0, result.output
     assert f"checkpoint: {run / 'checkpoints' / 'step-00000002'}" in result.output
+    # the next-step hints paste into a shell as they are
+    assert f"continue:  flame resume {shlex.quote(str(run))} --steps MORE" in result.output
+    assert "/checkpoints/step-00000002/model'" in result.output
 
 
 def test_varlen_needs_an_fla_model(files, tmp_path):
@@ -200,3 +205,11 @@ def test_a_checkpoint_on_other_data_needs_force(files, tmp_path):
     result = _train(files, tmp_path, "llama.json", *args, "--force")
     assert result.exit_code == 0, result.output
     assert "finished at step 4" in result.output
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about(files, tmp_path):
+    result = _train(files, tmp_path, "llama.json", "--steps", "4", "--warmup", "10")
+    assert result.exit_code == 0, result.output
+    assert "warning: --warmup 10 is not below the run's 4 steps: the learning rate never reaches --lr 0.003" in (
+        result.output
+    )

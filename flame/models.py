@@ -146,8 +146,9 @@ def _from_config(config, dtype: torch.dtype | None):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
     except ValueError as e:  # a config type with no causal LM head (e.g. an encoder)
         raise ModelError(f"no causal LM for model_type {config.model_type!r}: {e}", "use a causal LM type") from None
-    except (ImportError, AssertionError, NotImplementedError, TypeError, KeyError) as e:
-        # FLA validates shapes with asserts (e.g. hidden_size * expand_k must divide into num_heads)
+    except (ImportError, AssertionError, NotImplementedError, TypeError, KeyError, RuntimeError) as e:
+        # FLA validates shapes with asserts (e.g. hidden_size * expand_k must divide into num_heads); torch refuses
+        # negative sizes with a RuntimeError
         raise ModelError(f"cannot build model_type {config.model_type!r}: {e}", "fix the config") from None
 
 
@@ -190,6 +191,7 @@ def build_model(
 
 def _load_pretrained(path: Path, dtype: torch.dtype):
     """from_pretrained, refusing a checkpoint that lacks weights (transformers would fill them randomly)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
@@ -197,6 +199,8 @@ def _load_pretrained(path: Path, dtype: torch.dtype):
     except OSError as e:
         fix = "a model dir holds config.json and *.safetensors"
         raise ModelError(f"cannot load weights from {path}: {e}", fix) from None
+    except SafetensorError as e:  # truncated or damaged
+        raise ModelError(f"the weights in {path} are damaged ({e})", "copy or convert the model dir again") from None
     missing = sorted(info.get("missing_keys") or [])
     mismatched = info.get("mismatched_keys") or []
     if missing or mismatched:

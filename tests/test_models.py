@@ -118,6 +118,22 @@ def test_model_dir_with_missing_weights_is_refused(tmp_path):
         build_model(tmp_path / "ckpt")
 
 
+def test_model_dir_with_truncated_weights_is_refused(tmp_path):
+    model, _ = build_model(CONFIGS / "demo_gla.json", seed=0)
+    model.save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    with pytest.raises(ModelError, match="weights in .* are damaged .*: copy or convert the model dir again"):
+        build_model(tmp_path / "ckpt")
+
+
+def test_a_negative_size_is_a_model_error(tmp_path):
+    raw = json.loads((CONFIGS / "demo_gla.json").read_text()) | {"intermediate_size": -8}
+    (tmp_path / "neg.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match="cannot build model_type 'gla'"):
+        build_model(tmp_path / "neg.json")
+
+
 def test_unknown_model_type(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"model_type": "not_a_model", "hidden_size": 64}))

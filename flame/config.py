@@ -178,11 +178,15 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"--cache {cfg.cache!r} names no dataset (a prepared dataset dir, or DIR:WEIGHT,DIR:WEIGHT)")
     else:
         for path, weight in parse_cache(cfg.cache):
-            if not Path(path).is_dir():
+            if Path(path).is_file():
+                problems.append(f"--cache {path} is a file; give the folder `flame data prepare` wrote")
+            elif not Path(path).is_dir():
                 problems.append(f"--cache {path} does not exist (prepare it with `flame data prepare`)")
             if not (math.isfinite(weight) and weight > 0):
                 problems.append(f"--cache weight of {path} must be a number > 0, got {weight}")
-    if cfg.checkpoint and not Path(cfg.checkpoint).is_dir():
+    if cfg.checkpoint and Path(cfg.checkpoint).is_file():
+        problems.append(f"--checkpoint {cfg.checkpoint} is a file; give a RUN/checkpoints/step-N folder")
+    elif cfg.checkpoint and not Path(cfg.checkpoint).is_dir():
         problems.append(f"--checkpoint {cfg.checkpoint} does not exist")
     for name in ("context", "batch", "update", "save", "logging", "max_bad_steps"):
         if getattr(cfg, name) < 1:

@@ -95,3 +95,15 @@ def test_a_damaged_run_config_is_one_clear_error(tmp_path, text, problem):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(ConfigError, match=problem):
         load(tmp_path)
+
+
+def test_a_file_where_a_folder_belongs_is_named_as_a_file(tmp_path):
+    (tmp_path / "m.json").write_text("{}")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "manifest.json").write_text("{}")
+    cfg = TrainConfig(model=str(tmp_path / "m.json"), cache=str(tmp_path / "d" / "manifest.json"))
+    with pytest.raises(ConfigError, match="--cache .*manifest.json is a file; give the folder"):
+        resolve(cfg)
+    cfg = TrainConfig(model=str(tmp_path / "m.json"), cache=str(tmp_path / "d"), checkpoint=str(tmp_path / "m.json"))
+    with pytest.raises(ConfigError, match="--checkpoint .*m.json is a file; give a RUN/checkpoints/step-N folder"):
+        resolve(cfg)

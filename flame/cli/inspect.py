@@ -273,8 +273,7 @@ def render_dataset(f: DatasetFacts) -> None:
         more = " ..." if sm["truncated"] else ""
         title = f"sample: {sm['split']}[{sm['index']}], {sm['tokens']} tokens"
         ui.console.print(Panel(Text(sm["text"] + more), title=title, title_align="left"), soft_wrap=False)
-    for problem in f.problems:
-        ui.warn(problem)
+    # f.problems: the error line after the tables names them, once
 
 
 def render_checkpoint(f: CheckpointFacts) -> None:

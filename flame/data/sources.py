@@ -259,7 +259,7 @@ def _resolve_hub(dataset: str, name: str | None, split: str, column: str | None,
         raise DataError(
             f"dataset {dataset!r} {where} and is no local path ({type(e).__name__}: {_first_line(e)})",
             "load it once with network (the HF cache then serves it offline), or download it with "
-            f"`hf download --repo-type dataset {dataset} --local-dir DIR` and pass --dataset DIR",
+            f"`hf download --repo-type dataset {dataset} --local-dir DIR` and give DIR instead",
         ) from None
     except ValueError as e:
         # Unknown config or split: datasets lists the valid ones in the message.

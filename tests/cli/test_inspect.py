@@ -93,6 +93,7 @@ def test_dataset_disagreeing_with_its_manifest_exits_1(tmp_path):
     line = one_error_line(result)
     assert line.startswith(f"error: dataset {ds}: split train: the data has {{'documents': 20")
     assert "splits" in result.output  # the report came first
+    assert result.output.count("the data has") == 1  # named once, in the error line
 
 
 def test_checkpoint_report(run):

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from flame import models
 from flame.errors import CheckpointError, ConfigError, ModelError, OutputExistsError, check_output_dir
 from flame.ui import RateColumn, err_console, interactive, progress
 
@@ -525,6 +526,7 @@ def verify(out: Path, planned: list[Planned], table: dict[str, TensorInfo]) -> i
 def convert_from_llama(opts: ConvertOptions) -> ConvertReport:
     """Convert; returns what was copied, reshaped and newly initialised. Nothing is written unless it all works."""
     _check_output(opts)
+    models.name_cpu_accelerator()
     source = resolve_source(opts.model)
     raw, src = read_source_config(source)
     table = _tensor_table(source)

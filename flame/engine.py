@@ -243,10 +243,7 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
     force: continue from a checkpoint (cfg.checkpoint) that was trained on other data than cfg.cache.
     """
     cuda = torch.cuda.is_available()
-    if not cuda:
-        # accelerate imports DeepSpeed when it is installed; on a machine without a GPU DeepSpeed picks its CPU
-        # accelerator anyway, but first warns "unable to detect" it above every CPU run. Name it, so it need not.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    models.name_cpu_accelerator()
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 

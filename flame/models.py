@@ -152,6 +152,14 @@ def _from_config(config, dtype: torch.dtype | None):
         raise ModelError(f"cannot build model_type {config.model_type!r}: {e}", "fix the config") from None
 
 
+def name_cpu_accelerator() -> None:
+    """accelerate and transformers import DeepSpeed when it is installed; on a machine without a GPU DeepSpeed
+    picks its CPU accelerator anyway, but first prints a warning that it is "unable to detect" one. Name it, so it
+    need not (a DS_ACCELERATOR the user set stays)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def build_model(
     path: str | os.PathLike,
     *,

@@ -62,3 +62,19 @@ def test_layer_count_mismatch_is_one_error_line(llama, tmp_path):
     assert result.exit_code == 1
     assert "num_hidden_layers=4 but the source has 2" in result.output and result.output.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_a_cpu_machine_gets_no_deepspeed_accelerator_warning(llama, tmp_path):
+    # a fresh process: DeepSpeed prints "Setting accelerator to CPU ... unable to detect it" when first imported
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    cfg = target_config(tmp_path / "gla.json", "gla")
+    args = ["--model", str(llama), "--config", str(cfg), "--output", str(tmp_path / "out")]
+    result = subprocess.run(
+        [sys.executable, "-m", "flame", "convert", "from-llama", *args], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "accelerator" not in result.stdout + result.stderr

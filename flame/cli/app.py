@@ -12,6 +12,11 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
+try:  # typer 0.2x parses with its own copy of click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:
+    from click.exceptions import NoArgsIsHelpError, UsageError
+
 from flame import __version__
 from flame.cli import convert, data
 from flame.cli import inspect as inspect_cli
@@ -32,6 +37,12 @@ class FlameGroup(TyperGroup):
                 raise
             error_line(str(e))
             raise typer.Exit(1) from None
+        except UsageError as e:  # an unknown option or command, a value of the wrong type: click's exit 2
+            if isinstance(e, NoArgsIsHelpError) or os.environ.get("FLAME_DEBUG") == "1":
+                raise
+            where = e.ctx.command_path if e.ctx else "flame"
+            error_line(f"{e.format_message().rstrip('.')}: see `{where} --help`")
+            raise typer.Exit(2) from None
 
 
 app = typer.Typer(

@@ -41,3 +41,19 @@ def test_flame_error_is_one_line_and_exit_1(monkeypatch):
     monkeypatch.setenv("FLAME_DEBUG", "1")
     result = runner.invoke(boom, ["fail"])
     assert isinstance(result.exception, DataError)
+
+
+def test_usage_errors_are_one_line_naming_the_help_and_exit_2(monkeypatch):
+    monkeypatch.delenv("FLAME_DEBUG", raising=False)
+    for args, line in [
+        (["train", "--bogus"], "error: No such option: --bogus: see `flame train --help`"),
+        (["nosuch"], "error: No such command 'nosuch': see `flame --help`"),
+        (["train", "--batch", "abc"], "error: Invalid value for '--batch': "),
+    ]:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(line), result.output
+    # with no arguments a group still shows its help
+    result = runner.invoke(app, ["data"])
+    assert "prepare" in result.output and "error" not in result.output

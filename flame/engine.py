@@ -331,6 +331,14 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
                 f"{cfg.checkpoint} was trained with {state['batch']} x {state['update']} x {state['world']} windows "
                 f"per update, this run uses {cfg.batch} x {update} x {world}"
             )
+        trained_context = (state.get("config") or {}).get("context", cfg.context)
+        if trained_context != cfg.context:
+            # window i is a pure function of (seed, i, context): another context is another shuffle of the data
+            ui.warn(
+                f"{cfg.checkpoint} was trained with --context {trained_context}, this run uses {cfg.context}: the "
+                "data position counts windows, so the rest of this epoch is a new shuffle (documents may repeat or "
+                "be skipped until the next epoch)"
+            )
         if not force and state.get("sources") and state["sources"] != _fingerprint(p.sources):
             raise CheckpointError(
                 f"{cfg.checkpoint} was trained on other data ({_describe(state['sources'])}; --cache has "

@@ -213,3 +213,12 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(files, tmp_path):
     assert "warning: --warmup 10 is not below the run's 4 steps: the learning rate never reaches --lr 0.003" in (
         result.output
     )
+
+
+def test_continuing_with_another_context_is_warned_about(files, tmp_path):
+    assert _train(files, tmp_path, "llama.json", "--steps", "2").exit_code == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
+    args = ["--steps", "4", "--context", "16", "--checkpoint", str(ckpt), "--path", str(tmp_path / "next")]
+    result = _train(files, tmp_path, "llama.json", *args)
+    assert result.exit_code == 0, result.output
+    assert f"warning: {ckpt} was trained with --context 32, this run uses 16" in result.output

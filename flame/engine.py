@@ -255,11 +255,6 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
     p = plan(cfg, world=world)
     cfg = p.cfg
     check_run_dir(cfg)
-    if cfg.warmup >= p.steps:
-        ui.warn(
-            f"--warmup {cfg.warmup} is not below the run's {p.steps} steps: the learning rate never reaches --lr "
-            f"{cfg.lr:g}; lower --warmup"
-        )
     run_dir = Path(cfg.path)
 
     # Model: a new one from --seed (the same on every process), or a model dir's weights as saved.
@@ -350,6 +345,11 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
         elapsed_before = state.get("elapsed", 0.0)
         loader.load_state_dict(state["data"])
 
+    if cfg.warmup >= p.steps:
+        ui.warn(
+            f"--warmup {cfg.warmup} is not below the run's {p.steps} steps: the learning rate never reaches --lr "
+            f"{cfg.lr:g}; lower --warmup"
+        )
     if accelerator.is_main_process:
         run_config.save(cfg, run_dir)
     tokenizer_dir = data_loader.tokenizer_dir(p.sources[0])

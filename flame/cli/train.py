@@ -7,6 +7,7 @@
 Every option is the seed's `train.sh key=value` with the same name (README "Training" has the table).
 """
 
+import json
 import shlex
 from typing import Annotated
 
@@ -156,6 +157,6 @@ def _render_result(r) -> None:
         ui.console.print(f"  inspect:   flame inspect {run}  /  flame inspect {checkpoint}")
         model = shlex.quote(
             "import fla; from transformers import AutoModelForCausalLM; "
-            f"AutoModelForCausalLM.from_pretrained({str(r.checkpoint / 'model')!r})"
+            f"AutoModelForCausalLM.from_pretrained({json.dumps(str(r.checkpoint / 'model'))})"
         )
         ui.console.print(f"  load:      python -c {model}")

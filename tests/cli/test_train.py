@@ -131,7 +131,7 @@ def test_paths_that_look_like_rich_markup_are_printed_as_they_are(files, tmp_pat
     assert f"checkpoint: {run / 'checkpoints' / 'step-00000002'}" in result.output
     # the next-step hints paste into a shell as they are
     assert f"continue:  flame resume {shlex.quote(str(run))} --steps MORE" in result.output
-    assert "/checkpoints/step-00000002/model'" in result.output
+    assert "/checkpoints/step-00000002/model\")'" in result.output
 
 
 def test_varlen_needs_an_fla_model(files, tmp_path):

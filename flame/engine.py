@@ -12,6 +12,7 @@ N processes with update U the gradient of one process with update N x U.
 """
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -206,6 +207,30 @@ def _fingerprint(sources) -> list[dict]:
     return [{"documents": len(s.lengths), "tokens": s.tokens, "weight": s.weight} for s in sources]
 
 
+def _other_tokenizer(model: str, source) -> bool:
+    """True when a model dir and the dataset both carry a tokenizer.json and their vocabularies differ (continual
+    pretraining on data tokenized for another model trains on ids that mean other tokens)."""
+    data_tokenizer = data_loader.tokenizer_dir(source)
+    files = [Path(model) / "tokenizer.json", (data_tokenizer or Path(model)) / "tokenizer.json"]
+    if data_tokenizer is None or not all(f.is_file() for f in files):
+        return False
+    try:
+        vocabs = [_id_meanings(json.loads(f.read_text())) for f in files]
+    except (ValueError, OSError, AttributeError, TypeError, IndexError):
+        return False
+    return vocabs[0] != vocabs[1]
+
+
+def _id_meanings(tokenizer_json: dict):
+    """What each id stands for (the vocabulary and the added tokens), not how the file spells the rest: saving a
+    tokenizer again may rewrite its merges or options, never its ids."""
+    vocab = (tokenizer_json.get("model") or {}).get("vocab")
+    if isinstance(vocab, list):  # Unigram: [piece, score] pairs, the id is the position
+        vocab = [entry[0] for entry in vocab]
+    added = {t["id"]: t["content"] for t in tokenizer_json.get("added_tokens") or []}
+    return vocab, added
+
+
 def _describe(fingerprint: list[dict]) -> str:
     return ", ".join(f"{s['documents']:,} documents of {s['tokens']:,} tokens" for s in fingerprint)
 
@@ -345,6 +370,12 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
         elapsed_before = state.get("elapsed", 0.0)
         loader.load_state_dict(state["data"])
 
+    if _other_tokenizer(cfg.model, p.sources[0]):
+        ui.warn(
+            f"{p.sources[0].path} was tokenized with another tokenizer than the model dir {cfg.model} holds: the "
+            f"model reads its token ids as other tokens; prepare the data with --tokenizer {cfg.model} (unless a new "
+            "vocabulary is what you want)"
+        )
     if cfg.warmup >= p.steps:
         ui.warn(
             f"--warmup {cfg.warmup} is not below the run's {p.steps} steps: the learning rate never reaches --lr "

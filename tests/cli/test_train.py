@@ -222,3 +222,20 @@ def test_continuing_with_another_context_is_warned_about(files, tmp_path):
     result = _train(files, tmp_path, "llama.json", *args)
     assert result.exit_code == 0, result.output
     assert f"warning: {ckpt} was trained with --context 32, this run uses 16" in result.output
+
+
+def test_a_model_dir_trained_on_data_of_another_tokenizer_is_warned_about(files, tmp_path):
+    assert _train(files, tmp_path, "llama.json", "--steps", "2").exit_code == 0
+    model_dir = tmp_path / "run" / "checkpoints" / "step-00000002" / "model"  # holds the dataset's tokenizer
+    other = make_prepared(tmp_path / "other", counting_docs(100, 64, seed=3), 64)
+    tok = json.loads((other / "tokenizer" / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["t3"], vocab["t4"] = vocab["t4"], vocab["t3"]  # same size, two ids mean other words
+    (other / "tokenizer" / "tokenizer.json").write_text(json.dumps(tok))
+    warning = "was tokenized with another tokenizer than the model dir"
+    args = ["--steps", "2", "--model", str(model_dir), "--path"]
+    same = _train(files, tmp_path, "llama.json", *args, str(tmp_path / "same"))
+    assert same.exit_code == 0 and warning not in same.output, same.output
+    result = _train(files, tmp_path, "llama.json", *args, str(tmp_path / "new"), "--cache", str(other))
+    assert result.exit_code == 0, result.output
+    assert f"warning: {other} {warning} {model_dir}" in result.output

@@ -370,6 +370,9 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
         elapsed_before = state.get("elapsed", 0.0)
         loader.load_state_dict(state["data"])
 
+    if step >= p.steps:  # nothing to train: leave the run dir (config, metrics) as it is
+        accelerator.end_training()
+        return TrainResult(run_dir, step, tokens, None, None, None, "done", skipped)
     if _other_tokenizer(cfg.model, p.sources[0]):
         ui.warn(
             f"{p.sources[0].path} was tokenized with another tokenizer than the model dir {cfg.model} holds: the "

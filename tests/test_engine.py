@@ -419,3 +419,11 @@ def test_a_run_resumes_from_any_working_directory(files, tmp_path, monkeypatch):
     assert saved["model"] == str(files_copy / "llama.json") and saved["cache"] == str(files_copy / "ds")
     monkeypatch.chdir("/")
     assert engine.resume(str(files_copy / "run"), {"steps": 3}).step == 3
+
+
+def test_resuming_to_a_step_already_reached_changes_nothing(files, tmp_path):
+    engine.train(_cfg(files, tmp_path / "run", steps=4, save=2))
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    result = engine.resume(str(tmp_path / "run"), {"steps": 3})
+    assert (result.step, result.checkpoint, result.stopped) == (4, None, "done")
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before

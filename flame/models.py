@@ -201,7 +201,16 @@ def _load_pretrained(path: Path, dtype: torch.dtype):
     """from_pretrained, refusing a checkpoint that lacks weights (transformers would fill them randomly)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    from flame import ui
+
+    # transformers' own load report (with ANSI codes even into a file) would come before flame's one line about
+    # missing weights; its progress bar only on a terminal
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if not ui.interactive():
+        hf_logging.disable_progress_bar()
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
     except OSError as e:
@@ -209,6 +218,10 @@ def _load_pretrained(path: Path, dtype: torch.dtype):
         raise ModelError(f"cannot load weights from {path}: {e}", fix) from None
     except SafetensorError as e:  # truncated or damaged
         raise ModelError(f"the weights in {path} are damaged ({e})", "copy or convert the model dir again") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     missing = sorted(info.get("missing_keys") or [])
     mismatched = info.get("mismatched_keys") or []
     if missing or mismatched:
@@ -217,6 +230,12 @@ def _load_pretrained(path: Path, dtype: torch.dtype):
             f"{path} does not hold every weight of its config ({len(missing)} missing, {len(mismatched)} of the "
             f"wrong shape: {names})",
             "the checkpoint is incomplete or its config.json does not match; flame never fills weights randomly",
+        )
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        ui.warn(
+            f"{path} holds {len(unexpected)} weights its {model.config.model_type} model does not use, left out: "
+            + ", ".join(unexpected[:5])
         )
     return model
 

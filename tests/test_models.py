@@ -118,6 +118,21 @@ def test_model_dir_with_missing_weights_is_refused(tmp_path):
         build_model(tmp_path / "ckpt")
 
 
+def test_model_dir_with_extra_weights_loads_and_names_them(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    model, _ = build_model(CONFIGS / "demo_gla.json", seed=0)
+    model.save_pretrained(tmp_path / "ckpt")
+    weights = load_file(tmp_path / "ckpt" / "model.safetensors")
+    weights["model.extra.weight"] = torch.zeros(2)
+    save_file(weights, tmp_path / "ckpt" / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    build_model(tmp_path / "ckpt")
+    err = capsys.readouterr().err
+    assert "holds 1 weights its gla model does not use, left out: model.extra.weight" in err
+    assert "LOAD REPORT" not in err  # transformers' own report stays quiet; flame says it once
+
+
 def test_model_dir_with_truncated_weights_is_refused(tmp_path):
     model, _ = build_model(CONFIGS / "demo_gla.json", seed=0)
     model.save_pretrained(tmp_path / "ckpt")

@@ -26,6 +26,7 @@ from flame.errors import CheckpointError
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.json"
+EARLIER = "continue from an earlier checkpoint of the run (--checkpoint RUN/checkpoints/step-N)"
 _NAME = re.compile(r"^step-(\d{8,})$")
 
 
@@ -116,12 +117,9 @@ def read_trainer_state(checkpoint: str | os.PathLike) -> dict:
     try:
         state = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        state = e
+        raise CheckpointError(f"{path} is damaged ({e})", EARLIER) from e
     if not isinstance(state, dict):
-        raise CheckpointError(
-            f"{path} is damaged ({state if isinstance(state, Exception) else 'not a JSON object'})",
-            "continue from an earlier checkpoint of the run (--checkpoint RUN/checkpoints/step-N)",
-        )
+        raise CheckpointError(f"{path} is damaged (not a JSON object)", EARLIER)
     return state
 
 
@@ -147,19 +145,22 @@ def damaged(path: str | os.PathLike) -> str | None:
     return None
 
 
+def damaged_files(folder: str | os.PathLike) -> list[str]:
+    """'NAME why' for every file under `folder` (a checkpoint's state/accelerate) that `damaged` finds."""
+    folder = Path(folder)
+    return [f"{f.relative_to(folder)} {why}" for f in sorted(folder.rglob("*")) if f.is_file() and (why := damaged(f))]
+
+
 def load(accelerator, checkpoint: str | os.PathLike) -> dict:
     """Restore weights, optimizer and every process's RNG from a checkpoint; returns its trainer state."""
     state = read_trainer_state(checkpoint)
     acc = Path(checkpoint) / "state" / "accelerate"
     # accelerate only logs a random_states file it cannot read and goes on with fresh RNG: no exact resume
-    problems = [f"{f.relative_to(acc)} {why}" for f in sorted(acc.rglob("*")) if f.is_file() and (why := damaged(f))]
+    problems = damaged_files(acc)
     if problems:
-        raise CheckpointError(
-            f"{checkpoint} is damaged: {'; '.join(problems)}",
-            "continue from an earlier checkpoint of the run (--checkpoint RUN/checkpoints/step-N)",
-        )
+        raise CheckpointError(f"{checkpoint} is damaged: {'; '.join(problems)}", EARLIER)
     try:
-        accelerator.load_state(str(Path(checkpoint) / "state" / "accelerate"))
+        accelerator.load_state(str(acc))
     except (RuntimeError, ValueError, KeyError) as e:  # torch's size mismatch, a missing tensor or optimizer group
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(

@@ -150,9 +150,9 @@ def resolve(cfg: TrainConfig, model_type: str | None = None) -> TrainConfig:
     validate(cfg)
     # absolute, so that `flame resume RUN` works from any directory (RUN/config.json keeps them as resolved here)
     cfg.model = os.path.abspath(cfg.model)
+    sources = parse_cache(cfg.cache)
     cfg.cache = ",".join(
         os.path.abspath(path) + ("" if len(sources) == 1 and weight == 1.0 else f":{weight:g}")
-        for sources in [parse_cache(cfg.cache)]
         for path, weight in sources
     )
     if cfg.checkpoint:
@@ -172,12 +172,13 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("--model is required (a model config JSON or a model dir)")
     elif not Path(cfg.model).exists():
         problems.append(f"--model {cfg.model} does not exist")
+    sources = parse_cache(cfg.cache)
     if not cfg.cache:
         problems.append("--cache is required (a prepared dataset dir from `flame data prepare`)")
-    elif not parse_cache(cfg.cache):
+    elif not sources:
         problems.append(f"--cache {cfg.cache!r} names no dataset (a prepared dataset dir, or DIR:WEIGHT,DIR:WEIGHT)")
     else:
-        for path, weight in parse_cache(cfg.cache):
+        for path, weight in sources:
             if Path(path).is_file():
                 problems.append(f"--cache {path} is a file; give the folder `flame data prepare` wrote")
             elif not Path(path).is_dir():

@@ -207,12 +207,13 @@ def _fingerprint(sources) -> list[dict]:
     return [{"documents": len(s.lengths), "tokens": s.tokens, "weight": s.weight} for s in sources]
 
 
-def _other_tokenizer(model: str, source) -> bool:
-    """True when a model dir and the dataset both carry a tokenizer.json and their vocabularies differ (continual
-    pretraining on data tokenized for another model trains on ids that mean other tokens)."""
-    data_tokenizer = data_loader.tokenizer_dir(source)
-    files = [Path(model) / "tokenizer.json", (data_tokenizer or Path(model)) / "tokenizer.json"]
-    if data_tokenizer is None or not all(f.is_file() for f in files):
+def _other_tokenizer(model: str, data_tokenizer: Path | None) -> bool:
+    """True when a model dir and the dataset's tokenizer dir both hold a tokenizer.json and their vocabularies differ
+    (continual pretraining on data tokenized for another model trains on ids that mean other tokens)."""
+    if data_tokenizer is None:
+        return False
+    files = [Path(model) / "tokenizer.json", data_tokenizer / "tokenizer.json"]
+    if not all(f.is_file() for f in files):
         return False
     try:
         vocabs = [_id_meanings(json.loads(f.read_text())) for f in files]
@@ -373,7 +374,8 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
     if step >= p.steps:  # nothing to train: leave the run dir (config, metrics) as it is
         accelerator.end_training()
         return TrainResult(run_dir, step, tokens, None, None, None, "done", skipped)
-    if _other_tokenizer(cfg.model, p.sources[0]):
+    tokenizer_dir = data_loader.tokenizer_dir(p.sources[0])
+    if _other_tokenizer(cfg.model, tokenizer_dir):
         ui.warn(
             f"{p.sources[0].path} was tokenized with another tokenizer than the model dir {cfg.model} holds: the "
             f"model reads its token ids as other tokens; prepare the data with --tokenizer {cfg.model} (unless a new "
@@ -386,7 +388,6 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
         )
     if accelerator.is_main_process:
         run_config.save(cfg, run_dir)
-    tokenizer_dir = data_loader.tokenizer_dir(p.sources[0])
     extra_files = sorted(f for f in tokenizer_dir.iterdir() if f.is_file()) if tokenizer_dir else []
     log = RunLogger(cfg, run_dir, total_steps=p.steps, start_step=step, enabled=accelerator.is_main_process)
     device_name = torch.cuda.get_device_name(accelerator.device) if cuda else None

@@ -586,9 +586,7 @@ def inspect_checkpoint(path: str | os.PathLike, options: InspectOptions, on_prog
         # accelerate writes optimizer.bin (optimizer_0/ under FSDP); DeepSpeed its own *optim_states.pt files
         if not any(acc.glob("optimizer*")) and not any(acc.rglob("*optim_states.pt")):
             acc_problems.append("no optimizer state")
-        acc_problems += [
-            f"{f.relative_to(acc)} {why}" for f in sorted(acc.rglob("*")) if f.is_file() and (why := ckpt.damaged(f))
-        ]
+        acc_problems += ckpt.damaged_files(acc)
     acc_detail = _summary(acc_problems, "optimizer and RNG state present")
     checks.append(Check("state/accelerate", not acc_problems, acc_detail))
 

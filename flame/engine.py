@@ -287,9 +287,9 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
     model, config = models.build_model(cfg.model, seed=cfg.seed, dtype=torch.float32)
     if accelerator.device.type == "cuda":
         # Before minutes of autotuning, not after: FLA refuses some backward passes on Hopper with some Tritons.
-        from flame.kernels.compat import hopper_triton_blocker
+        from flame.kernels.compat import hopper_triton_blocker, triton_shape_blocker
 
-        blocker = hopper_triton_blocker(config.model_type)
+        blocker = hopper_triton_blocker(config.model_type) or triton_shape_blocker(config)
         if blocker:
             raise ModelError(*blocker)
     if cfg.checkpointing:

@@ -102,3 +102,23 @@ def hopper_triton_blocker(
         "flash-linear-attention#640)"
     )
     return why, f"{fix}, or train on another GPU (or with flame's slower portable kernels: FLAME_KERNELS=torch)"
+
+
+def triton_shape_blocker(config, *, mode: str | None = None) -> tuple[str, str] | None:
+    """(why FLA's Triton kernels cannot compile for this model's shapes, the fix), or None. FLA 0.6.0's chunked
+    GLA kernels tile a dimension of size D by next_power_of_2(D), and Triton's dot needs tiles of at least 16:
+    GSA feeds its memory slots through them as a head dimension, so `num_slots` below 16 ends in a Triton
+    CompilationError ("K >= 16") mid-step. Found on an H200 with a GSA of 8 slots, 2026-11-29."""
+    if mode is None:
+        from flame.kernels import settings
+
+        mode = settings.mode
+    if mode == "torch":
+        return None
+    slots = getattr(config, "num_slots", None) if getattr(config, "model_type", None) == "gsa" else None
+    if slots is not None and slots < 16:
+        return (
+            f"gsa with num_slots={slots} cannot run on FLA's Triton kernels: they need at least 16 slots",
+            "set num_slots to 16 or more in the model config (FLA's default is 64)",
+        )
+    return None

@@ -45,3 +45,16 @@ def test_flames_portable_kernels_on_the_gpu_are_not_refused():
 
 def test_on_a_machine_without_cuda_nothing_is_refused():
     assert hopper_triton_blocker("gated_deltanet") is None  # CI has no GPU
+
+
+def test_gsa_with_fewer_than_16_slots_is_refused_before_triton_fails_to_compile():
+    from types import SimpleNamespace
+
+    from flame.kernels.compat import triton_shape_blocker
+
+    why, fix = triton_shape_blocker(SimpleNamespace(model_type="gsa", num_slots=8), mode="triton")
+    assert why == "gsa with num_slots=8 cannot run on FLA's Triton kernels: they need at least 16 slots"
+    assert fix == "set num_slots to 16 or more in the model config (FLA's default is 64)"
+    assert triton_shape_blocker(SimpleNamespace(model_type="gsa", num_slots=16), mode="triton") is None
+    assert triton_shape_blocker(SimpleNamespace(model_type="gsa", num_slots=8), mode="torch") is None  # portable
+    assert triton_shape_blocker(SimpleNamespace(model_type="gla", num_slots=8), mode="triton") is None

@@ -14,7 +14,7 @@ CONFIGS = {
     "retnet": dict(num_heads=2),
     "hgrn2": dict(num_heads=2, expand_ratio=16),
     "mamba2": dict(num_heads=4, head_dim=16, expand=2, n_groups=1, state_size=16),
-    "gsa": dict(num_heads=2, num_kv_heads=1, num_slots=8),
+    "gsa": dict(num_heads=2, num_kv_heads=1, num_slots=16),  # FLA's Triton kernels need >= 16 (compat)
     "rwkv7": dict(head_dim=16),
 }
 VARLEN = (

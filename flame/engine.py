@@ -17,15 +17,15 @@ import math
 import os
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from flame import autotune, models, ui
 from flame import checkpoint as ckpt
 from flame import config as run_config
-from flame import models, ui
 from flame.config import TrainConfig
 from flame.data import loader as data_loader
 from flame.errors import CheckpointError, ConfigError, ModelError, OutputExistsError, TrainingError
@@ -411,6 +411,8 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
             "config": cfg.to_dict(),
         }
         path = ckpt.save(accelerator, model, run_dir, step, trainer_state, extra_files)
+        if tuning is not None:  # kernels first tuned after step 1 (an evaluation's shapes, say)
+            autotune.save(tuning.paths, run_dir)
         if accelerator.is_main_process:
             ckpt.rotate(run_dir, cfg.limit)
         meter.reset_clock()  # the save does not count as training time
@@ -423,8 +425,19 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
     # The first step compiles and autotunes FLA's kernels on a GPU: announced, timed and kept out of tokens/s
     # (Throughput counts a step from the end of the previous one, so step 1 never enters its window).
     first = FirstStep(accelerator.device.type, enabled=accelerator.is_main_process)
+    # FLA's autotuning results travel with the run (flame.autotune): a resume on a fresh machine skips the
+    # benchmarking of every kernel an earlier machine of the same kind tuned.
+    tuning = autotune.Recorder() if cuda and accelerator.is_main_process else None
+    if cuda:
+        restored = autotune.restore(run_dir) if accelerator.is_local_main_process else 0
+        accelerator.wait_for_everyone()
+        if restored:
+            ui.print0(
+                f"reusing {restored} kernel autotuning results saved with this run ({run_dir / autotune.DIR}): "
+                "FLA's kernels skip benchmarking them"
+            )
     first_step_s, start_step = None, step
-    with StopFlag().installed() as stop, log, first:
+    with StopFlag().installed() as stop, log, first, tuning or nullcontext():
         while step < p.steps:
             if step == start_step:
                 first.begin()
@@ -462,6 +475,8 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
             step += 1
             if step == start_step + 1:
                 first_step_s = first.end()
+                if tuning is not None:
+                    autotune.save(tuning.paths, run_dir)
             tokens += p.tokens_per_update
             meter.update(p.tokens_per_update)
             if math.isfinite(loss_value):

@@ -23,8 +23,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from flame import autotune, models
 from flame import checkpoint as ckpt
-from flame import models
 from flame.config import CONFIG_FILE as RUN_CONFIG
 from flame.config import field_docs
 from flame.data import MANIFEST, TOKENIZER_DIR, TOKENS_COLUMN
@@ -191,6 +191,7 @@ class RunFacts:
     val_loss_step: int | None = None
     # the latest first step (a resumed run times its own): seconds, and on a GPU what its autotuning cost
     first_step: dict | None = None
+    tuning_results: int = 0  # FLA autotune results kept in RUN/tuning/ for a resume elsewhere (flame.autotune)
 
 
 Facts = ModelFacts | DatasetFacts | CheckpointFacts | RunFacts
@@ -732,6 +733,7 @@ def inspect_run(path: str | os.PathLike, options: InspectOptions) -> RunFacts:
         val_loss=vals[-1]["val_loss"] if vals else None,
         val_loss_step=vals[-1]["step"] if vals else None,
         first_step=first_step,
+        tuning_results=sum(1 for _ in (root / autotune.DIR).rglob("*" + autotune.SUFFIX)),
     )
 
 

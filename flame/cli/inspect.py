@@ -378,6 +378,11 @@ def render_run(f: RunFacts) -> None:
         ("memory", f"{_num(f.memory_gib, '.2f')} GiB peak"),
         ("time", _duration(f.elapsed_s)),
         *([("first step", _first_step(f.first_step))] if f.first_step else []),
+        *(
+            [("kernel tuning", f"{f.tuning_results} FLA autotune results in tuning/ (a resume elsewhere reuses them)")]
+            if f.tuning_results
+            else []
+        ),
     ]
     if f.model:
         rows.append(

@@ -153,6 +153,19 @@ def test_a_gpu_runs_first_step_shows_what_its_autotuning_cost(run, tmp_path):
     assert inspect(copy).first_step == {
         "step": 1, "seconds": 418.6, "kernels_tuned": 18, "configs_benchmarked": 400, "compile_s": 365.8,
     }  # fmt: skip
+    assert "kernel tuning" not in text  # a CPU run keeps none
+
+
+def test_a_gpu_runs_kept_autotune_results_are_counted(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for folder, kernel in (("AB", "chunk_fwd_kernel_h"), ("CD", "swiglu_fwd_kernel"), ("CD", "l2norm_fwd_kernel")):
+        (copy / "tuning" / folder).mkdir(parents=True, exist_ok=True)
+        (copy / "tuning" / folder / f"{kernel}.autotune.json").write_text("{}")
+    result = flame(copy)
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "kernel tuning 3 FLA autotune results in tuning/ (a resume elsewhere reuses them)" in text
+    assert json.loads(flame(copy, "--json").stdout)["tuning_results"] == 3
 
 
 def test_plot_writes_a_png(run, tmp_path):

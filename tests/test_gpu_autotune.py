@@ -1,0 +1,59 @@
+"""On a CUDA machine: FLA's autotuning results saved with a run let `flame resume` on a fresh machine (an empty
+Triton cache) skip the benchmarking (flame.autotune).
+
+    pytest -m gpu tests/test_gpu_autotune.py
+
+A tiny GLA (hidden 256, 2 layers) trains 2 updates with one Triton cache; the run is resumed to 4 updates with
+another, empty, cache. The first run tunes, saves every result it used into RUN/tuning/, and the resume restores
+them all and benchmarks nothing its first run tuned.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.prepared import counting_docs, make_prepared
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _flame(*args, cache: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline", TRITON_CACHE_DIR=str(cache))
+    return subprocess.run(
+        [sys.executable, "-m", "flame", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+def _tuning(run: Path) -> dict:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r.get("first_step_tuning") for r in records if "first_step_s" in r}
+
+
+@pytest.mark.gpu
+def test_a_resume_on_an_empty_triton_cache_reuses_the_runs_autotuning(tmp_path):
+    vocab = 1024
+    config = {"model_type": "gla", "hidden_size": 256, "num_hidden_layers": 2, "num_heads": 4, "vocab_size": vocab}
+    (tmp_path / "gla.json").write_text(json.dumps(config))
+    data = make_prepared(tmp_path / "ds", counting_docs(300, vocab, seed=0, min_len=200, max_len=1000), vocab)
+    run = tmp_path / "run"
+    common = ["--cache", str(data), "--batch", "2", "--context", "512", "--warmup", "1", "--save", "2"]
+    first = _flame("train", "--model", str(tmp_path / "gla.json"), *common, "--steps", "2", "--path", str(run),
+                   cache=tmp_path / "cache-a")  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = sorted(p.relative_to(run / "tuning") for p in (run / "tuning").rglob("*.autotune.json"))
+    tuned_before = _tuning(run)[1]
+    assert tuned_before and saved, "the first run on an empty cache tunes, and keeps what it tuned"
+    assert len(saved) >= tuned_before["kernels_tuned"]
+
+    resumed = _flame("resume", str(run), "--steps", "4", cache=tmp_path / "cache-b")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out = resumed.stdout + resumed.stderr
+    assert f"reusing {len(saved)} kernel autotuning results saved with this run" in out
+    assert sorted(p.relative_to(tmp_path / "cache-b") for p in (tmp_path / "cache-b").rglob("*.autotune.json")) == saved
+    again = _tuning(run)[3]  # the resume's first step
+    retuned = {(t["kernel"], t["key"]) for t in (again or {}).get("tuned", [])}
+    assert not retuned & {(t["kernel"], t["key"]) for t in tuned_before["tuned"]}

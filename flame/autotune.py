@@ -5,8 +5,8 @@ small JSON file in Triton's cache (`<cache>/<hash>/<kernel>.autotune.json`; the 
 the GPU target, the kernel's source, the tuning key and the config list, so a file is only ever read by the
 same kernel on the same kind of GPU and software). A job that resumes on another node starts with an empty
 cache and pays the whole tuning again: about 7 minutes before GLA-340M's first step on a fresh H200, against
-83 s with the results of an earlier machine restored (measured 2026-11-28/29; what is left is compiling the
-chosen config of each kernel).
+83 s with earlier machines' results restored by hand, which need not have covered every kernel (measured
+2026-11-28/29; what is left is compiling the chosen config of each kernel).
 
 So the engine records which of those files Triton reads or writes during a run (`Recorder`, on the main
 process), copies them into RUN/tuning/ (same layout as the cache) after the first step and at every checkpoint,

@@ -13,12 +13,21 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 from rich.text import Text
 
 # stderr for diagnostics and progress, stdout for results a script may read (tables, --json).
 # markup off: printed strings carry user paths and labels ("data[1]", "[model config]"), never rich markup
 console = Console(highlight=False, soft_wrap=True, markup=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+
+
+def table(*args, **kwargs) -> Table:
+    """A rich Table, ruled with box-drawing characters on a terminal; off one (a pipe, a file) plain columns
+    separated by spaces, which grep and awk read as they are."""
+    if not console.is_terminal:
+        kwargs = {"box": None, "pad_edge": False} | kwargs
+    return Table(*args, **kwargs)
 
 
 def is_main_process() -> bool:

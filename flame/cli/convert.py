@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
+from flame import ui
 from flame.config import field_docs
 from flame.convert import ConvertOptions, ConvertReport, DType, VocabPolicy, convert_from_llama
 from flame.ui import console, human, is_main_process
@@ -57,7 +57,7 @@ def from_llama(
 def render(report: ConvertReport) -> None:
     if not is_main_process():
         return
-    table = Table(title=f"{report.source} ({report.source_architecture}) -> {report.target_type}, {report.dtype}")
+    table = ui.table(title=f"{report.source} ({report.source_architecture}) -> {report.target_type}, {report.dtype}")
     table.add_column("parameters")
     table.add_column("tensors", justify="right")
     table.add_column("count", justify="right")

@@ -8,7 +8,6 @@ import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from flame import ui
 from flame.data.prepare import PrepareConfig, prepare
@@ -147,7 +146,7 @@ def prepare_command(
     with _Display() as display:
         result = prepare(config, on_progress=display)
     manifest = result.manifest
-    table = Table(title=f"prepared {result.output}", title_justify="left")
+    table = ui.table(title=f"prepared {result.output}", title_justify="left")
     table.add_column("split")
     table.add_column("documents", justify="right")
     table.add_column("tokens", justify="right")

@@ -17,7 +17,6 @@ from typing import Annotated
 
 import typer
 from rich.panel import Panel
-from rich.table import Table
 from rich.text import Text
 
 from flame import ui
@@ -162,8 +161,8 @@ def chart_lines(xs: list[float], ys: list[float | None], width: int = CHART_WIDT
 # Renderers
 
 
-def _facts_table(title: str, rows: list[tuple[str, str]]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left", title_style="bold")
+def _facts_table(title: str, rows: list[tuple[str, str]]):
+    table = ui.table(title=title, show_header=False, title_justify="left", title_style="bold")
     table.add_column(style="cyan", no_wrap=True)
     table.add_column(overflow="fold")  # paths whole, to copy
     for key, value in rows:
@@ -224,7 +223,7 @@ def render_model(f: ModelFacts) -> None:
         f"estimated peak training memory per device: batch {m['batch']} x context {m['context']}, {m['precision']}, "
         f"ZeRO stage {m['zero_stage']} over {m['world_size']} device(s), update {m['update']}"
     )
-    table = Table(title=title, title_justify="left", title_style="bold")
+    table = ui.table(title=title, title_justify="left", title_style="bold")
     table.add_column("part")
     table.add_column("GiB", justify="right")
     for part in ("weights", "grads", "optimizer", "activations"):
@@ -250,7 +249,7 @@ def render_dataset(f: DatasetFacts) -> None:
     ]
     ui.console.print(_facts_table("prepared dataset", rows))
 
-    splits = Table(title="splits", title_justify="left", title_style="bold")
+    splits = ui.table(title="splits", title_justify="left", title_style="bold")
     for col in ("split", "documents", "tokens", "tokens/doc", "manifest"):
         splits.add_column(col, justify="left" if col in ("split", "manifest") else "right")
     for name, v in f.splits.items():
@@ -319,7 +318,7 @@ def render_checkpoint(f: CheckpointFacts) -> None:
     shown = sorted(f.tensors, key=lambda t: -t.norm if math.isfinite(t.norm) else -math.inf)[:TOP_TENSORS]
     shown += [t for t in f.tensors if (t.nan or t.inf) and t not in shown]
     if shown:
-        table = Table(title=f"largest norms (of {len(f.tensors)}) and any tensor with NaN/inf", title_justify="left")
+        table = ui.table(title=f"largest norms (of {len(f.tensors)}) and any tensor with NaN/inf", title_justify="left")
         for col in ("tensor", "shape", "dtype", "norm", "max |x|", "NaN", "inf"):
             left = col in ("tensor", "shape", "dtype")
             table.add_column(col, justify="left" if left else "right", overflow="fold" if left else "ellipsis")
@@ -337,7 +336,7 @@ def render_checkpoint(f: CheckpointFacts) -> None:
             )
         ui.console.print(table)
 
-    checks = Table(title="integrity", title_justify="left", title_style="bold")
+    checks = ui.table(title="integrity", title_justify="left", title_style="bold")
     checks.add_column("check")
     checks.add_column("result")
     checks.add_column("detail")
@@ -394,7 +393,7 @@ def render_run(f: RunFacts) -> None:
         )
     ui.console.print(_facts_table("run", rows))
 
-    table = Table(title="checkpoints", title_justify="left", title_style="bold")
+    table = ui.table(title="checkpoints", title_justify="left", title_style="bold")
     table.add_column("step", justify="right")
     table.add_column("size", justify="right")
     table.add_column("path (in the run dir)", overflow="fold")

@@ -12,7 +12,6 @@ import shlex
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from flame import ui
 from flame.config import TrainConfig, field_docs
@@ -108,7 +107,7 @@ def _world() -> int:
 
 def _render_plan(p) -> None:
     gib = p.memory_gib
-    table = Table(title=f"flame train --dry-run: {p.cfg.type}", show_header=False)
+    table = ui.table(title=f"flame train --dry-run: {p.cfg.type}", show_header=False)
     rows = [
         ("model", f"{p.cfg.model} ({p.model_type}{', FLA' if p.is_fla else ''})"),
         ("parameters", f"{ui.human(p.params['total'])} total"),

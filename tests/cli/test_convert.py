@@ -26,10 +26,12 @@ def test_from_llama_prints_the_table(llama, tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     # 17 copied, the 4 GQA k/v reshaped (2 -> 4 kv heads), 18 Gated DeltaNet tensors newly initialised
-    assert "│ copied            │      17 │" in result.output
-    assert "│ reshaped          │       4 │" in result.output
-    assert "│ newly initialised │      18 │" in result.output
-    assert "│ 100.00% │" in result.output
+    rows = [line.split() for line in lines]  # piped: plain columns
+    assert ["copied", "17"] in [r[:2] for r in rows]
+    assert ["reshaped", "4"] in [r[:2] for r in rows]
+    assert ["newly", "initialised", "18"] in [r[:3] for r in rows]
+    assert any(r[:1] == ["total"] and r[-1] == "100.00%" for r in rows)
+    assert not set("│─┃━┏┡└") & set(result.output)
     assert "  model.layers.0.attn.k_proj.weight: 2 -> 4 kv heads (repeated)" in lines
     assert "  model.layers.*.attn.A_log (2)" in lines
     assert "verified: 21 written tensors equal their source (read back after saving)" in lines

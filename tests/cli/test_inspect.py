@@ -128,13 +128,15 @@ def test_run_report_with_the_loss_chart(run):
     facts = inspect(run)
     assert f"step {STEPS} of {STEPS} (100.0%), finished" in result.output
     assert f"{facts.loss:.4f}" in result.output and "checkpoints/step-00000003" in result.output
-    assert f"│ validation loss │ {facts.val_loss:.4f} (step {STEPS})" in result.output
+    text = " ".join(result.output.split())  # piped: plain columns, no box-drawing characters
+    assert not set("│─┃━┏┡└") & set(result.output)
+    assert f"validation loss {facts.val_loss:.4f} (step {STEPS})" in text
     for line in chart_lines(facts.curve["step"], facts.curve["loss"]):
         assert line in result.output
     out = json.loads(flame(run, "--json").stdout)
     assert out["step"] == STEPS and out["loss"] == facts.loss and out["curve"] == facts.curve
     assert [c["step"] for c in out["checkpoints"]] == [3, 6]
-    assert f"│ first step      │ {facts.first_step['seconds']:.1f} s (not in tokens/s)" in result.output
+    assert f"first step {facts.first_step['seconds']:.1f} s (not in tokens/s)" in text
     assert out["first_step"] == facts.first_step
 
 
@@ -148,7 +150,7 @@ def test_a_gpu_runs_first_step_shows_what_its_autotuning_cost(run, tmp_path):
     (copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     result = flame(copy)
     assert result.exit_code == 0, result.output
-    text = " ".join(result.output.replace("│", " ").split())  # the row wraps at the test console's width
+    text = " ".join(result.output.split())  # the row wraps at the test console's width
     assert "first step 418.6 s (autotuned 18 kernel/shape pairs, 400 configs, 366 s compiling; not in tokens/s)" in text
     assert inspect(copy).first_step == {
         "step": 1, "seconds": 418.6, "kernels_tuned": 18, "configs_benchmarked": 400, "compile_s": 365.8,
@@ -163,7 +165,7 @@ def test_a_gpu_runs_kept_autotune_results_are_counted(run, tmp_path):
         (copy / "tuning" / folder).mkdir(parents=True, exist_ok=True)
         (copy / "tuning" / folder / f"{kernel}.autotune.json").write_text("{}")
     result = flame(copy)
-    text = " ".join(result.output.replace("│", " ").split())
+    text = " ".join(result.output.split())
     assert "kernel tuning 3 FLA autotune results in tuning/ (a resume elsewhere reuses them)" in text
     assert json.loads(flame(copy, "--json").stdout)["tuning_results"] == 3
 
@@ -238,3 +240,18 @@ def test_chart_lines_bins_many_points_and_skips_gaps():
     assert chart_lines([1, 2], [None, math.nan]) == []
     flat = chart_lines([1, 2, 3], [2.0, 2.0, 2.0], height=2)
     assert flat[0] == "2 |   " and flat[1] == "2 |" + BLOCKS[8] * 3  # a flat curve at half height
+
+
+def test_tables_are_ruled_on_a_terminal_only(monkeypatch):
+    from rich.console import Console
+
+    from flame import ui
+
+    for terminal, ruled in ((True, True), (False, False)):
+        monkeypatch.setattr(ui, "console", Console(force_terminal=terminal, width=60, markup=False))
+        table = ui.table(title="t")
+        table.add_column("a")
+        table.add_row("x")
+        with ui.console.capture() as out:
+            ui.console.print(table)
+        assert ("│" in out.get()) is ruled, out.get()

@@ -22,7 +22,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from flame.errors import CheckpointError
+from flame.errors import CheckpointError, first_line
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.json"
@@ -162,9 +162,8 @@ def load(accelerator, checkpoint: str | os.PathLike) -> dict:
     try:
         accelerator.load_state(str(acc))
     except (RuntimeError, ValueError, KeyError) as e:  # torch's size mismatch, a missing tensor or optimizer group
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{checkpoint} does not match this model and optimizer ({first})",
+            f"{checkpoint} does not match this model and optimizer ({first_line(e)})",
             "give the --model config that run was trained with",
         ) from e
     return state

@@ -55,3 +55,9 @@ def check_output_dir(output, inputs) -> None:
                 )
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--output {output} is a file", "give a folder for the output (flame creates it)")
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, for one-line errors that quote a library's reason; its type name
+    when the message is empty."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import torch
 
 from flame.data import MANIFEST, TOKENIZER_DIR, TOKENS_COLUMN
-from flame.errors import DataError
+from flame.errors import DataError, first_line
 
 
 @dataclass
@@ -55,8 +55,7 @@ def open_source(path: str, weight: float = 1.0, split: str = "train") -> Source:
     except (FileNotFoundError, ValueError) as e:
         raise DataError(f"{path} is not a prepared dataset ({e})", "give the output dir of `flame data prepare`") from e
     except OSError as e:  # a truncated or damaged .arrow file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"{path} is damaged ({first})", "prepare it again with `flame data prepare`") from e
+        raise DataError(f"{path} is damaged ({first_line(e)})", "prepare it again with `flame data prepare`") from e
     if isinstance(loaded, datasets.DatasetDict) and split not in loaded:
         raise DataError(f"{path} has no '{split}' split", "prepare it again with `flame data prepare`")
     ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flame.errors import DataError, FlameError
+from flame.errors import DataError, FlameError, first_line
 
 # Longest suffix first: `.jsonl.zst` must win over a plain `.zst` lookup.
 EXTENSIONS = (".jsonl.zst", ".jsonl", ".json", ".parquet", ".txt", ".csv")
@@ -257,13 +257,13 @@ def _resolve_hub(dataset: str, name: str | None, split: str, column: str | None,
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or datasets.config.HF_HUB_OFFLINE
         where = "is not in the offline cache" if offline else "cannot be reached on the hub"
         raise DataError(
-            f"dataset {dataset!r} {where} and is no local path ({type(e).__name__}: {_first_line(e)})",
+            f"dataset {dataset!r} {where} and is no local path ({type(e).__name__}: {first_line(e)})",
             "load it once with network (the HF cache then serves it offline), or download it with "
             f"`hf download --repo-type dataset {dataset} --local-dir DIR` and give DIR instead",
         ) from None
     except ValueError as e:
         # Unknown config or split: datasets lists the valid ones in the message.
-        raise DataError(f"dataset {dataset!r}: {_first_line(e)}", "check --name and --split") from None
+        raise DataError(f"dataset {dataset!r}: {first_line(e)}", "check --name and --split") from None
     if streaming:
         columns = list(ds.column_names or [])
         if not columns:
@@ -299,10 +299,6 @@ def _resolve_hub(dataset: str, name: str | None, split: str, column: str | None,
     )
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [""])[0]
-
-
 @contextmanager
 def _reading(path: str):
     """A local file that cannot be read (damaged, truncated, a git-lfs pointer) is one DataError naming it."""
@@ -316,7 +312,7 @@ def _reading(path: str):
         if lfs:
             raise DataError(f"{path} is a git-lfs pointer, not data", "run `git lfs pull` in that clone") from e
         raise DataError(
-            f"cannot read {path} ({type(e).__name__}: {_first_line(e)})", "check the file, or download it again"
+            f"cannot read {path} ({type(e).__name__}: {first_line(e)})", "check the file, or download it again"
         ) from e
 
 

@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from flame.errors import ConfigError, DataError, OutputExistsError, check_output_dir
+from flame.errors import ConfigError, DataError, OutputExistsError, check_output_dir, first_line
 
 DEFAULT_TOKENIZER = "fla-hub/gla-1.3B-100B"
 EOS_TOKEN = "<|endoftext|>"
@@ -32,8 +32,7 @@ def load_tokenizer(name_or_path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:  # OSError offline/not found, ValueError for a dir without tokenizer files
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"cannot load tokenizer {name_or_path!r} ({first[:200]})", OFFLINE_FIX) from None
+        raise DataError(f"cannot load tokenizer {name_or_path!r} ({first_line(e)[:200]})", OFFLINE_FIX) from None
     if not getattr(tokenizer, "is_fast", False) or getattr(tokenizer, "_tokenizer", None) is None:
         raise DataError(
             f"tokenizer {name_or_path!r} has no fast (Rust) backend",

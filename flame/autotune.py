@@ -121,3 +121,15 @@ def restore(run_dir: str | os.PathLike, cache: Path | None = None) -> int:
     for path in sorted(source.rglob("*" + SUFFIX)):
         restored += _copy_whole(path, cache / path.relative_to(source))
     return restored
+
+
+def restore_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> str | None:
+    """Restore the results kept with a run and, for `--checkpoint RUN2/checkpoints/step-N`, with RUN2; returns
+    the line to print, or None when nothing was restored."""
+    runs = dict.fromkeys([Path(run_dir)] + ([Path(checkpoint).parent.parent] if checkpoint else []))
+    restored = {run / DIR: restore(run) for run in runs}
+    if not sum(restored.values()):
+        return None
+    where = ", ".join(str(d) for d, n in restored.items() if n)
+    count = sum(restored.values())
+    return f"reusing {count} kernel autotuning results kept in {where}: FLA's kernels skip benchmarking them"

@@ -429,13 +429,11 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
     # benchmarking of every kernel an earlier machine of the same kind tuned.
     tuning = autotune.Recorder() if cuda and accelerator.is_main_process else None
     if cuda:
-        restored = autotune.restore(run_dir) if accelerator.is_local_main_process else 0
+        # the run's own, and those of the run a --checkpoint comes from; once per machine, then everyone goes on
+        line = autotune.restore_run(run_dir, cfg.checkpoint) if accelerator.is_local_main_process else None
         accelerator.wait_for_everyone()
-        if restored:
-            ui.print0(
-                f"reusing {restored} kernel autotuning results saved with this run ({run_dir / autotune.DIR}): "
-                "FLA's kernels skip benchmarking them"
-            )
+        if line:
+            ui.print0(line)
     first_step_s, start_step = None, step
     with StopFlag().installed() as stop, log, first, tuning or nullcontext():
         while step < p.steps:

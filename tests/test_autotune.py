@@ -65,3 +65,17 @@ def test_files_outside_the_cache_or_gone_are_passed_over(cache, tmp_path):
     gone = cache / ("f" * 64) / "gone.autotune.json"
     assert autotune.save({elsewhere, gone}, tmp_path / "run") == 0
     assert autotune.restore(tmp_path / "run") == 0  # no RUN/tuning
+
+
+def test_a_continued_checkpoint_brings_its_runs_results_too(cache, tmp_path, monkeypatch):
+    with autotune.Recorder() as recorder:
+        tune("a" * 64, "chunk_gla_fwd_kernel_o", 4)
+    old, new = tmp_path / "old", tmp_path / "new"
+    autotune.save(recorder.paths, old)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "other"))  # another machine
+    line = autotune.restore_run(new, old / "checkpoints" / "step-00000004")
+    assert line == (
+        f"reusing 1 kernel autotuning results kept in {old / 'tuning'}: FLA's kernels skip benchmarking them"
+    )
+    assert autotune.restore_run(new, old / "checkpoints" / "step-00000004") is None  # all there now
+    assert autotune.restore_run(new) is None

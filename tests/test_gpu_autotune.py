@@ -52,7 +52,7 @@ def test_a_resume_on_an_empty_triton_cache_reuses_the_runs_autotuning(tmp_path):
     resumed = _flame("resume", str(run), "--steps", "4", cache=tmp_path / "cache-b")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     out = resumed.stdout + resumed.stderr
-    assert f"reusing {len(saved)} kernel autotuning results saved with this run" in out
+    assert f"reusing {len(saved)} kernel autotuning results kept in {run / 'tuning'}: " in out
     assert sorted(p.relative_to(tmp_path / "cache-b") for p in (tmp_path / "cache-b").rglob("*.autotune.json")) == saved
     again = _tuning(run)[3]  # the resume's first step
     retuned = {(t["kernel"], t["key"]) for t in (again or {}).get("tuned", [])}

@@ -14,7 +14,8 @@ model (built by flame.models.build_model from the same config and seed, fp32 wei
   flame  flame.engine.train on a prepared dataset of random tokens (logging every step, no checkpoint until the end)
   hf     transformers.Trainer on the same random tokens
 Step 1 (Triton compilation and FLA autotuning on a fresh machine) is timed alone (first_s), then --warmup steps,
-then --steps timed steps give tokens/s. MFU is shown on flame's FLOP count (flame.models.flops_per_token) and on
+then --steps timed steps give tokens/s: every engine is timed by the wall clock over those steps, synchronised
+with the GPU at the window's edges only (each still reads its loss back every step, as flame logs it). MFU is shown on flame's FLOP count (flame.models.flops_per_token) and on
 6N alone (N = all parameters). Peak memory is torch.cuda.max_memory_allocated over the whole run (the CPU: peak RSS).
 Prints a table and the ratios flame/bare and flame/hf; --json writes the rows. Measured on an H200, a single run of
 a few seconds swings by up to 20% with its place in the sequence (the first engine after a long idle GPU is slow),
@@ -92,11 +93,9 @@ def run_bare(config_path: str, args, device) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=device.type == "cuda")
     total = 1 + args.warmup + args.steps
     data = _random_ids(config.vocab_size, total * args.batch, args.context, SEED).view(total, args.batch, -1)
-    times = []
-    for i in range(total):
+
+    def step(i):
         ids = data[i].to(device)
-        _sync(device)
-        start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
@@ -104,10 +103,22 @@ def run_bare(config_path: str, args, device) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         float(loss.detach())  # as every engine reads the loss back each step
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    timed = times[1 + args.warmup :]
-    return {"first_s": times[0], "tokens_per_s": args.steps * args.batch * args.context / sum(timed)}
+
+    # Timed as flame's engine is: the wall clock over the window, synchronised at its edges only (a sync around
+    # every step would idle the GPU while the next step is launched and charge that to the bare loop).
+    _sync(device)
+    start = time.perf_counter()
+    step(0)
+    _sync(device)
+    first_s = time.perf_counter() - start
+    for i in range(1, 1 + args.warmup):
+        step(i)
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(1 + args.warmup, total):
+        step(i)
+    _sync(device)
+    return {"first_s": first_s, "tokens_per_s": args.steps * args.batch * args.context / (time.perf_counter() - start)}
 
 
 def run_flame(config_path: str, args, device, work: Path) -> dict:
@@ -152,16 +163,21 @@ def run_hf(config_path: str, args, device, work: Path) -> dict:
     total = 1 + args.warmup + args.steps
     ids = _random_ids(config.vocab_size, total * args.batch, args.context, SEED)
     dataset = [{"input_ids": row, "labels": row} for row in ids]
-    times: list[float] = []
+    marks: dict[str, float] = {}
 
     class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **kw):
-            _sync(device)
-            self.start = time.perf_counter()
+        """The first step on its own, then the wall clock from the end of the warm-up to the end of the last step,
+        synchronised at those edges only (as flame's engine and the bare loop are timed)."""
 
-        def on_step_end(self, *a, **kw):
-            _sync(device)
-            times.append(time.perf_counter() - self.start)
+        def on_step_begin(self, args_, state, control, **kw):
+            if state.global_step == 0:
+                _sync(device)
+                marks["begin"] = time.perf_counter()
+
+        def on_step_end(self, args_, state, control, **kw):
+            if state.global_step in (1, 1 + args.warmup, total):
+                _sync(device)
+                marks.setdefault(state.global_step, time.perf_counter())
 
     targs = TrainingArguments(
         output_dir=str(work / "hf"), per_device_train_batch_size=args.batch, max_steps=total, learning_rate=3e-4,
@@ -171,8 +187,8 @@ def run_hf(config_path: str, args, device, work: Path) -> dict:
         seed=SEED, remove_unused_columns=False,
     )  # fmt: skip
     Trainer(model=model, args=targs, train_dataset=dataset, callbacks=[Timer()]).train()
-    timed = times[1 + args.warmup :]
-    return {"first_s": times[0], "tokens_per_s": args.steps * args.batch * args.context / sum(timed)}
+    timed = marks[total] - marks[1 + args.warmup]
+    return {"first_s": marks[1] - marks["begin"], "tokens_per_s": args.steps * args.batch * args.context / timed}
 
 
 def worker(args) -> None:

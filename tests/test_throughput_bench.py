@@ -84,3 +84,12 @@ def test_repeat_interleaves_the_engines_and_reports_the_median_run(tmp_path, mon
 def test_repeat_must_be_positive():
     with pytest.raises(SystemExit):
         throughput.main(["--device", "cpu", "--tiny", "--repeat", "0"])
+
+
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_the_hf_trainer_is_timed_over_the_window_after_its_warm_up(tmp_path, warmup):
+    out = tmp_path / "rows.json"
+    argv = ["--device", "cpu", "--tiny", "--engines", "hf", "--batch", "1", "--context", "32", "--steps", "2"]
+    assert throughput.main(argv + ["--warmup", str(warmup), "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["engine"] == "hf" and row["tokens_per_s"] > 0 and row["first_s"] > 0

@@ -15,8 +15,9 @@ model (built by flame.models.build_model from the same config and seed, fp32 wei
   hf     transformers.Trainer on the same random tokens
 Step 1 (Triton compilation and FLA autotuning on a fresh machine) is timed alone (first_s), then --warmup steps,
 then --steps timed steps give tokens/s: every engine is timed by the wall clock over those steps, synchronised
-with the GPU at the window's edges only (each still reads its loss back every step, as flame logs it). MFU is shown on flame's FLOP count (flame.models.flops_per_token) and on
-6N alone (N = all parameters). Peak memory is torch.cuda.max_memory_allocated over the whole run (the CPU: peak RSS).
+with the GPU at the window's edges only (each still reads its loss back every step, as flame logs it). MFU is
+shown on flame's FLOP count (flame.models.flops_per_token) and on 6N alone (N = all parameters). Peak memory is
+torch.cuda.max_memory_allocated over the whole run (the CPU: peak RSS).
 Prints a table and the ratios flame/bare and flame/hf; --json writes the rows. Measured on an H200, a single run of
 a few seconds swings by up to 20% with its place in the sequence (the first engine after a long idle GPU is slow),
 so --repeat N runs every engine N times, the order reversed every other round, and reports the median run.

@@ -7,6 +7,7 @@ traceback instead. Only commands that work are registered here.
 """
 
 import os
+import warnings
 from typing import Annotated
 
 import typer
@@ -24,6 +25,18 @@ from flame.cli import resume as resume_cli
 from flame.cli import train as train_cli
 from flame.errors import FlameError
 from flame.ui import error_line
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Library warnings (FLA's RWKV notice, a deprecation) as one line naming where they come from, instead of
+    Python's two with the source line; FLAME_DEBUG=1 keeps Python's format."""
+    where = os.path.join(*filename.split(os.sep)[-3:]) if "site-packages" in filename else filename
+    text = " ".join(str(message).split())
+    return f"warning: {text} ({category.__name__}, {where}:{lineno})\n"
+
+
+if os.environ.get("FLAME_DEBUG") != "1":
+    warnings.formatwarning = one_line_warning
 
 
 class FlameGroup(TyperGroup):

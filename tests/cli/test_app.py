@@ -57,3 +57,19 @@ def test_usage_errors_are_one_line_naming_the_help_and_exit_2(monkeypatch):
     # with no arguments a group still shows its help
     result = runner.invoke(app, ["data"])
     assert "prepare" in result.output and "error" not in result.output
+
+
+def test_library_warnings_print_as_one_line_naming_their_source():
+    import os
+
+    from flame.cli.app import one_line_warning
+
+    fla = os.path.join(os.sep, "venv", "lib", "python3.11", "site-packages", "fla", "layers", "rwkv7.py")
+    line = one_line_warning(UserWarning("According to Bo, you are\n  using a potentially buggy"), UserWarning, fla, 151)
+    assert line == (
+        "warning: According to Bo, you are using a potentially buggy (UserWarning, "
+        + os.path.join("fla", "layers", "rwkv7.py")
+        + ":151)\n"
+    )
+    mine = one_line_warning("x", DeprecationWarning, "/work/x.py", 3)
+    assert mine == "warning: x (DeprecationWarning, /work/x.py:3)\n"

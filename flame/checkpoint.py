@@ -22,7 +22,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from flame.errors import CheckpointError, first_line
+from flame.errors import CheckpointError, first_line, read_json_object
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.json"
@@ -114,13 +114,9 @@ def read_trainer_state(checkpoint: str | os.PathLike) -> dict:
             f"{checkpoint} is not a complete flame checkpoint (no state/{TRAINER_STATE})",
             "give a RUN/checkpoints/step-N folder written by flame train",
         )
-    try:
-        state = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is damaged ({e})", EARLIER) from e
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} is damaged (not a JSON object)", EARLIER)
-    return state
+    return read_json_object(
+        path, CheckpointError, EARLIER, invalid="is damaged", not_object="is damaged (not a JSON object)"
+    )
 
 
 def damaged(path: str | os.PathLike) -> str | None:

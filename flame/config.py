@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from flame.errors import ConfigError
+from flame.errors import ConfigError, read_json_object
 
 CONFIG_FILE = "config.json"
 SCHEDULERS = ("cosine", "wsd", "linear", "constant")
@@ -233,12 +233,7 @@ def load(run_dir: str | os.PathLike) -> TrainConfig:
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no {CONFIG_FILE}", "give a run dir written by `flame train`")
     fix = "restore it (every checkpoint's model/ holds the model config, not the run's), or train into a new run dir"
-    try:
-        values = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e})", fix) from e
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path} is not a flame run config (a JSON object of options)", fix)
+    values = read_json_object(path, ConfigError, fix, not_object="is not a flame run config (a JSON object of options)")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - set(fields))
     if unknown:

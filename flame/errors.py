@@ -57,6 +57,29 @@ def check_output_dir(output, inputs) -> None:
         raise OutputExistsError(f"--output {output} is a file", "give a folder for the output (flame creates it)")
 
 
+def read_json_object(
+    path,
+    error: type[FlameError],
+    fix: str,
+    *,
+    invalid: str = "is not valid JSON",
+    not_object: str = "holds no JSON object",
+    not_object_fix: str | None = None,
+) -> dict:
+    """Read a file that must hold a JSON object (a run config, trainer state, manifest, model config); one `error`
+    naming the file when it does not: "{path} {invalid} (json's reason)" or "{path} {not_object}", with the fix."""
+    import json
+    from pathlib import Path
+
+    try:
+        value = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{path} {invalid} ({e})", fix) from e
+    if not isinstance(value, dict):
+        raise error(f"{path} {not_object}", not_object_fix or fix)
+    return value
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message, for one-line errors that quote a library's reason; its type name
     when the message is empty."""

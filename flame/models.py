@@ -73,7 +73,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from flame.errors import ModelError
+from flame.errors import ModelError, read_json_object
 
 #: Chunk size of FLA's chunked linear-attention kernels (fla/ops/*/chunk.py: chunk_size=64).
 CHUNK_SIZE = 64
@@ -114,12 +114,12 @@ def load_config(path: str | os.PathLike):
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise ModelError(f"{path} has no config.json", "give a model dir written by flame train / flame convert")
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{file} is not valid JSON ({e})", "fix the file or use one from configs/") from None
-    if not isinstance(raw, dict):
-        raise ModelError(f"{file} holds no JSON object", "a model config is a JSON object with a model_type")
+    raw = read_json_object(
+        file,
+        ModelError,
+        "fix the file or use one from configs/",
+        not_object_fix="a model config is a JSON object with a model_type",
+    )
     model_type = raw.get("model_type")
     if not model_type:
         raise ModelError(f"{file} has no model_type", f'add "model_type": one of {", ".join(fla_model_types())}')

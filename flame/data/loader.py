@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import torch
 
 from flame.data import MANIFEST, TOKENIZER_DIR, TOKENS_COLUMN
-from flame.errors import DataError, first_line
+from flame.errors import DataError, first_line, read_json_object
 
 
 @dataclass
@@ -43,7 +43,6 @@ class Source:
 
 def open_source(path: str, weight: float = 1.0, split: str = "train") -> Source:
     """Open DIR (a `flame data prepare` output) without reading its tokens into memory."""
-    import json
 
     import datasets
 
@@ -64,12 +63,15 @@ def open_source(path: str, weight: float = 1.0, split: str = "train") -> Source:
     if len(ds) == 0:
         raise DataError(f"{path} has no documents", "prepare it from a non-empty corpus")
     manifest_path = root / MANIFEST
-    try:
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{manifest_path} is damaged ({e})", "prepare the dataset again") from e
-    if not isinstance(manifest, dict):
-        raise DataError(f"{manifest_path} is not a manifest (a JSON object)", "prepare the dataset again")
+    manifest = {}
+    if manifest_path.is_file():
+        manifest = read_json_object(
+            manifest_path,
+            DataError,
+            "prepare the dataset again",
+            invalid="is damaged",
+            not_object="is not a manifest (a JSON object)",
+        )
     column = ds.data.column(TOKENS_COLUMN)
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
     return Source(str(root), weight, column, lengths, manifest)

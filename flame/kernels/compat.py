@@ -56,6 +56,16 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
 
 
+def _portable(mode: str | None) -> bool:
+    """True when flame's portable kernels run on the GPU instead of FLA's Triton ones (install(mode="torch") or
+    FLAME_KERNELS=torch): then no Triton limitation applies. None asks the installed setting."""
+    if mode is None:
+        from flame.kernels import settings
+
+        mode = settings.mode
+    return mode == "torch"
+
+
 def hopper_triton_blocker(
     model_type: str,
     *,
@@ -67,13 +77,7 @@ def hopper_triton_blocker(
 ) -> tuple[str, str] | None:
     """(why FLA will refuse to train `model_type` on this GPU, the fix), or None. With no arguments, asks CUDA,
     Triton and the installed packages; the arguments let a test describe another machine."""
-    if model_type not in _GATED_DQKWG:
-        return None
-    if mode is None:
-        from flame.kernels import settings
-
-        mode = settings.mode
-    if mode == "torch":  # flame's portable kernels run instead of FLA's Triton ones
+    if model_type not in _GATED_DQKWG or _portable(mode):
         return None
     if capability is None:
         import torch
@@ -109,11 +113,7 @@ def triton_shape_blocker(config, *, mode: str | None = None) -> tuple[str, str] 
     GLA kernels tile a dimension of size D by next_power_of_2(D), and Triton's dot needs tiles of at least 16:
     GSA feeds its memory slots through them as a head dimension, so `num_slots` below 16 ends in a Triton
     CompilationError ("K >= 16") mid-step. Found on an H200 with a GSA of 8 slots, 2026-11-29."""
-    if mode is None:
-        from flame.kernels import settings
-
-        mode = settings.mode
-    if mode == "torch":
+    if _portable(mode):
         return None
     slots = getattr(config, "num_slots", None) if getattr(config, "model_type", None) == "gsa" else None
     if slots is not None and slots < 16:

@@ -10,12 +10,17 @@
 Every (model, engine) pair runs in its own subprocess, so peak memory is that engine's alone. Each runs the same
 model (built by flame.models.build_model from the same config and seed, fp32 weights), batch, context and precision
 (bf16 autocast on CUDA, fp32 on the CPU), fused AdamW (plain AdamW on the CPU), grad-norm clipping at 1.0:
-  bare   the model, the optimizer, autocast, random tokens; no framework
-  flame  flame.engine.train on a prepared dataset of random tokens (logging every step, no checkpoint until the end)
-  hf     transformers.Trainer on the same random tokens
+  bare        the model, the optimizer, autocast, random tokens; no framework; reads its loss back every step
+  bare-async  the same loop with every input on the GPU beforehand and no loss read back: nothing in a step
+              waits for the GPU, so the host queues the next step while the GPU runs this one (not a default
+              engine: it measures what the per-step read-back of bare and flame costs)
+  flame       flame.engine.train on a prepared dataset of random tokens (logging every step, no checkpoint until
+              the end); reads loss and grad norm back every step (it skips an update whose loss or norm is not finite)
+  hf          transformers.Trainer on the same random tokens; keeps its loss on the GPU until a logging step
+              (here none), so, like bare-async, it reads nothing back per step
 Step 1 (Triton compilation and FLA autotuning on a fresh machine) is timed alone (first_s), then --warmup steps,
 then --steps timed steps give tokens/s: every engine is timed by the wall clock over those steps, synchronised
-with the GPU at the window's edges only (each still reads its loss back every step, as flame logs it). MFU is
+with the GPU at the window's edges only. MFU is
 shown on flame's FLOP count (flame.models.flops_per_token) and on 6N alone (N = all parameters). Peak memory is
 torch.cuda.max_memory_allocated over the whole run (the CPU: peak RSS).
 Prints a table and the ratios flame/bare and flame/hf; --json writes the rows. Measured on an H200, a single run of
@@ -40,7 +45,7 @@ MODELS = {
     "gdn-340M": "configs/gated_deltanet_340M.json",
     "gla-1.3B": "configs/gla_1B.json",
 }
-ENGINES = ("bare", "flame", "hf")
+ENGINES = ("bare", "flame", "hf")  # the default; bare-async on request
 TINY = {  # a GLA small enough for a CPU smoke run through flame's portable kernels
     "model_type": "gla", "attn_mode": "chunk", "hidden_size": 64, "num_heads": 2, "num_hidden_layers": 2,
     "expand_k": 0.5, "expand_v": 1, "hidden_ratio": 4, "vocab_size": 256, "max_position_embeddings": 1024,
@@ -83,7 +88,9 @@ def _maybe_compile(model, config, args) -> None:
             block.compile()
 
 
-def run_bare(config_path: str, args, device) -> dict:
+def run_bare(config_path: str, args, device, *, read_back: bool = True) -> dict:
+    """The bare loop; read_back=False is bare-async: inputs moved to the device before the clock starts, no loss
+    read back (the loss is still computed, and the step is the same)."""
     import torch
 
     from flame.models import build_model
@@ -94,6 +101,8 @@ def run_bare(config_path: str, args, device) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=device.type == "cuda")
     total = 1 + args.warmup + args.steps
     data = _random_ids(config.vocab_size, total * args.batch, args.context, SEED).view(total, args.batch, -1)
+    if not read_back:
+        data = data.to(device)
 
     def step(i):
         ids = data[i].to(device)
@@ -103,7 +112,8 @@ def run_bare(config_path: str, args, device) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        float(loss.detach())  # as every engine reads the loss back each step
+        if read_back:
+            float(loss.detach())  # as flame reads its loss back each step
 
     # Timed as flame's engine is: the wall clock over the window, synchronised at its edges only (a sync around
     # every step would idle the GPU while the next step is launched and charge that to the bare loop).
@@ -203,8 +213,8 @@ def worker(args) -> None:
     with tempfile.TemporaryDirectory(prefix="flame-bench-") as tmp:
         work = Path(tmp)
         config_path = args.worker_config
-        if args.engine == "bare":
-            row = run_bare(config_path, args, device)
+        if args.engine in ("bare", "bare-async"):
+            row = run_bare(config_path, args, device, read_back=args.engine == "bare")
         elif args.engine == "flame":
             row = run_flame(config_path, args, device, work)
         else:
@@ -285,7 +295,7 @@ def _median(runs: list[dict]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
-    parser.add_argument("--engines", default=",".join(ENGINES), help="comma list of bare, flame, hf")
+    parser.add_argument("--engines", default=",".join(ENGINES), help="comma list of bare, flame, hf, bare-async")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=20, help="timed steps, after the first and the warm-up")
@@ -307,6 +317,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    unknown = [e for e in args.engines.split(",") if e not in ENGINES + ("bare-async",)]
+    if unknown:
+        parser.error(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINES)}, bare-async")
     if args.engine:
         worker(args)
         return 0
@@ -353,21 +366,21 @@ def main(argv=None) -> int:
             rows += [_median(eng_runs) for eng_runs in runs.values()]
 
     print(f"\nbatch {args.batch} x context {args.context}, {args.steps} timed steps after 1 + {args.warmup}")
-    header = f"{'model':<10} {'engine':<6} {'tokens/s':>10} {'MFU':>6} {'MFU 6N':>7} {'peak GiB':>9} {'first s':>8}"
+    header = f"{'model':<10} {'engine':<10} {'tokens/s':>10} {'MFU':>6} {'MFU 6N':>7} {'peak GiB':>9} {'first s':>8}"
     print(header)
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:<10} {r['engine']:<6} failed ({r['error']})")
+            print(f"{r['model']:<10} {r['engine']:<10} failed ({r['error']})")
             continue
         print(
-            f"{r['model']:<10} {r['engine']:<6} {r['tokens_per_s']:>10.0f} {_pct(r['mfu']):>6} "
+            f"{r['model']:<10} {r['engine']:<10} {r['tokens_per_s']:>10.0f} {_pct(r['mfu']):>6} "
             f"{_pct(r['mfu_6n']):>7} {r['peak_gib']:>9.2f} {r['first_s']:>8.1f}{_spread(r)}"
         )
     for model in dict.fromkeys(r["model"] for r in rows):
         by = {r["engine"]: r for r in rows if r["model"] == model and "error" not in r}
         if "flame" not in by:
             continue
-        for other in ("bare", "hf"):
+        for other in ("bare", "bare-async", "hf"):
             if other in by:
                 t = by["flame"]["tokens_per_s"] / by[other]["tokens_per_s"]
                 m = by["flame"]["peak_gib"] / by[other]["peak_gib"]

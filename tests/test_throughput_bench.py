@@ -21,8 +21,24 @@ def test_tiny_bare_run_returns_a_row_and_prints_the_table(tmp_path, capsys):
     assert row["mfu"] is None and row["mfu_6n"] is None  # no known peak FLOP/s on a CPU
     lines = capsys.readouterr().out.splitlines()
     assert "batch 2 x context 64, 2 timed steps after 1 + 1" in lines
-    assert "model      engine   tokens/s    MFU  MFU 6N  peak GiB  first s" in lines
-    assert any(ln.startswith("tiny-gla   bare ") for ln in lines)
+    assert "model      engine       tokens/s    MFU  MFU 6N  peak GiB  first s" in lines
+    assert any(ln.startswith("tiny-gla   bare       ") for ln in lines)
+
+
+def test_bare_async_runs_the_bare_loop_without_reading_back_and_is_compared_with_flame(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    argv = ["--device", "cpu", "--tiny", "--engines", "bare-async,flame", "--batch", "1", "--context", "32"]
+    assert throughput.main(argv + ["--steps", "2", "--warmup", "0", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["engine"] for r in rows] == ["bare-async", "flame"]
+    assert rows[0]["params"] == rows[1]["params"] and rows[0]["tokens_per_s"] > 0
+    assert "tiny-gla: flame/bare-async tokens/s " in capsys.readouterr().out
+
+
+def test_an_unknown_engine_is_refused():
+    with pytest.raises(SystemExit) as exc:
+        throughput.main(["--device", "cpu", "--tiny", "--engines", "bare,fast"])
+    assert exc.value.code == 2
 
 
 def test_an_unknown_model_is_refused():
@@ -58,7 +74,7 @@ def test_a_model_fla_refuses_on_this_gpu_is_skipped_before_any_worker_runs(tmp_p
         {"model": "gdn-340M", "engine": "bare", "error": why},
         {"model": "gdn-340M", "engine": "flame", "error": why},
     ]
-    assert f"gdn-340M   flame  failed ({why})" in capsys.readouterr().out.splitlines()
+    assert f"gdn-340M   flame      failed ({why})" in capsys.readouterr().out.splitlines()
 
 
 def test_repeat_interleaves_the_engines_and_reports_the_median_run(tmp_path, monkeypatch, capsys):

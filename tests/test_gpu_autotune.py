@@ -3,9 +3,10 @@ Triton cache) skip the benchmarking (flame.autotune).
 
     pytest -m gpu tests/test_gpu_autotune.py
 
-A tiny GLA (hidden 256, 2 layers) trains 2 updates with one Triton cache; the run is resumed to 4 updates with
-another, empty, cache. The first run tunes, saves every result it used into RUN/tuning/, and the resume restores
-them all and benchmarks nothing its first run tuned.
+A tiny GLA (hidden 256, 2 layers) trains 2 updates with this machine's Triton cache (tuned or found there, as a
+real run does); the run is resumed to 4 updates with another, empty, cache, as on a fresh node. The first run
+keeps every result it used in RUN/tuning/, and the resume restores them all and benchmarks no kernel again.
+(Starting the first run empty too would compile and tune every kernel twice: over 5 minutes on an H200.)
 """
 
 import json
@@ -21,8 +22,10 @@ from tests.prepared import counting_docs, make_prepared
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _flame(*args, cache: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline", TRITON_CACHE_DIR=str(cache))
+def _flame(*args, cache: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    if cache is not None:
+        env["TRITON_CACHE_DIR"] = str(cache)
     return subprocess.run(
         [sys.executable, "-m", "flame", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
     )
@@ -41,13 +44,12 @@ def test_a_resume_on_an_empty_triton_cache_reuses_the_runs_autotuning(tmp_path):
     data = make_prepared(tmp_path / "ds", counting_docs(300, vocab, seed=0, min_len=200, max_len=1000), vocab)
     run = tmp_path / "run"
     common = ["--cache", str(data), "--batch", "2", "--context", "512", "--warmup", "1", "--save", "2"]
-    first = _flame("train", "--model", str(tmp_path / "gla.json"), *common, "--steps", "2", "--path", str(run),
-                   cache=tmp_path / "cache-a")  # fmt: skip
+    first = _flame("train", "--model", str(tmp_path / "gla.json"), *common, "--steps", "2", "--path", str(run))
     assert first.returncode == 0, first.stderr[-3000:]
     saved = sorted(p.relative_to(run / "tuning") for p in (run / "tuning").rglob("*.autotune.json"))
     tuned_before = _tuning(run)[1]
-    assert tuned_before and saved, "the first run on an empty cache tunes, and keeps what it tuned"
-    assert len(saved) >= tuned_before["kernels_tuned"]
+    assert saved, "the run keeps the autotuning results its kernels used"
+    assert len(saved) >= (tuned_before or {}).get("kernels_tuned", 0)
 
     resumed = _flame("resume", str(run), "--steps", "4", cache=tmp_path / "cache-b")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -55,5 +57,4 @@ def test_a_resume_on_an_empty_triton_cache_reuses_the_runs_autotuning(tmp_path):
     assert f"reusing {len(saved)} kernel autotuning results kept in {run / 'tuning'}: " in out
     assert sorted(p.relative_to(tmp_path / "cache-b") for p in (tmp_path / "cache-b").rglob("*.autotune.json")) == saved
     again = _tuning(run)[3]  # the resume's first step
-    retuned = {(t["kernel"], t["key"]) for t in (again or {}).get("tuned", [])}
-    assert not retuned & {(t["kernel"], t["key"]) for t in tuned_before["tuned"]}
+    assert (again or {}).get("kernels_tuned", 0) == 0, again

@@ -69,6 +69,73 @@ class TrainResult:
     skipped: int
 
 
+@dataclass
+class Updates:
+    """Each update's loss and gradient norm, and what became of it (applied, or skipped as not finite).
+
+    On a GPU, reading a loss back makes the host wait for the GPU, which then idles while the host launches the
+    next step's first kernels. So with a fused AdamW the engine leaves the values on the device: the optimizer skips
+    a non-finite update itself (`found_inf`, computed on the device), and `settle()` reads every pending value back
+    in one transfer at a log step, a checkpoint and the end, and accounts for each update in order. Otherwise
+    (DeepSpeed's optimizer, say) the values arrive as floats each step, with the update already applied or not.
+    """
+
+    max_bad: int
+    skipped: int = 0
+    bad_in_a_row: int = 0
+    loss: float | None = None  # the last update's
+    grad_norm: float | None = None
+    first_loss: float | None = None  # the first finite one of this process's run
+    window: list = field(default_factory=list)  # finite losses since the last log record
+    halted_at: int | None = None  # the update at which max_bad non-finite ones in a row were reached
+    pending: list = field(default_factory=list)
+
+    def add(self, step: int, loss, grad_norm, applied: bool | None = None) -> None:
+        """Update `step`'s loss and norm (tensors on the device, or floats); `applied` when already known."""
+        self.pending.append((step, loss, grad_norm, applied))
+
+    def settle(self, warn) -> None:
+        """Read the pending values back (one wait for the device, none when all are floats) and count them."""
+        if not self.pending:
+            return
+        tensors = [v for _, loss, norm, _ in self.pending for v in (loss, norm) if isinstance(v, torch.Tensor)]
+        host = iter(torch.stack([_local(t).float().reshape(()) for t in tensors]).tolist() if tensors else [])
+
+        def value(v):
+            return next(host) if isinstance(v, torch.Tensor) else (None if v is None else float(v))
+
+        for step, loss, norm, applied in self.pending:
+            loss, norm = value(loss), value(norm)
+            if applied is None:  # decided on the device as here
+                applied = math.isfinite(loss) and (norm is None or math.isfinite(norm))
+            if applied:
+                self.bad_in_a_row = 0
+            else:
+                self.skipped += 1
+                self.bad_in_a_row += 1
+                warn(f"step {step}: loss {loss}, grad norm {norm}: update skipped ({self.skipped} so far)")
+                if self.bad_in_a_row >= self.max_bad and self.halted_at is None:
+                    self.halted_at = step
+            if math.isfinite(loss):
+                self.window.append(loss)
+                self.first_loss = loss if self.first_loss is None else self.first_loss
+            self.loss, self.grad_norm = loss, norm
+        self.pending = []
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2's grad norm) as the full tensor, anything else as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def skips_on_device(optimizer) -> torch.optim.Optimizer | None:
+    """The torch optimizer to hand `found_inf` to, when it is a fused Adam/AdamW run without a grad scaler."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    if getattr(optimizer, "scaler", None) is not None or not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+        return None
+    return inner if inner.defaults.get("fused") else None
+
+
 def check_run_dir(cfg: TrainConfig) -> None:
     """--path must be new, or a run of flame's that this one continues: never another run's checkpoints, a model dir
     or a file, which training there would overwrite or rotate away."""
@@ -395,12 +462,20 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
     meter = Throughput(n_devices=world)
     reset_peak_memory(accelerator.device if cuda else None)
 
+    def settle() -> None:
+        """Account for the pending updates (see Updates) and, the GPU's work being done now, clock them."""
+        updates.settle(log.warn)
+        if unmetered[1]:
+            meter.update(unmetered[0], steps=unmetered[1])
+            unmetered[:] = [0, 0]
+
     def save() -> Path:
+        settle()
         trainer_state = {
             "step": step,
             "tokens": tokens,
-            "skipped": skipped,
-            "bad_in_a_row": bad_in_a_row,
+            "skipped": updates.skipped,
+            "bad_in_a_row": updates.bad_in_a_row,
             "data": loader.state_dict(),
             "sources": _fingerprint(p.sources),
             "batch": cfg.batch,
@@ -419,7 +494,11 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
         return path
 
     started, last_saved = time.time(), None
-    first_loss, window_losses, grad_norm, loss_value = None, [], None, None
+    updates = Updates(max_bad=cfg.max_bad_steps, skipped=skipped, bad_in_a_row=bad_in_a_row)
+    on_device = skips_on_device(optimizer)
+    unmetered = [0, 0]  # tokens and steps since the meter last heard
+    num_items, items_local = None, None
+    pin = cuda  # pinned host memory lets the batch's copy to the GPU overlap the previous step's work
     stopped = "done"
     model.train()
     # The first step compiles and autotunes FLA's kernels on a GPU: announced, timed and kept out of tokens/s
@@ -445,10 +524,12 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
             batches = [loader.next_batch() for _ in range(update)]
             # Labels are the inputs shifted by one inside the model: each row predicts all but its first token.
             local = sum(b["input_ids"].numel() - b["input_ids"].shape[0] for b in batches)
-            num_items = accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum")
+            if local != items_local:  # the shapes, so the count, are the same every step and on every process
+                num_items = accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum")
+                items_local = local
             loss_sum = torch.zeros((), device=accelerator.device)
             for b in batches:
-                b = {k: v.to(accelerator.device) for k, v in b.items()}
+                b = {k: (v.pin_memory() if pin else v).to(accelerator.device, non_blocking=pin) for k, v in b.items()}
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         loss = forward_loss(model, b, num_items)
@@ -459,30 +540,42 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
             loss_total = accelerator.reduce(loss_sum, reduction="sum")
             max_norm = cfg.norm if cfg.norm > 0 else float("inf")
             norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-            grad_norm = float(norm) if norm is not None else None
-            loss_value = float(loss_total)
-            if math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm)):
+            if on_device is not None:  # nothing here waits for the GPU (Updates)
+                finite = torch.isfinite(loss_total)
+                if isinstance(norm, torch.Tensor):
+                    finite = finite & torch.isfinite(_local(norm))
+                on_device.found_inf = (~finite).float()  # the fused kernel leaves everything as it is when 1
                 optimizer.step()
-                bad_in_a_row = 0
+                updates.add(step + 1, loss_total, norm)
             else:
-                skipped += 1
-                bad_in_a_row += 1
-                why = f"loss {loss_value}, grad norm {grad_norm}"
-                log.warn(f"step {step + 1}: {why}: update skipped ({skipped} so far)")
+                grad_norm, loss_value = (float(norm) if norm is not None else None), float(loss_total)
+                applied = math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm))
+                if applied:
+                    optimizer.step()
+                updates.add(step + 1, loss_value, grad_norm, applied)
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            tokens += p.tokens_per_update
+            unmetered[0] += p.tokens_per_update
+            unmetered[1] += 1
+            evaluating = validation is not None and (step % cfg.eval == 0 or step == p.steps)
+            logging = step % cfg.logging == 0 or step == p.steps or step == 1 or evaluating
+            if on_device is None or logging or step == start_step + 1:
+                settle()
             if step == start_step + 1:
                 first_step_s = first.end()
                 if tuning is not None:
                     autotune.save(tuning.paths, run_dir)
-            tokens += p.tokens_per_update
-            meter.update(p.tokens_per_update)
-            if math.isfinite(loss_value):
-                window_losses.append(loss_value)
-                first_loss = loss_value if first_loss is None else first_loss
+                meter.reset_clock()
+            if updates.halted_at is not None:
+                path = save()
+                raise TrainingError(
+                    f"{cfg.max_bad_steps} updates in a row had a NaN/inf loss or gradient (the last at step "
+                    f"{updates.halted_at}); stopped at step {step} and saved {path}",
+                    "lower --lr, raise --warmup or --norm clipping, and continue with --checkpoint",
+                )
 
-            evaluating = validation is not None and (step % cfg.eval == 0 or step == p.steps)
-            if step % cfg.logging == 0 or step == p.steps or step == 1 or evaluating:
+            if logging:
                 tps = meter.tokens_per_s
                 val = {"val_loss": evaluate()} if evaluating else {}
                 first_step = {"first_step_s": first_step_s} if first_step_s is not None else {}
@@ -492,9 +585,9 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
                 log.record(
                     {
                         "step": step,
-                        "loss": sum(window_losses) / len(window_losses) if window_losses else None,
+                        "loss": sum(updates.window) / len(updates.window) if updates.window else None,
                         "lr": lr,
-                        "grad_norm": grad_norm,
+                        "grad_norm": updates.grad_norm,
                         "tokens": tokens,
                         "tokens_per_s": tps,
                         "tokens_per_s_per_device": tps / world,
@@ -503,22 +596,15 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
                         "time": elapsed_before + time.time() - started,
                         "eta_s": eta(step, p.steps, meter.seconds_per_step),
                         "epoch": loader.epoch(),
-                        "skipped": skipped,
+                        "skipped": updates.skipped,
                         **first_step,
                         **val,
                     }
                 )
                 if val:
                     meter.reset_clock()  # the evaluation does not count as training time
-                window_losses = []
+                updates.window = []
 
-            if bad_in_a_row >= cfg.max_bad_steps:
-                path = save()
-                raise TrainingError(
-                    f"{bad_in_a_row} updates in a row had a NaN/inf loss or gradient (last: step {step}); "
-                    f"stopped and saved {path}",
-                    "lower --lr, raise --warmup or --norm clipping, and continue with --checkpoint",
-                )
             # A signal may reach one process only; every process must agree to stop at the same update.
             wants_stop = stop.requested
             if accelerator.distributed_type != DistributedType.NO:  # one process alone: no device round trip
@@ -531,16 +617,17 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
                 log.warn(f"stop requested: saved {last_saved} at step {step}")
                 break
 
+    settle()
     accelerator.end_training()
     return TrainResult(
         run_dir=run_dir,
         step=step,
         tokens=tokens,
-        loss=loss_value,
-        first_loss=first_loss,
+        loss=updates.loss,
+        first_loss=updates.first_loss,
         checkpoint=last_saved,
         stopped=stopped,
-        skipped=skipped,
+        skipped=updates.skipped,
     )
 
 

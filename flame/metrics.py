@@ -70,17 +70,18 @@ class Throughput:
 
     def __init__(self, n_devices: int = 1, window: int = 20):
         self.n_devices = max(1, n_devices)
-        self._steps: deque[tuple[int, float]] = deque(maxlen=window)
+        self._steps: deque[tuple[int, float, int]] = deque(maxlen=window)
         self._last: float | None = None
 
-    def update(self, tokens: int, seconds: float | None = None) -> None:
-        """Record one step: its tokens and its wall time (measured since the previous update when not given)."""
+    def update(self, tokens: int, seconds: float | None = None, steps: int = 1) -> None:
+        """Record `steps` steps (one unless told): their tokens and wall time (measured since the previous update
+        when not given). The engine updates when it has waited for the GPU, so the time is the GPU's too."""
         now = time.perf_counter()
         if seconds is None:
             seconds = 0.0 if self._last is None else now - self._last
         self._last = now
         if seconds > 0:
-            self._steps.append((tokens, seconds))
+            self._steps.append((tokens, seconds, steps))
 
     def reset_clock(self) -> None:
         """Restart the step clock, e.g. after an evaluation or a checkpoint save that should not count."""
@@ -89,8 +90,8 @@ class Throughput:
     @property
     def tokens_per_s(self) -> float:
         """All devices together."""
-        seconds = sum(s for _, s in self._steps)
-        return sum(t for t, _ in self._steps) / seconds if seconds > 0 else 0.0
+        seconds = sum(s for _, s, _ in self._steps)
+        return sum(t for t, _, _ in self._steps) / seconds if seconds > 0 else 0.0
 
     @property
     def tokens_per_s_per_device(self) -> float:
@@ -98,7 +99,7 @@ class Throughput:
 
     @property
     def seconds_per_step(self) -> float:
-        return sum(s for _, s in self._steps) / len(self._steps) if self._steps else 0.0
+        return sum(s for _, s, _ in self._steps) / sum(n for _, _, n in self._steps) if self._steps else 0.0
 
 
 def eta(steps_done: int, steps_total: int, seconds_per_step: float) -> float:

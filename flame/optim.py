@@ -65,13 +65,14 @@ def schedule(cfg: TrainConfig, steps: int):
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (embeddings and projections), not on norms, biases or gates.
 
-    Fused on CUDA (one kernel for the whole update); the plain foreach implementation elsewhere.
+    Fused (one kernel for the whole update) on CUDA and on the CPU, where torch has it for every float dtype; the
+    foreach implementation elsewhere. The fused kernel also takes `found_inf`, with which the engine skips an update
+    whose loss or gradient is not finite without waiting for the GPU to say so (flame.engine.Updates).
     """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True if device_type == "cuda" else None
-    )
+    fused = True if device_type in ("cuda", "cpu") else None
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)

@@ -201,6 +201,70 @@ def test_a_run_of_nan_updates_saves_and_stops(files, tmp_path, monkeypatch):
     assert (tmp_path / "checkpoints" / "step-00000003" / "model" / "model.safetensors").is_file()
 
 
+def _poison(monkeypatch, bad_calls):
+    calls = {"n": 0}
+    real = engine.forward_loss
+
+    def poisoned(model, batch, num_items):
+        calls["n"] += 1
+        loss = real(model, batch, num_items)
+        return loss * float("inf") if calls["n"] in bad_calls else loss
+
+    monkeypatch.setattr(engine, "forward_loss", poisoned)
+
+
+def test_updates_are_read_back_in_order_in_one_go():
+    u = engine.Updates(max_bad=2)
+    u.add(1, torch.tensor(2.0), torch.tensor(1.0))
+    u.add(2, torch.tensor(float("nan")), torch.tensor(1.0))
+    u.add(3, 1.5, None, True)  # read back already, and applied
+    u.add(4, torch.tensor(float("inf")), torch.tensor(float("nan")))
+    u.add(5, torch.tensor(1.0), torch.tensor(float("inf")))
+    warnings = []
+    u.settle(warnings.append)
+    assert (u.skipped, u.bad_in_a_row, u.halted_at, u.pending) == (3, 2, 5, [])
+    assert (u.window, u.first_loss, u.loss, u.grad_norm) == ([2.0, 1.5, 1.0], 2.0, 1.0, float("inf"))
+    assert warnings == [
+        "step 2: loss nan, grad norm 1.0: update skipped (1 so far)",
+        "step 4: loss inf, grad norm nan: update skipped (2 so far)",
+        "step 5: loss 1.0, grad norm inf: update skipped (3 so far)",
+    ]
+
+
+def test_updates_left_on_the_device_train_exactly_as_updates_read_back_every_step(files, tmp_path, monkeypatch):
+    """With a fused AdamW a non-finite update is skipped on the device (found_inf) and losses are read back at log
+    steps only; without it they are read back and the update decided on the host every step. Same run, same log."""
+    runs = {}
+    for name, device_skip in (("device", True), ("host", False)):
+        _poison(monkeypatch, {3, 4})
+        if not device_skip:
+            monkeypatch.setattr(engine, "skips_on_device", lambda optimizer: None)
+        result = engine.train(_cfg(files, tmp_path / name, steps=9, logging=4))
+        monkeypatch.undo()
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        keep = ("step", "loss", "grad_norm", "skipped", "tokens", "lr")
+        runs[name] = [json.dumps({k: json.loads(ln)[k] for k in keep}) for ln in lines]
+        runs[name] += [json.dumps([result.skipped, result.loss, result.first_loss])]
+    assert runs["device"] == runs["host"]
+    records = [json.loads(r) for r in runs["device"][:-1]]
+    assert [(r["step"], r["skipped"]) for r in records] == [(1, 0), (4, 2), (8, 2), (9, 2)]
+    assert math.isnan(records[1]["grad_norm"])  # step 4's own, the last of its window
+    assert all(math.isfinite(r["loss"]) for r in records)  # the mean of the window's finite losses
+
+
+def test_a_run_of_bad_updates_found_at_a_log_step_stops_and_saves_there(files, tmp_path, monkeypatch):
+    _poison(monkeypatch, set(range(1, 100)))
+    with pytest.raises(TrainingError) as error:
+        engine.train(_cfg(files, tmp_path, steps=20, logging=5, max_bad_steps=3))
+    ckpt = tmp_path / "checkpoints" / "step-00000005"
+    assert str(error.value) == (
+        f"3 updates in a row had a NaN/inf loss or gradient (the last at step 3); stopped at step 5 and saved {ckpt}: "
+        "lower --lr, raise --warmup or --norm clipping, and continue with --checkpoint"
+    )
+    trainer = json.loads((ckpt / "state" / "trainer.json").read_text())
+    assert (trainer["step"], trainer["skipped"], trainer["bad_in_a_row"]) == (5, 5, 5)
+
+
 def test_continuing_from_a_checkpoint_repeats_the_uninterrupted_run(files, tmp_path):
     engine.train(_cfg(files, tmp_path / "full", steps=10, update=2, save=4, limit=0))
     ckpt = tmp_path / "full" / "checkpoints" / "step-00000004"

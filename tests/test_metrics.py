@@ -43,6 +43,13 @@ def test_throughput_window():
     assert meter.seconds_per_step == 2.0
 
 
+def test_throughput_counts_several_steps_at_once():
+    meter = Throughput(window=3)
+    meter.update(tokens=3000, seconds=6.0, steps=3)  # the engine waits for the GPU at log steps only
+    meter.update(tokens=1000, seconds=1.0)
+    assert (meter.tokens_per_s, meter.seconds_per_step) == (4000 / 7.0, 7.0 / 4)
+
+
 def test_throughput_clock():
     meter = Throughput()
     assert meter.tokens_per_s == 0.0

@@ -9,13 +9,13 @@
 
 Every (model, engine) pair runs in its own subprocess, so peak memory is that engine's alone. Each runs the same
 model (built by flame.models.build_model from the same config and seed, fp32 weights), batch, context and precision
-(bf16 autocast on CUDA, fp32 on the CPU), fused AdamW (plain AdamW on the CPU), grad-norm clipping at 1.0:
+(bf16 autocast on CUDA, fp32 on the CPU), fused AdamW, grad-norm clipping at 1.0:
   bare        the model, the optimizer, autocast, random tokens; no framework; reads its loss back every step
   bare-async  the same loop with every input on the GPU beforehand and no loss read back: nothing in a step
               waits for the GPU, so the host queues the next step while the GPU runs this one (not a default
-              engine: it measures what the per-step read-back of bare and flame costs)
-  flame       flame.engine.train on a prepared dataset of random tokens (logging every step, no checkpoint until
-              the end); reads loss and grad norm back every step (it skips an update whose loss or norm is not finite)
+              engine: it measures what the per-step read-back of bare costs)
+  flame       flame.engine.train on a prepared dataset of random tokens (a log record every 1 + --warmup steps and at
+              the end, no checkpoint until the end); like hf, it reads losses back only for a log record
   hf          transformers.Trainer on the same random tokens; keeps its loss on the GPU until a logging step
               (here none), so, like bare-async, it reads nothing back per step
 Step 1 (Triton compilation and FLA autotuning on a fresh machine) is timed alone (first_s), then --warmup steps,
@@ -98,7 +98,7 @@ def run_bare(config_path: str, args, device, *, read_back: bool = True) -> dict:
     model, config = build_model(config_path, seed=SEED, dtype=torch.float32, device=device)
     _maybe_compile(model, config, args)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
     total = 1 + args.warmup + args.steps
     data = _random_ids(config.vocab_size, total * args.batch, args.context, SEED).view(total, args.batch, -1)
     if not read_back:
@@ -149,13 +149,14 @@ def run_flame(config_path: str, args, device, work: Path) -> dict:
     make_prepared(work / "data", docs, vocab)
     cfg = TrainConfig(
         model=config_path, cache=str(work / "data"), path=str(work / "run"), context=args.context,
-        batch=args.batch, steps=total, lr=3e-4, warmup=0, seed=SEED, logging=1, save=10**9, limit=0,
+        batch=args.batch, steps=total, lr=3e-4, warmup=0, seed=SEED, logging=1 + args.warmup, save=10**9, limit=0,
         compile=args.compile,
     )  # fmt: skip
     engine.train(cfg)
     records = [json.loads(ln) for ln in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-    # "time" is seconds since the loop started, logged after every step: steps warmup+1 .. total are the timed ones.
-    a, b = records[args.warmup], records[-1]
+    # Records come at step 1, every 1 + warmup steps and the last: "time" (seconds since the loop started) is taken
+    # when the GPU has caught up, so the steps between the record of step 1 + warmup and the last are the timed ones.
+    a, b = next(r for r in records if r["step"] == 1 + args.warmup), records[-1]
     return {
         "first_s": records[0]["first_step_s"],
         "tokens_per_s": (b["tokens"] - a["tokens"]) / (b["time"] - a["time"]),
@@ -193,7 +194,7 @@ def run_hf(config_path: str, args, device, work: Path) -> dict:
     targs = TrainingArguments(
         output_dir=str(work / "hf"), per_device_train_batch_size=args.batch, max_steps=total, learning_rate=3e-4,
         weight_decay=0.1, max_grad_norm=1.0, lr_scheduler_type="constant", bf16=device.type == "cuda",
-        use_cpu=device.type == "cpu", optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
+        use_cpu=device.type == "cpu", optim="adamw_torch_fused",
         save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
         seed=SEED, remove_unused_columns=False,
     )  # fmt: skip

@@ -12,7 +12,6 @@ import typer
 from flame import ui
 from flame.config import field_docs
 from flame.convert import ConvertOptions, ConvertReport, DType, VocabPolicy, convert_from_llama
-from flame.ui import console, human, is_main_process
 
 app = typer.Typer(name="convert", help="Start FLA models from other checkpoints.", no_args_is_help=True)
 
@@ -55,7 +54,7 @@ def from_llama(
 
 
 def render(report: ConvertReport) -> None:
-    if not is_main_process():
+    if not ui.is_main_process():
         return
     table = ui.table(title=f"{report.source} ({report.source_architecture}) -> {report.target_type}, {report.dtype}")
     table.add_column("parameters")
@@ -63,9 +62,9 @@ def render(report: ConvertReport) -> None:
     table.add_column("count", justify="right")
     table.add_column("share", justify="right")
     for kind, (tensors, params) in report.counts.items():
-        table.add_row(kind, str(tensors), human(params), f"{100 * params / report.total_params:.2f}%")
-    table.add_row("total", str(sum(t for t, _ in report.counts.values())), human(report.total_params), "100.00%")
-    console.print(table)
+        table.add_row(kind, str(tensors), ui.human(params), f"{100 * params / report.total_params:.2f}%")
+    table.add_row("total", str(sum(t for t, _ in report.counts.values())), ui.human(report.total_params), "100.00%")
+    ui.console.print(table)
     sections = (
         ("newly initialised", report.new),
         ("reshaped", report.reshaped),
@@ -74,10 +73,10 @@ def render(report: ConvertReport) -> None:
     )
     for title, lines in sections:
         if lines:
-            console.print(f"{title}:")
+            ui.console.print(f"{title}:")
             for line in lines:
-                console.print(f"  {line}")
+                ui.console.print(f"  {line}")
     tokenizer = ", ".join(report.tokenizer_files) or "none found in the source"
-    console.print(f"tokenizer: {tokenizer}")
-    console.print(f"verified: {report.verified} written tensors equal their source (read back after saving)")
-    console.print(f"wrote {report.output}")
+    ui.console.print(f"tokenizer: {tokenizer}")
+    ui.console.print(f"verified: {report.verified} written tensors equal their source (read back after saving)")
+    ui.console.print(f"wrote {report.output}")

@@ -63,14 +63,16 @@ def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak: float
 
 
 class Throughput:
-    """Tokens per second over a sliding window of the last `window` steps (the first, warm-up steps age out).
+    """Tokens per second over a sliding window of the last `window` steps or more (the first, warm-up steps age out):
+    the newest updates that cover `window` steps, each update one step or several at once.
 
     `tokens` given to update() are the tokens of the step summed over all devices.
     """
 
     def __init__(self, n_devices: int = 1, window: int = 20):
         self.n_devices = max(1, n_devices)
-        self._steps: deque[tuple[int, float, int]] = deque(maxlen=window)
+        self.window = window
+        self._steps: deque[tuple[int, float, int]] = deque()
         self._last: float | None = None
 
     def update(self, tokens: int, seconds: float | None = None, steps: int = 1) -> None:
@@ -82,6 +84,8 @@ class Throughput:
         self._last = now
         if seconds > 0:
             self._steps.append((tokens, seconds, steps))
+            while len(self._steps) > 1 and sum(n for _, _, n in self._steps) - self._steps[0][2] >= self.window:
+                self._steps.popleft()
 
     def reset_clock(self) -> None:
         """Restart the step clock, e.g. after an evaluation or a checkpoint save that should not count."""

@@ -48,6 +48,8 @@ def test_throughput_counts_several_steps_at_once():
     meter.update(tokens=3000, seconds=6.0, steps=3)  # the engine waits for the GPU at log steps only
     meter.update(tokens=1000, seconds=1.0)
     assert (meter.tokens_per_s, meter.seconds_per_step) == (4000 / 7.0, 7.0 / 4)
+    meter.update(tokens=6000, seconds=2.0, steps=3)  # the newest three steps are the window now
+    assert (meter.tokens_per_s, meter.seconds_per_step) == (3000.0, 2.0 / 3)
 
 
 def test_throughput_clock():

@@ -269,6 +269,35 @@ class StopFlag:
                 signal.signal(s, h)
 
 
+class StopVote:
+    """Processes agree to stop at the same update (a signal may reach one of them only) without the host waiting for
+    the GPU every update: update k's requests are summed over the processes by an all-reduce queued behind update
+    k's work, and the sum is read after update k+1 has been queued, by when it is long done. So several processes
+    stop one update after the request; reading the sum at once would idle the GPU, as reading a loss does."""
+
+    def __init__(self, device: torch.device, reduce):
+        self.device, self.reduce, self.cast = device, reduce, None
+
+    def __call__(self, requested: bool) -> bool:
+        """Cast this update's vote; returns whether the previous update's votes agreed to stop."""
+        agreed = False
+        if self.cast is not None:
+            total, done = self.cast
+            if done is not None:
+                done.synchronize()  # waits for the previous update's work, not this one's
+            agreed = bool(total.item())
+        cuda = self.device.type == "cuda"
+        flag = torch.tensor([int(requested)], dtype=torch.int32)
+        total = self.reduce((flag.pin_memory() if cuda else flag).to(self.device, non_blocking=cuda), reduction="sum")
+        done = None
+        if cuda:
+            total = total.to("cpu", non_blocking=True)  # into pinned memory, queued behind the all-reduce
+            done = torch.cuda.Event()
+            done.record()
+        self.cast = (total, done)
+        return agreed
+
+
 def _fingerprint(sources) -> list[dict]:
     """What identifies the training data of a run: documents and tokens of each source, with its weight."""
     return [{"documents": len(s.lengths), "tokens": s.tokens, "weight": s.weight} for s in sources]
@@ -499,6 +528,8 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
     unmetered = [0, 0]  # tokens and steps since the meter last heard
     num_items, items_local = None, None
     pin = cuda  # pinned host memory lets the batch's copy to the GPU overlap the previous step's work
+    several = accelerator.distributed_type != DistributedType.NO
+    vote = StopVote(accelerator.device, accelerator.reduce) if several else None  # one process alone: its own flag
     stopped = "done"
     model.train()
     # The first step compiles and autotunes FLA's kernels on a GPU: announced, timed and kept out of tokens/s
@@ -606,10 +637,7 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
                 updates.window = []
 
             # A signal may reach one process only; every process must agree to stop at the same update.
-            wants_stop = stop.requested
-            if accelerator.distributed_type != DistributedType.NO:  # one process alone: no device round trip
-                flag = torch.tensor(int(wants_stop), device=accelerator.device)
-                wants_stop = bool(accelerator.reduce(flag, reduction="sum").item())
+            wants_stop = vote(stop.requested) if vote is not None else stop.requested
             if step % cfg.save == 0 or step == p.steps or wants_stop:
                 last_saved = save()
             if wants_stop and step < p.steps:

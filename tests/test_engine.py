@@ -339,6 +339,58 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(files, tmp_path):
     assert saved[0].name == f"step-{state['step']:08d}" and 0 < state["step"] < 100000
 
 
+def _two_cpu_processes(port: int) -> list[str]:
+    """`accelerate launch` of `flame train` on 2 CPU processes: `--cpu` would start ONE process unless MPI is set
+    up; its torchrun launcher (--multi_gpu) on a machine without CUDA starts N that accelerate runs on gloo."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(port), "-m", "flame", "train"]  # fmt: skip
+
+
+def test_a_stop_vote_is_read_one_update_later():
+    seen = []
+
+    def reduce(t, reduction):
+        seen.append((t.tolist(), reduction))
+        return t * 2  # as if a second process voted the same
+
+    vote = engine.StopVote(torch.device("cpu"), reduce)
+    assert [vote(False), vote(True), vote(False), vote(False)] == [False, False, True, False]
+    assert seen == [([0], "sum"), ([1], "sum"), ([0], "sum"), ([0], "sum")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) DDP check; GPUs run the multi-GPU tests")
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_update(files, tmp_path):
+    tag = str(tmp_path)
+    args = ["--model", str(files / "gla.json"), "--cache", str(files / "ds"), "--context", "32", "--batch", "2",
+            "--steps", "100000", "--logging", "1", "--save", "100000", "--path", str(tmp_path / "run")]  # fmt: skip
+    env = _env() | {"FLAME_TEST_TAG": tag}
+    proc = subprocess.Popen(_two_cpu_processes(29537) + args, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    _wait_for(tmp_path / "run" / "metrics.jsonl", 180)
+    rank1 = [
+        d for d in Path("/proc").iterdir() if d.name.isdigit() and _environ(d) >= {f"FLAME_TEST_TAG={tag}", "RANK=1"}
+    ]
+    assert len(rank1) == 1, rank1
+    os.kill(int(rank1[0].name), signal.SIGTERM)  # rank 1 only: rank 0 learns of it from the vote
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    (saved,) = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    state = json.loads((saved / "state" / "trainer.json").read_text())
+    assert saved.name == f"step-{state['step']:08d}" and 0 < state["step"] < 100000 and state["world"] == 2
+    assert (saved / "state" / "accelerate" / "random_states_1.pkl").is_file()
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == state["step"] and f"stop requested: saved {saved} at step {state['step']}" in out
+
+
+def _environ(proc_dir: Path) -> set[str]:
+    try:
+        return set((proc_dir / "environ").read_bytes().decode(errors="replace").split("\0"))
+    except OSError:
+        return set()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) DDP check; GPUs run the multi-GPU tests")
 def test_ddp_two_processes_match_one_process_with_twice_the_accumulation(files, tmp_path):
@@ -362,27 +414,7 @@ def test_ddp_two_processes_match_one_process_with_twice_the_accumulation(files, 
         "--seed",
         "0",
     ]
-    # `--cpu` makes accelerate launch ONE process unless MPI is set up; its torchrun launcher (--multi_gpu) on a
-    # machine without CUDA starts N processes that accelerate runs as MULTI_CPU on gloo.
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29533",
-        "-m",
-        "flame",
-        "train",
-    ]
+    launch = _two_cpu_processes(29533)
     two = subprocess.run(
         launch + common + ["--update", "1", "--path", str(tmp_path / "ddp")],
         env=_env(),

@@ -4,6 +4,8 @@
     PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --batch 16 --steps 30
     PYTHONPATH=. python benchmarks/throughput.py --device cpu --tiny   # smoke run of the plumbing, seconds
     PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --repeat 3    # engines interleaved, median run
+    PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --engines bare,bare-async --profile 3
+        # where a step's time goes: GPU busy share and the top kernels (the profiler's own overhead included)
     PYTHONPATH=. python benchmarks/throughput.py --models gla-340M \
         --set fuse_cross_entropy=false --set fuse_linear_cross_entropy=true    # FLA allows only one of the two
 
@@ -79,6 +81,37 @@ def _random_ids(vocab: int, n: int, context: int, seed: int):
     return torch.randint(3, vocab, (n, context), generator=g)
 
 
+def _profile(step, first: int, args, device) -> dict:
+    """Run args.profile more steps under torch.profiler: what share of the wall time the GPU was busy, and the
+    kernels that took most of it (per step). On the CPU: the ops by their own CPU time, and no busy share."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    _sync(device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        for i in range(first, first + args.profile):
+            step(i)
+        _sync(device)
+    wall_us = (time.perf_counter() - start) * 1e6
+    spent: dict[str, float] = {}
+    if cuda:
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA:
+                spent[e.name] = spent.get(e.name, 0.0) + e.time_range.elapsed_us()
+    else:
+        spent = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    busy = sum(spent.values())
+    top = sorted(spent.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "steps": args.profile,
+        "wall_ms_per_step": wall_us / 1e3 / args.profile,
+        "gpu_busy": busy / wall_us if cuda else None,
+        "top": [[name, us / 1e3 / args.profile, us / busy] for name, us in top] if busy else [],
+    }
+
+
 def _maybe_compile(model, config, args) -> None:
     """--compile: every engine compiles the decoder blocks the way `flame train --compile` does."""
     if args.compile:
@@ -100,7 +133,8 @@ def run_bare(config_path: str, args, device, *, read_back: bool = True) -> dict:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
     total = 1 + args.warmup + args.steps
-    data = _random_ids(config.vocab_size, total * args.batch, args.context, SEED).view(total, args.batch, -1)
+    rows = total + args.profile
+    data = _random_ids(config.vocab_size, rows * args.batch, args.context, SEED).view(rows, args.batch, -1)
     if not read_back:
         data = data.to(device)
 
@@ -129,7 +163,10 @@ def run_bare(config_path: str, args, device, *, read_back: bool = True) -> dict:
     for i in range(1 + args.warmup, total):
         step(i)
     _sync(device)
-    return {"first_s": first_s, "tokens_per_s": args.steps * args.batch * args.context / (time.perf_counter() - start)}
+    row = {"first_s": first_s, "tokens_per_s": args.steps * args.batch * args.context / (time.perf_counter() - start)}
+    if args.profile:
+        row["profile"] = _profile(step, total, args, device)
+    return row
 
 
 def run_flame(config_path: str, args, device, work: Path) -> dict:
@@ -258,6 +295,7 @@ def _run_engine(model: str, eng: str, config_path: str, args, env: dict, round_:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", eng, "--worker-config", config_path]
     cmd += ["--batch", str(args.batch), "--context", str(args.context), "--steps", str(args.steps)]
     cmd += ["--warmup", str(args.warmup), "--device", args.device] + ["--compile"] * args.compile
+    cmd += ["--profile", str(args.profile)]
     tag = f" round {round_ + 1}/{args.repeat}" if args.repeat > 1 else ""
     print(f"== {model} {eng} (batch {args.batch} x {args.context}){tag}", file=sys.stderr, flush=True)
     # The worker's output is echoed as it comes (flame's first-step tuning trace included), so a run cut off by a
@@ -307,6 +345,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--repeat", type=int, default=1, metavar="N",
         help="run every engine N times, the order reversed every other round; report the median run and the spread",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N",
+        help="bare and bare-async: after the timed steps, N more under torch.profiler; prints how busy the GPU was "
+        "and the kernels that took the most time",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument(
@@ -386,6 +429,13 @@ def main(argv=None) -> int:
                 t = by["flame"]["tokens_per_s"] / by[other]["tokens_per_s"]
                 m = by["flame"]["peak_gib"] / by[other]["peak_gib"]
                 print(f"{model}: flame/{other} tokens/s {t:.3f}, peak memory {m:.3f}")
+    for r in rows:
+        prof = r.get("profile")
+        if prof:
+            busy = "" if prof["gpu_busy"] is None else f", GPU busy {100 * prof['gpu_busy']:.0f}% of it"
+            print(f"\n{r['model']} {r['engine']}: {prof['wall_ms_per_step']:.1f} ms per step{busy}; most time:")
+            for name, ms, share in prof["top"]:
+                print(f"  {ms:9.2f} ms {100 * share:5.1f}%  {name[:100]}")
     if rows:
         print(f"device: {rows[0].get('device', '?')}, date: {time.strftime('%Y-%m-%d', time.gmtime())}")
     if args.json:

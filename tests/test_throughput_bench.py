@@ -35,6 +35,20 @@ def test_bare_async_runs_the_bare_loop_without_reading_back_and_is_compared_with
     assert "tiny-gla: flame/bare-async tokens/s " in capsys.readouterr().out
 
 
+def test_profile_runs_more_steps_under_the_profiler_and_prints_where_the_time_went(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    argv = ["--device", "cpu", "--tiny", "--engines", "bare", "--batch", "1", "--context", "32", "--steps", "1"]
+    assert throughput.main(argv + ["--warmup", "0", "--profile", "2", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    prof = row["profile"]
+    assert prof["steps"] == 2 and prof["gpu_busy"] is None and prof["wall_ms_per_step"] > 0  # no GPU, no busy share
+    names = [name for name, ms, share in prof["top"]]
+    assert "aten::mm" in names and 0 < len(names) <= 12
+    assert sum(share for _, _, share in prof["top"]) <= 1.0 + 1e-9
+    printed = capsys.readouterr().out
+    assert f"tiny-gla bare: {prof['wall_ms_per_step']:.1f} ms per step; most time:" in printed
+
+
 def test_an_unknown_engine_is_refused():
     with pytest.raises(SystemExit) as exc:
         throughput.main(["--device", "cpu", "--tiny", "--engines", "bare,fast"])

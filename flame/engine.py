@@ -598,13 +598,6 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
                 if tuning is not None:
                     autotune.save(tuning.paths, run_dir)
                 meter.reset_clock()
-            if updates.halted_at is not None:
-                path = save()
-                raise TrainingError(
-                    f"{cfg.max_bad_steps} updates in a row had a NaN/inf loss or gradient (the last at step "
-                    f"{updates.halted_at}); stopped at step {step} and saved {path}",
-                    "lower --lr, raise --warmup or --norm clipping, and continue with --checkpoint",
-                )
 
             if logging:
                 tps = meter.tokens_per_s
@@ -635,6 +628,14 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
                 if val:
                     meter.reset_clock()  # the evaluation does not count as training time
                 updates.window = []
+
+            if updates.halted_at is not None:
+                path = save()
+                raise TrainingError(
+                    f"{cfg.max_bad_steps} updates in a row had a NaN/inf loss or gradient (the last at step "
+                    f"{updates.halted_at}); stopped at step {step} and saved {path}",
+                    "lower --lr, raise --warmup or --norm clipping, and continue with --checkpoint",
+                )
 
             # A signal may reach one process only; every process must agree to stop at the same update.
             wants_stop = vote(stop.requested) if vote is not None else stop.requested

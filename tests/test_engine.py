@@ -263,6 +263,8 @@ def test_a_run_of_bad_updates_found_at_a_log_step_stops_and_saves_there(files, t
     )
     trainer = json.loads((ckpt / "state" / "trainer.json").read_text())
     assert (trainer["step"], trainer["skipped"], trainer["bad_in_a_row"]) == (5, 5, 5)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped"]) for r in records] == [(1, 1), (5, 5)]  # the stopping step is logged first
 
 
 def test_continuing_from_a_checkpoint_repeats_the_uninterrupted_run(files, tmp_path):

@@ -424,6 +424,12 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
             p.validation, context=cfg.context, windows=cfg.eval_windows, seed=cfg.seed, rank=rank, world=world
         )
 
+    pin = accelerator.device.type == "cuda"
+
+    def to_device(batch: dict) -> dict:
+        """A batch on the accelerator; on a GPU through pinned memory, so that the copy makes nobody wait."""
+        return {k: (v.pin_memory() if pin else v).to(accelerator.device, non_blocking=pin) for k, v in batch.items()}
+
     def evaluate() -> float:
         """Mean token loss over the validation windows, all processes together (the training loss's measure)."""
         model.eval()
@@ -431,7 +437,7 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
         one = torch.ones((), device=accelerator.device, dtype=torch.long)  # forward_loss then returns the sum
         with torch.no_grad():
             for b in validation.batches(cfg.batch, cfg.varlen):
-                b = {k: v.to(accelerator.device) for k, v in b.items()}
+                b = to_device(b)
                 with accelerator.autocast():
                     total[0] += forward_loss(model, b, one).double()
                 total[1] += b["input_ids"].numel() - b["input_ids"].shape[0]
@@ -527,7 +533,6 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
     on_device = skips_on_device(optimizer)
     unmetered = [0, 0]  # tokens and steps since the meter last heard
     num_items, items_local = None, None
-    pin = cuda  # pinned host memory lets the batch's copy to the GPU overlap the previous step's work
     several = accelerator.distributed_type != DistributedType.NO
     vote = StopVote(accelerator.device, accelerator.reduce) if several else None  # one process alone: its own flag
     stopped = "done"
@@ -560,7 +565,7 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
                 items_local = local
             loss_sum = torch.zeros((), device=accelerator.device)
             for b in batches:
-                b = {k: (v.pin_memory() if pin else v).to(accelerator.device, non_blocking=pin) for k, v in b.items()}
+                b = to_device(b)
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         loss = forward_loss(model, b, num_items)

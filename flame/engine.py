@@ -90,6 +90,11 @@ class Updates:
     halted_at: int | None = None  # the update at which max_bad non-finite ones in a row were reached
     pending: list = field(default_factory=list)
 
+    @staticmethod
+    def applies(loss: float, grad_norm: float | None) -> bool:
+        """An update is applied when its loss and gradient norm are finite (a missing norm counts as finite)."""
+        return math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+
     def add(self, step: int, loss, grad_norm, applied: bool | None = None) -> None:
         """Update `step`'s loss and norm (tensors on the device, or floats); `applied` when already known."""
         self.pending.append((step, loss, grad_norm, applied))
@@ -106,8 +111,8 @@ class Updates:
 
         for step, loss, norm, applied in self.pending:
             loss, norm = value(loss), value(norm)
-            if applied is None:  # decided on the device as here
-                applied = math.isfinite(loss) and (norm is None or math.isfinite(norm))
+            if applied is None:  # decided on the device by the same rule
+                applied = self.applies(loss, norm)
             if applied:
                 self.bad_in_a_row = 0
             else:
@@ -126,6 +131,12 @@ class Updates:
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor (FSDP2's grad norm) as the full tensor, anything else as it is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; onto a GPU through pinned memory, so that the copy makes nobody wait."""
+    cuda = device.type == "cuda"
+    return (t.pin_memory() if cuda else t).to(device, non_blocking=cuda)
 
 
 def skips_on_device(optimizer) -> torch.optim.Optimizer | None:
@@ -286,11 +297,9 @@ class StopVote:
             if done is not None:
                 done.synchronize()  # waits for the previous update's work, not this one's
             agreed = bool(total.item())
-        cuda = self.device.type == "cuda"
-        flag = torch.tensor([int(requested)], dtype=torch.int32)
-        total = self.reduce((flag.pin_memory() if cuda else flag).to(self.device, non_blocking=cuda), reduction="sum")
+        total = self.reduce(to_device(torch.tensor([int(requested)], dtype=torch.int32), self.device), reduction="sum")
         done = None
-        if cuda:
+        if self.device.type == "cuda":
             total = total.to("cpu", non_blocking=True)  # into pinned memory, queued behind the all-reduce
             done = torch.cuda.Event()
             done.record()
@@ -424,12 +433,6 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
             p.validation, context=cfg.context, windows=cfg.eval_windows, seed=cfg.seed, rank=rank, world=world
         )
 
-    pin = accelerator.device.type == "cuda"
-
-    def to_device(batch: dict) -> dict:
-        """A batch on the accelerator; on a GPU through pinned memory, so that the copy makes nobody wait."""
-        return {k: (v.pin_memory() if pin else v).to(accelerator.device, non_blocking=pin) for k, v in batch.items()}
-
     def evaluate() -> float:
         """Mean token loss over the validation windows, all processes together (the training loss's measure)."""
         model.eval()
@@ -437,7 +440,7 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
         one = torch.ones((), device=accelerator.device, dtype=torch.long)  # forward_loss then returns the sum
         with torch.no_grad():
             for b in validation.batches(cfg.batch, cfg.varlen):
-                b = to_device(b)
+                b = {k: to_device(v, accelerator.device) for k, v in b.items()}
                 with accelerator.autocast():
                     total[0] += forward_loss(model, b, one).double()
                 total[1] += b["input_ids"].numel() - b["input_ids"].shape[0]
@@ -500,9 +503,10 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
     def settle() -> None:
         """Account for the pending updates (see Updates) and, the GPU's work being done now, clock them."""
         updates.settle(log.warn)
-        if unmetered[1]:
-            meter.update(unmetered[0], steps=unmetered[1])
-            unmetered[:] = [0, 0]
+        unmetered = step - metered[0]
+        if unmetered:
+            meter.update(unmetered * p.tokens_per_update, steps=unmetered)
+            metered[0] = step
 
     def save() -> Path:
         settle()
@@ -531,7 +535,7 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
     started, last_saved = time.time(), None
     updates = Updates(max_bad=cfg.max_bad_steps, skipped=skipped, bad_in_a_row=bad_in_a_row)
     on_device = skips_on_device(optimizer)
-    unmetered = [0, 0]  # tokens and steps since the meter last heard
+    metered = [step]  # the step the meter last heard of
     num_items, items_local = None, None
     several = accelerator.distributed_type != DistributedType.NO
     vote = StopVote(accelerator.device, accelerator.reduce) if several else None  # one process alone: its own flag
@@ -565,7 +569,7 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
                 items_local = local
             loss_sum = torch.zeros((), device=accelerator.device)
             for b in batches:
-                b = to_device(b)
+                b = {k: to_device(v, accelerator.device) for k, v in b.items()}
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         loss = forward_loss(model, b, num_items)
@@ -585,15 +589,13 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
                 updates.add(step + 1, loss_total, norm)
             else:
                 grad_norm, loss_value = (float(norm) if norm is not None else None), float(loss_total)
-                applied = math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm))
+                applied = Updates.applies(loss_value, grad_norm)
                 if applied:
                     optimizer.step()
                 updates.add(step + 1, loss_value, grad_norm, applied)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens += p.tokens_per_update
-            unmetered[0] += p.tokens_per_update
-            unmetered[1] += 1
             evaluating = validation is not None and (step % cfg.eval == 0 or step == p.steps)
             logging = step % cfg.logging == 0 or step == p.steps or step == 1 or evaluating
             if on_device is None or logging or step == start_step + 1:
@@ -651,7 +653,6 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
                 log.warn(f"stop requested: saved {last_saved} at step {step}")
                 break
 
-    settle()
     accelerator.end_training()
     return TrainResult(
         run_dir=run_dir,

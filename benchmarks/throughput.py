@@ -25,9 +25,10 @@ then --steps timed steps give tokens/s: every engine is timed by the wall clock 
 with the GPU at the window's edges only. MFU is
 shown on flame's FLOP count (flame.models.flops_per_token) and on 6N alone (N = all parameters). Peak memory is
 torch.cuda.max_memory_allocated over the whole run (the CPU: peak RSS).
-Prints a table and the ratios flame/bare and flame/hf; --json writes the rows. Measured on an H200, a single run of
-a few seconds swings by up to 20% with its place in the sequence (the first engine after a long idle GPU is slow),
-so --repeat N runs every engine N times, the order reversed every other round, and reports the median run.
+Prints a table and the ratios of flame to each other engine run; --json writes the rows. Measured on an H200, a
+single run of a few seconds swings by up to 20% with its place in the sequence (the first engine after a long idle
+GPU is slow), so --repeat N runs every engine N times, the order reversed every other round, and reports the median
+run.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ MODELS = {
     "gdn-340M": "configs/gated_deltanet_340M.json",
     "gla-1.3B": "configs/gla_1B.json",
 }
-ENGINES = ("bare", "flame", "hf")  # the default; bare-async on request
+ENGINES = ("bare", "flame", "hf")  # the default
+ALL_ENGINES = ENGINES + ("bare-async",)  # bare-async on request
 TINY = {  # a GLA small enough for a CPU smoke run through flame's portable kernels
     "model_type": "gla", "attn_mode": "chunk", "hidden_size": 64, "num_heads": 2, "num_hidden_layers": 2,
     "expand_k": 0.5, "expand_v": 1, "hidden_ratio": 4, "vocab_size": 256, "max_position_embeddings": 1024,
@@ -334,7 +336,7 @@ def _median(runs: list[dict]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
-    parser.add_argument("--engines", default=",".join(ENGINES), help="comma list of bare, flame, hf, bare-async")
+    parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {', '.join(ALL_ENGINES)}")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=20, help="timed steps, after the first and the warm-up")
@@ -361,9 +363,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
-    unknown = [e for e in args.engines.split(",") if e not in ENGINES + ("bare-async",)]
+    unknown = [e for e in args.engines.split(",") if e not in ALL_ENGINES]
     if unknown:
-        parser.error(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINES)}, bare-async")
+        parser.error(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ALL_ENGINES)}")
     if args.engine:
         worker(args)
         return 0
@@ -424,7 +426,7 @@ def main(argv=None) -> int:
         by = {r["engine"]: r for r in rows if r["model"] == model and "error" not in r}
         if "flame" not in by:
             continue
-        for other in ("bare", "bare-async", "hf"):
+        for other in (e for e in ALL_ENGINES if e != "flame"):
             if other in by:
                 t = by["flame"]["tokens_per_s"] / by[other]["tokens_per_s"]
                 m = by["flame"]["peak_gib"] / by[other]["peak_gib"]

@@ -175,16 +175,21 @@ def test_a_validation_split_smaller_than_a_window_is_one_clear_error(files, tmp_
         engine.plan(_cfg(files, tmp_path / "run", cache=str(tmp_path / "tiny"), eval=10))
 
 
-def test_nan_updates_are_skipped_and_counted(files, tmp_path, monkeypatch):
+def _poison(monkeypatch, bad_calls, times=float("inf")):
+    """The loss of the forward calls numbered in bad_calls (from 1) multiplied by `times` (inf or nan)."""
     calls = {"n": 0}
     real = engine.forward_loss
 
     def poisoned(model, batch, num_items):
         calls["n"] += 1
         loss = real(model, batch, num_items)
-        return loss * float("nan") if calls["n"] in (3, 4) else loss
+        return loss * times if calls["n"] in bad_calls else loss
 
     monkeypatch.setattr(engine, "forward_loss", poisoned)
+
+
+def test_nan_updates_are_skipped_and_counted(files, tmp_path, monkeypatch):
+    _poison(monkeypatch, {3, 4}, float("nan"))
     result = engine.train(_cfg(files, tmp_path, steps=8))
     assert result.skipped == 2 and result.step == 8 and result.stopped == "done"
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -194,23 +199,10 @@ def test_nan_updates_are_skipped_and_counted(files, tmp_path, monkeypatch):
 
 
 def test_a_run_of_nan_updates_saves_and_stops(files, tmp_path, monkeypatch):
-    real = engine.forward_loss
-    monkeypatch.setattr(engine, "forward_loss", lambda m, b, n: real(m, b, n) * float("inf"))
+    _poison(monkeypatch, range(1, 10**6))
     with pytest.raises(TrainingError, match="3 updates in a row had a NaN/inf loss or gradient"):
         engine.train(_cfg(files, tmp_path, steps=20, max_bad_steps=3))
     assert (tmp_path / "checkpoints" / "step-00000003" / "model" / "model.safetensors").is_file()
-
-
-def _poison(monkeypatch, bad_calls):
-    calls = {"n": 0}
-    real = engine.forward_loss
-
-    def poisoned(model, batch, num_items):
-        calls["n"] += 1
-        loss = real(model, batch, num_items)
-        return loss * float("inf") if calls["n"] in bad_calls else loss
-
-    monkeypatch.setattr(engine, "forward_loss", poisoned)
 
 
 def test_updates_are_read_back_in_order_in_one_go():

@@ -229,9 +229,11 @@ def test_updates_left_on_the_device_train_exactly_as_updates_read_back_every_ste
     runs = {}
     for name, device_skip in (("device", True), ("host", False)):
         _poison(monkeypatch, {3, 4})
-        if not device_skip:
-            monkeypatch.setattr(engine, "skips_on_device", lambda optimizer: None)
+        used = []
+        skips = engine.skips_on_device if device_skip else (lambda optimizer: None)
+        monkeypatch.setattr(engine, "skips_on_device", lambda optimizer: used.append(skips(optimizer)) or used[-1])
         result = engine.train(_cfg(files, tmp_path / name, steps=9, logging=4))
+        assert (used[0] is not None) == device_skip  # the fused AdamW takes found_inf on this device (CPU or CUDA)
         monkeypatch.undo()
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         keep = ("step", "loss", "grad_norm", "skipped", "tokens", "lr")

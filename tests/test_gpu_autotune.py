@@ -56,5 +56,7 @@ def test_a_resume_on_an_empty_triton_cache_reuses_the_runs_autotuning(tmp_path):
     out = resumed.stdout + resumed.stderr
     assert f"reusing {len(saved)} kernel autotuning results kept in {run / 'tuning'}: " in out
     assert sorted(p.relative_to(tmp_path / "cache-b") for p in (tmp_path / "cache-b").rglob("*.autotune.json")) == saved
-    again = _tuning(run)[3]  # the resume's first step
+    # the resume's first step is reported in its first record (step 4: step 3 is not a log step)
+    assert sorted(_tuning(run)) == [1, 4]
+    again = _tuning(run)[4]
     assert (again or {}).get("kernels_tuned", 0) == 0, again

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from flame.data.loader import PackedLoader, open_source
+from flame.data.loader import PackedLoader, Source, open_source
 from flame.errors import DataError
 from tests.prepared import counting_docs, make_prepared
 
@@ -32,6 +32,26 @@ def test_one_epoch_is_every_document_once_without_padding(prepared):
     # the next window starts epoch 1, in a new order
     loader.next_batch()
     assert loader.epoch() == pytest.approx((per_epoch + 1) / per_epoch)
+
+
+def test_windows_read_across_chunks_slices_and_long_documents():
+    """Prepared datasets are memory-mapped Arrow files cut into record batches (chunks, possibly sliced); a window
+    reads only its own documents from them and gets exactly the tokens of the concatenated epoch."""
+    import pyarrow as pa
+
+    docs = counting_docs(40, 1000, seed=4, min_len=1, max_len=30)
+    docs[7] = list(range(3, 200))  # a document longer than several windows
+    whole = pa.array(docs, type=pa.list_(pa.int32()))
+    cuts = [0, 1, 9, 10, 23, 40]  # chunks of 1, 8, 1, 13 and 17 documents, each a slice of one array
+    column = pa.chunked_array([whole.slice(a, b - a) for a, b in zip(cuts, cuts[1:])])
+    source = Source("mem", 1.0, column, np.array([len(d) for d in docs]))
+    assert [source.document(i).tolist() for i in range(len(docs))] == docs
+    context = 16
+    per_epoch = sum(map(len, docs)) // context
+    loader = PackedLoader([source], context=context, batch=1, seed=2)
+    tokens = torch.cat([loader.next_batch()["input_ids"][0] for _ in range(per_epoch)]).tolist()
+    order = np.random.default_rng([2, 0]).permutation(len(docs))
+    assert tokens == [t for i in order for t in docs[i]][: per_epoch * context]
 
 
 def test_same_seed_same_batches_other_seed_differs(prepared):

@@ -115,7 +115,12 @@ def _profile(step, first: int, args, device) -> dict:
 
 
 def _maybe_compile(model, config, args) -> None:
-    """--compile: every engine compiles the decoder blocks the way `flame train --compile` does."""
+    """--compile: every engine compiles the decoder blocks the way `flame train --compile` does; --share-casts:
+    every engine shares the block norms' bf16 casts the way `flame train --share-casts` does."""
+    if args.share_casts:
+        from flame.models import share_norm_casts
+
+        share_norm_casts(model)
     if args.compile:
         from flame.engine import decoder_blocks
 
@@ -189,7 +194,7 @@ def run_flame(config_path: str, args, device, work: Path) -> dict:
     cfg = TrainConfig(
         model=config_path, cache=str(work / "data"), path=str(work / "run"), context=args.context,
         batch=args.batch, steps=total, lr=3e-4, warmup=0, seed=SEED, logging=1 + args.warmup, save=10**9, limit=0,
-        compile=args.compile,
+        compile=args.compile, share_casts=args.share_casts,
     )  # fmt: skip
     engine.train(cfg)
     records = [json.loads(ln) for ln in (work / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -297,6 +302,7 @@ def _run_engine(model: str, eng: str, config_path: str, args, env: dict, round_:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", eng, "--worker-config", config_path]
     cmd += ["--batch", str(args.batch), "--context", str(args.context), "--steps", str(args.steps)]
     cmd += ["--warmup", str(args.warmup), "--device", args.device] + ["--compile"] * args.compile
+    cmd += ["--share-casts"] * args.share_casts
     cmd += ["--profile", str(args.profile)]
     tag = f" round {round_ + 1}/{args.repeat}" if args.repeat > 1 else ""
     print(f"== {model} {eng} (batch {args.batch} x {args.context}){tag}", file=sys.stderr, flush=True)
@@ -344,6 +350,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="a tiny GLA instead of --models (CPU smoke run)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder block, in every engine")
+    parser.add_argument(
+        "--share-casts",
+        action="store_true",
+        help="one bf16 cast per block norm (flame.models.share_norm_casts), every engine",
+    )
     parser.add_argument(
         "--repeat", type=int, default=1, metavar="N",
         help="run every engine N times, the order reversed every other round; report the median run and the spread",

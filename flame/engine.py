@@ -238,6 +238,7 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
             world_size=world,
             accumulation=cfg.update,
             activation_checkpointing=cfg.checkpointing,
+            shared_casts=cfg.share_casts,
         ),
         dataset_tokens=sum(s.tokens for s in sources),
         windows_per_epoch=per_epoch,
@@ -410,6 +411,8 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if cfg.share_casts and models.share_norm_casts(model) == 0:
+        ui.warn(f"--share-casts: model type {config.model_type} has no block norm read by several projections")
     if cfg.compile:
         # Block by block and in place (nn.Module.compile), as torchtitan does: one compiled graph serves every layer
         # of the same shape, and state_dict names stay as they are, so checkpoints load with or without --compile.

@@ -434,6 +434,53 @@ def _mixers(model: nn.Module):
                 break
 
 
+# The norms in front of a block's mixer and of its MLP (FLA, transformers).
+_MIXER_NORMS, _MLP_NORMS = ("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")
+
+
+def _cast_sharing_norms(block: nn.Module, mixer: nn.Module) -> dict[str, nn.Module]:
+    """{"mixer" / "mlp": norm} that share_norm_casts hooks in this block."""
+    if type(mixer).__name__.startswith("RWKV"):  # token shift mixes the normed input elementwise first
+        return {}
+    found = {}
+    for part, names in (("mixer", _MIXER_NORMS), ("mlp", _MLP_NORMS)):
+        norm = next((block._modules[n] for n in names if block._modules.get(n) is not None), None)
+        if norm is not None:
+            found[part] = norm
+    return found
+
+
+def share_norm_casts(model: nn.Module) -> int:
+    """Under autocast, cast the output of each block's pre-mixer and pre-MLP norm to the autocast dtype once, in
+    the norm; returns how many norms do it. Outside autocast nothing changes.
+
+    The norm reads the fp32 residual stream, so its output is fp32, and autocast casts it again for every
+    projection that reads it (q, k, v and the gates: five in a GLA layer), keeping each copy for the backward;
+    the backward then casts each copy's gradient back to fp32 and sums them in fp32. With one shared copy the
+    forward is the same bit for bit, the copies are not kept, and the gradients are summed in bf16 before the one
+    cast back (as in training with bf16 activations). RWKV mixers are left alone: their token shift mixes the
+    normed input elementwise before any projection.
+    """
+    hooked = 0
+    for block, mixer in _mixers(model):
+        for norm in _cast_sharing_norms(block, mixer).values():
+            norm.register_forward_hook(_cast_for_autocast)
+            hooked += 1
+    return hooked
+
+
+def _cast_for_autocast(module: nn.Module, args, out):
+    first = out[0] if isinstance(out, tuple) else out  # FLA's fused prenorm returns (normed, residual)
+    kind = first.device.type
+    if not torch.is_autocast_enabled(kind) or not first.is_floating_point():
+        return None
+    dtype = torch.get_autocast_dtype(kind)
+    if first.dtype == dtype:
+        return None
+    cast = first.to(dtype)
+    return (cast, *out[1:]) if isinstance(out, tuple) else cast
+
+
 def flops_breakdown(config, context: int) -> dict:
     """The training FLOPs per token and their parts: matmul (6 N_matmul), mixer (3 x sum of F_mixer), total,
     n_matmul, mixer kinds, and unknown_mixers (class names not counted)."""
@@ -492,6 +539,7 @@ def estimate_memory(
     world_size: int = 1,
     activation_checkpointing: bool = False,
     accumulation: int = 1,
+    shared_casts: bool = False,
 ) -> dict[str, float]:
     """Estimated peak training memory per device in GiB (what torch.cuda.max_memory_allocated reports).
 
@@ -524,7 +572,7 @@ def estimate_memory(
     head = model.get_output_embeddings()
     grads = all_grads if resident else 4.0 * (head.weight.numel() if head is not None else 0)
     optimizer = 8.0 * params / (shard if zero_stage >= 1 else 1)
-    parts = activation_breakdown(model, precision, activation_checkpointing)
+    parts = activation_breakdown(model, precision, activation_checkpointing, shared_casts)
     act = parts["total"] * batch * context
     backward_peak = master + copies + grads + optimizer + act
     step_peak = master + all_grads + optimizer
@@ -538,8 +586,12 @@ def estimate_memory(
     return {k: v / GIB for k, v in out.items()}
 
 
-def activation_breakdown(model_or_config, precision: str = "bf16", checkpointing: bool = False) -> dict:
+def activation_breakdown(
+    model_or_config, precision: str = "bf16", checkpointing: bool = False, shared_casts: bool = False
+) -> dict:
     """Activation bytes per token: {"layers": [{term: bytes}, ...], "head": {term: bytes}, "total": bytes}.
+
+    shared_casts: the block norms' outputs are cast to bf16 once, shared by the projections (share_norm_casts).
 
     total = sum of the layers (or, with checkpointing, each layer's fp32 input plus one layer rebuilt at a time)
     + the largest layer once more (the gradients its backward creates) + the head (final norm, logits).
@@ -552,6 +604,11 @@ def activation_breakdown(model_or_config, precision: str = "bf16", checkpointing
     for block, mixer in _mixers(model):
         family, terms = _mixer_activations(mixer, h, e)
         terms.update(_block_activations(block, mixer, h, e))
+        shared = _cast_sharing_norms(block, mixer) if shared_casts and e == 2 else {}
+        if "mixer" in shared and "input_casts" in terms:
+            terms["input_casts"] = min(terms["input_casts"], e * h)  # one bf16 copy, whatever reads it
+        if "mlp" in shared and "mlp_input" in terms:
+            terms["mlp_input"] = e * h
         scale = ACTIVATION_SCALE * FAMILY_ACTIVATION_SCALE.get(family, 1.0)
         layers.append({k: v * scale for k, v in terms.items()})
     if not layers:

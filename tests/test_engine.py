@@ -93,6 +93,30 @@ def test_activation_checkpointing_trains_the_same_losses_with_less_estimated_mem
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["checkpointing"] is True
 
 
+def test_shared_casts_train_under_bf16_with_the_same_first_loss_and_less_estimated_memory(files, tmp_path):
+    """--share-casts under bf16 autocast (here the CPU's, --precision bf16): the first forward is unchanged, the
+    updates after it differ only by how gradients are summed; the plan counts one bf16 copy per block norm."""
+    from accelerate.state import AcceleratorState
+
+    gla = str(files / "gla.json")
+    # accelerate keeps one precision per process; the other tests of this process train in fp32
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        for name, share in (("plain", False), ("shared", True)):
+            cfg = _cfg(files, tmp_path / name, model=gla, steps=3, logging=1, precision="bf16", share_casts=share)
+            engine.train(cfg)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    plain, shared = _losses(tmp_path / "plain"), _losses(tmp_path / "shared")
+    assert shared[0] == plain[0] and shared != plain
+    assert shared == pytest.approx(plain, rel=1e-2)
+    assert json.loads((tmp_path / "shared" / "config.json").read_text())["share_casts"] is True
+    kw = dict(model=gla, batch=64, context=256, precision="bf16")
+    before = engine.plan(_cfg(files, tmp_path / "p", **kw)).memory_gib["activations"]
+    after = engine.plan(_cfg(files, tmp_path / "p", **kw, share_casts=True)).memory_gib["activations"]
+    assert after < before
+
+
 @pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor on CPU needs a C++ compiler"
 )

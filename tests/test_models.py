@@ -245,12 +245,14 @@ def _tiny_gla():
     )
 
 
-def test_activation_terms_match_what_autograd_saves():
+@pytest.mark.parametrize("shared", [False, True], ids=["casts-per-projection", "shared-casts"])
+def test_activation_terms_match_what_autograd_saves(shared):
     """The Llama accounting against the tensors autograd really keeps (bf16 autocast on the CPU, whose SDPA
-    kernel saves what flash attention saves on a GPU: q, k, v, output, log-sum-exp)."""
+    kernel saves what flash attention saves on a GPU: q, k, v, output, log-sum-exp), with autocast's cast per
+    projection and with share_norm_casts."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from flame.models import activation_breakdown
+    from flame.models import activation_breakdown, share_norm_casts
 
     config = LlamaConfig(
         hidden_size=128,
@@ -263,6 +265,8 @@ def test_activation_terms_match_what_autograd_saves():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
+    if shared:
+        assert share_norm_casts(model) == 4  # each layer's input_layernorm and post_attention_layernorm
     tokens = torch.randint(0, 500, (2, 128))
     storages = {}
 
@@ -279,7 +283,7 @@ def test_activation_terms_match_what_autograd_saves():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
         model(input_ids=tokens, labels=tokens)
     measured = sum(storages.values()) / tokens.numel()
-    parts = activation_breakdown(model)
+    parts = activation_breakdown(model, shared_casts=shared)
     saved = sum(sum(layer.values()) for layer in parts["layers"]) + parts["head"]["final_norm"]
     saved += parts["head"]["log_probs"]  # the bf16 logits live in the output; the fp32 log-probs are saved
     rope = 2 * 4 * 32 * 128 / tokens.numel()  # cos and sin per position, shared by the batch (not per token)
@@ -325,6 +329,48 @@ def test_fp32_shares_the_normed_input():
     fp32 = activation_breakdown(config, "fp32")["layers"][0]
     assert bf16["input_casts"] == 5 * 2 * 1024  # q, k, v, g and the low-rank gate each cast the fp32 input
     assert fp32["input_casts"] == 4 * 1024
+    shared = activation_breakdown(config, "bf16", shared_casts=True)["layers"][0]
+    assert shared["input_casts"] == 2 * 1024  # one bf16 copy made by the norm (share_norm_casts)
+    assert {k: v for k, v in shared.items() if k != "input_casts"} == {
+        k: v for k, v in bf16.items() if k != "input_casts"
+    }
+
+
+def _tiny(model_type: str, tmp_path: Path):
+    config = {"model_type": model_type, "hidden_size": 64, "num_hidden_layers": 2, "num_heads": 2, "vocab_size": 128}
+    (tmp_path / f"{model_type}.json").write_text(json.dumps(config))
+    return build_model(tmp_path / f"{model_type}.json", seed=0)[0]
+
+
+@pytest.mark.parametrize("model_type,norms", [("gla", 4), ("gated_deltanet", 4), ("rwkv7", 0), ("mamba2", 0)])
+def test_shared_casts_change_only_how_gradients_are_summed(tmp_path, model_type, norms):
+    """share_norm_casts: under autocast the same forward and, with each projection's gradient summed in bf16,
+    gradients as close to fp32's as autocast's own; outside autocast nothing changes at all."""
+    from flame.models import share_norm_casts
+
+    tokens = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def run(model, autocast):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model = _tiny(model_type, tmp_path)
+    exact, cast = run(model, False), run(model, True)
+    assert share_norm_casts(model) == norms  # RWKV's token shift and Mamba2's single in_proj: nothing to share
+    assert _same(run(model, False), exact)  # no autocast: not even a bit differs
+    shared = run(model, True)
+    assert shared[0] == cast[0]  # the forward is the same, bit for bit
+    assert _same(shared, cast) == (norms == 0)  # the backward sums the projections' gradients in bf16
+    for name, ref in exact[1].items():
+        own, theirs = (cast[1][name] - ref).norm(), (shared[1][name] - ref).norm()
+        assert theirs <= 1.1 * own + 1e-3 * ref.norm() + 1e-8, name
+
+
+def _same(a, b) -> bool:
+    return a[0] == b[0] and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
 
 
 def test_sliding_window_caps_attention_flops():

@@ -35,6 +35,15 @@ def test_bare_async_runs_the_bare_loop_without_reading_back_and_is_compared_with
     assert "tiny-gla: flame/bare-async tokens/s " in capsys.readouterr().out
 
 
+def test_share_casts_reaches_every_engine(tmp_path):
+    """--share-casts runs each engine with flame.models.share_norm_casts (on the CPU, fp32: the casts do nothing)."""
+    out = tmp_path / "rows.json"
+    argv = ["--device", "cpu", "--tiny", "--engines", "bare,flame,hf", "--batch", "1", "--context", "32"]
+    assert throughput.main(argv + ["--steps", "1", "--warmup", "0", "--share-casts", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["engine"] for r in rows] == ["bare", "flame", "hf"] and all(r["tokens_per_s"] > 0 for r in rows)
+
+
 def test_profile_runs_more_steps_under_the_profiler_and_prints_where_the_time_went(tmp_path, capsys):
     out = tmp_path / "rows.json"
     argv = ["--device", "cpu", "--tiny", "--engines", "bare", "--batch", "1", "--context", "32", "--steps", "1"]

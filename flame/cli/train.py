@@ -51,6 +51,7 @@ def train(
     precision: Annotated[str, _opt("precision", rich_help_panel="Optimizer")] = DEFAULTS.precision,
     compile: Annotated[bool, _opt("compile", rich_help_panel="Batch")] = DEFAULTS.compile,
     checkpointing: Annotated[bool, _opt("checkpointing", rich_help_panel="Batch")] = DEFAULTS.checkpointing,
+    share_casts: Annotated[bool, _opt("share_casts", rich_help_panel="Batch")] = DEFAULTS.share_casts,
     eval: Annotated[int, _opt("eval", rich_help_panel="Checkpoints and logging")] = DEFAULTS.eval,
     eval_windows: Annotated[
         int, _opt("eval_windows", rich_help_panel="Checkpoints and logging")
@@ -130,7 +131,12 @@ def _render_plan(p) -> None:
     if p.validation is not None:
         held_out = f"{p.eval_windows} windows of {p.cfg.context} held out"
         rows.append(("validation", f"every {p.cfg.eval} updates: {held_out}"))
-    options = [name for name, on in (("--compile", p.cfg.compile), ("--checkpointing", p.cfg.checkpointing)) if on]
+    chosen = (
+        ("--compile", p.cfg.compile),
+        ("--checkpointing", p.cfg.checkpointing),
+        ("--share-casts", p.cfg.share_casts),
+    )
+    options = [name for name, on in chosen if on]
     if options:
         rows.append(("options", ", ".join(options)))
     rows.append(("run dir", p.cfg.path))

@@ -77,11 +77,11 @@ def test_dry_run_shows_validation_and_the_speed_and_memory_options(files, tmp_pa
     result = _train(files, tmp_path, "gla.json", "--steps", "10", "--eval", "5", "--eval-windows", "12")
     assert result.exit_code == 0, result.output  # (trains: the CLI options reach the engine)
     assert [r["step"] for r in _records(tmp_path / "run") if "val_loss" in r] == [5, 10]
-    args = ("--steps", "10", "--eval", "5", "--eval-windows", "12", "--compile", "--checkpointing", "--dry-run")
-    result = _train(files, tmp_path / "dry", "gla.json", *args)
+    args = ("--steps", "10", "--eval", "5", "--eval-windows", "12", "--compile", "--checkpointing", "--share-casts")
+    result = _train(files, tmp_path / "dry", "gla.json", *args, "--dry-run")
     assert result.exit_code == 0, result.output
     assert "every 5 updates: 12 windows of 32 held out" in result.output
-    assert "--compile, --checkpointing" in result.output
+    assert "--compile, --checkpointing, --share-casts" in result.output
 
 
 def _one_error(result, *parts):

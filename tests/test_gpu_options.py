@@ -1,11 +1,13 @@
-"""On a CUDA machine: `flame train --eval`, `--checkpointing` and `--compile` with FLA's Triton kernels and bf16.
+"""On a CUDA machine: `flame train --eval`, `--checkpointing`, `--share-casts` and `--compile` with FLA's Triton
+kernels and bf16.
 
     FLAME_GPU_REPORT=gpu-options.json pytest -m gpu tests/test_gpu_options.py
 
 A GLA with GLA-340M's layer (hidden 1024, 4 heads: the FLA kernel shapes of the 340M model, so a Triton cache of
 either serves both) and 2 layers, batch 4 x 2048, 8 updates, evaluated every 4. Each option is run against the
-same run without it: the losses agree within bf16 reduction noise, checkpointing lowers the peak memory, and the
-report holds each run's first-step seconds, tokens/s and peak memory side by side.
+same run without it: the losses agree within bf16 reduction noise (the first loss of --share-casts exactly),
+checkpointing and shared casts lower the peak memory, and the report holds each run's first-step seconds,
+tokens/s and peak memory side by side.
 """
 
 import datetime
@@ -55,14 +57,15 @@ def _summary(records) -> dict:
 
 
 @pytest.mark.gpu
-def test_eval_checkpointing_and_compile_agree_with_the_plain_run(setup):
+def test_eval_checkpointing_shared_casts_and_compile_agree_with_the_plain_run(setup):
     runs = {
         "plain": _run(setup, "plain"),
         "checkpointing": _run(setup, "checkpointing", checkpointing=True),
+        "share_casts": _run(setup, "share_casts", share_casts=True),
         "compile": _run(setup, "compile", compile=True),
     }
     report = {
-        "test": "GLA (340M layer x 2), batch 4 x 2048, bf16, --eval / --checkpointing / --compile, 1 GPU",
+        "test": "GLA (340M layer x 2), batch 4 x 2048, bf16, --eval, --checkpointing, --share-casts, --compile; 1 GPU",
         "device": torch.cuda.get_device_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
@@ -74,7 +77,9 @@ def test_eval_checkpointing_and_compile_agree_with_the_plain_run(setup):
     plain = report["plain"]
     assert [r["step"] for r in runs["plain"] if "val_loss" in r] == [4, 8]
     assert all(v == v and v < plain["val_loss"][0] * 1.5 for v in plain["val_loss"])  # finite, sane
-    for name in ("checkpointing", "compile"):
+    for name in ("checkpointing", "share_casts", "compile"):
         for a, b in zip(report[name]["loss"] + report[name]["val_loss"], plain["loss"] + plain["val_loss"]):
             assert abs(a - b) <= 2e-2 * abs(b), (name, a, b)
     assert report["checkpointing"]["memory_gib"] < plain["memory_gib"]
+    assert report["share_casts"]["loss"][0] == plain["loss"][0]  # the same first forward
+    assert report["share_casts"]["memory_gib"] < plain["memory_gib"]

@@ -40,7 +40,7 @@ class Source:
 
     @property
     def tokens(self) -> int:
-        return int(self.lengths.sum())
+        return int(self.lengths.sum(dtype=np.int64))
 
     def document(self, i: int) -> np.ndarray:
         """Tokens of document i: a zero-copy view of the memory-mapped file, whatever the dataset's size.
@@ -89,7 +89,8 @@ def open_source(path: str, weight: float = 1.0, split: str = "train") -> Source:
             not_object="is not a manifest (a JSON object)",
         )
     column = ds.data.column(TOKENS_COLUMN)
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    # int32: a document's length always fits, and every training process holds one entry per document
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
     return Source(str(root), weight, column, lengths, manifest)
 
 
@@ -123,8 +124,11 @@ class Windows:
     def _order(self, epoch: int) -> None:
         if epoch != self._epoch:
             # Seeded by (seed, epoch): any process computes the same order without talking to the others.
-            self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.source.lengths))
-            self.ends = np.cumsum(self.source.lengths[self.order])
+            # Per document, in every process: 4 + 4 + 8 bytes (a 600M-document corpus: 9.6 GB, not 14.4 in int64).
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.source.lengths))
+            self.order = order.astype(np.int32) if len(order) < 2**31 else order
+            del order
+            self.ends = np.cumsum(self.source.lengths[self.order], dtype=np.int64)
             self._epoch = epoch
 
     def window(self, i: int) -> tuple[np.ndarray, list[int]]:

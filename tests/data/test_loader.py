@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from flame.data.loader import PackedLoader, Source, open_source
+from flame.data.loader import PackedLoader, Source, Windows, open_source
 from flame.errors import DataError
 from tests.prepared import counting_docs, make_prepared
 
@@ -52,6 +52,18 @@ def test_windows_read_across_chunks_slices_and_long_documents():
     tokens = torch.cat([loader.next_batch()["input_ids"][0] for _ in range(per_epoch)]).tolist()
     order = np.random.default_rng([2, 0]).permutation(len(docs))
     assert tokens == [t for i in order for t in docs[i]][: per_epoch * context]
+
+
+def test_the_index_of_a_corpus_over_2g_tokens_does_not_overflow_and_costs_16_bytes_a_document(prepared):
+    """Every process keeps a length, an order entry and an end offset per document: int32, int32, int64."""
+    lengths = np.full(5, 2**30, dtype=np.int32)  # 5G tokens: past int32 in the sums, not in any one document
+    source = Source("big", 1.0, None, lengths)
+    windows = Windows(source, 2048, seed=0)
+    windows._order(0)
+    assert source.tokens == 5 * 2**30 and windows.per_epoch == 5 * 2**30 // 2048
+    assert windows.ends.tolist() == [k * 2**30 for k in range(1, 6)]
+    opened = open_source(str(prepared[0]))
+    assert (opened.lengths.dtype, windows.order.dtype, windows.ends.dtype) == (np.int32, np.int32, np.int64)
 
 
 def test_same_seed_same_batches_other_seed_differs(prepared):

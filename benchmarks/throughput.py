@@ -6,6 +6,8 @@
     PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --repeat 3    # engines interleaved, median run
     PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --engines bare,bare-async --profile 3
         # where a step's time goes: GPU busy share and the top kernels (the profiler's own overhead included)
+    PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --batch 32 --engines bare,flame,flame:share-casts
+        # an engine with options beside the plain one (:share-casts, :compile): the option's gain, side by side
     PYTHONPATH=. python benchmarks/throughput.py --models gla-340M \
         --set fuse_cross_entropy=false --set fuse_linear_cross_entropy=true    # FLA allows only one of the two
 
@@ -50,6 +52,16 @@ MODELS = {
 }
 ENGINES = ("bare", "flame", "hf")  # the default
 ALL_ENGINES = ENGINES + ("bare-async",)  # bare-async on request
+# An engine may carry options after colons (flame:share-casts, bare:compile:share-casts): the same engine with
+# them, beside the plain one in the same run.
+VARIANTS = ("compile", "share-casts")
+
+
+def _spec(engine: str) -> tuple[str, set[str]]:
+    base, *options = engine.split(":")
+    return base, set(options)
+
+
 TINY = {  # a GLA small enough for a CPU smoke run through flame's portable kernels
     "model_type": "gla", "attn_mode": "chunk", "hidden_size": 64, "num_heads": 2, "num_hidden_layers": 2,
     "expand_k": 0.5, "expand_v": 1, "hidden_ratio": 4, "vocab_size": 256, "max_position_embeddings": 1024,
@@ -299,10 +311,12 @@ def _pct(v) -> str:
 
 def _run_engine(model: str, eng: str, config_path: str, args, env: dict, round_: int) -> dict:
     """One engine in its own process; its row, or {"error": ...}."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", eng, "--worker-config", config_path]
+    base, options = _spec(eng)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", base, "--worker-config", config_path]
     cmd += ["--batch", str(args.batch), "--context", str(args.context), "--steps", str(args.steps)]
-    cmd += ["--warmup", str(args.warmup), "--device", args.device] + ["--compile"] * args.compile
-    cmd += ["--share-casts"] * args.share_casts
+    cmd += ["--warmup", str(args.warmup), "--device", args.device]
+    cmd += ["--compile"] * (args.compile or "compile" in options)
+    cmd += ["--share-casts"] * (args.share_casts or "share-casts" in options)
     cmd += ["--profile", str(args.profile)]
     tag = f" round {round_ + 1}/{args.repeat}" if args.repeat > 1 else ""
     print(f"== {model} {eng} (batch {args.batch} x {args.context}){tag}", file=sys.stderr, flush=True)
@@ -342,7 +356,12 @@ def _median(runs: list[dict]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
-    parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {', '.join(ALL_ENGINES)}")
+    parser.add_argument(
+        "--engines",
+        default=",".join(ENGINES),
+        help=f"comma list of {', '.join(ALL_ENGINES)}, each optionally with :{' or :'.join(VARIANTS)} "
+        "(e.g. flame,flame:share-casts: the option's gain, side by side)",
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=20, help="timed steps, after the first and the warm-up")
@@ -374,9 +393,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
-    unknown = [e for e in args.engines.split(",") if e not in ALL_ENGINES]
+    unknown = [e for e in args.engines.split(",") if _spec(e)[0] not in ALL_ENGINES or _spec(e)[1] - set(VARIANTS)]
     if unknown:
-        parser.error(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ALL_ENGINES)}")
+        parser.error(
+            f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ALL_ENGINES)}, each optionally with "
+            f":{' or :'.join(VARIANTS)}"
+        )
     if args.engine:
         worker(args)
         return 0
@@ -423,25 +445,29 @@ def main(argv=None) -> int:
             rows += [_median(eng_runs) for eng_runs in runs.values()]
 
     print(f"\nbatch {args.batch} x context {args.context}, {args.steps} timed steps after 1 + {args.warmup}")
-    header = f"{'model':<10} {'engine':<10} {'tokens/s':>10} {'MFU':>6} {'MFU 6N':>7} {'peak GiB':>9} {'first s':>8}"
+    width = max([10] + [len(r["engine"]) for r in rows])
+    header = (
+        f"{'model':<10} {'engine':<{width}} {'tokens/s':>10} {'MFU':>6} {'MFU 6N':>7} {'peak GiB':>9} {'first s':>8}"
+    )
     print(header)
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:<10} {r['engine']:<10} failed ({r['error']})")
+            print(f"{r['model']:<10} {r['engine']:<{width}} failed ({r['error']})")
             continue
         print(
-            f"{r['model']:<10} {r['engine']:<10} {r['tokens_per_s']:>10.0f} {_pct(r['mfu']):>6} "
+            f"{r['model']:<10} {r['engine']:<{width}} {r['tokens_per_s']:>10.0f} {_pct(r['mfu']):>6} "
             f"{_pct(r['mfu_6n']):>7} {r['peak_gib']:>9.2f} {r['first_s']:>8.1f}{_spread(r)}"
         )
     for model in dict.fromkeys(r["model"] for r in rows):
         by = {r["engine"]: r for r in rows if r["model"] == model and "error" not in r}
-        if "flame" not in by:
-            continue
-        for other in (e for e in ALL_ENGINES if e != "flame"):
-            if other in by:
-                t = by["flame"]["tokens_per_s"] / by[other]["tokens_per_s"]
-                m = by["flame"]["peak_gib"] / by[other]["peak_gib"]
-                print(f"{model}: flame/{other} tokens/s {t:.3f}, peak memory {m:.3f}")
+        # each flame (and each variant of any engine) against the engines run without options
+        plain = [e for e in by if not _spec(e)[1]]
+        for eng in by:
+            for other in plain:
+                if other != eng and (_spec(eng)[0] == "flame" or _spec(eng)[0] == other):
+                    t = by[eng]["tokens_per_s"] / by[other]["tokens_per_s"]
+                    m = by[eng]["peak_gib"] / by[other]["peak_gib"]
+                    print(f"{model}: {eng}/{other} tokens/s {t:.3f}, peak memory {m:.3f}")
     for r in rows:
         prof = r.get("profile")
         if prof:

@@ -35,13 +35,26 @@ def test_bare_async_runs_the_bare_loop_without_reading_back_and_is_compared_with
     assert "tiny-gla: flame/bare-async tokens/s " in capsys.readouterr().out
 
 
-def test_share_casts_reaches_every_engine(tmp_path):
-    """--share-casts runs each engine with flame.models.share_norm_casts (on the CPU, fp32: the casts do nothing)."""
+def test_an_engine_with_options_runs_beside_the_plain_one_and_is_compared_with_it(tmp_path, capsys):
+    """flame:share-casts is flame with --share-casts (on the CPU, fp32: the casts do nothing), in the same run."""
     out = tmp_path / "rows.json"
-    argv = ["--device", "cpu", "--tiny", "--engines", "bare,flame,hf", "--batch", "1", "--context", "32"]
-    assert throughput.main(argv + ["--steps", "1", "--warmup", "0", "--share-casts", "--json", str(out)]) == 0
+    argv = ["--device", "cpu", "--tiny", "--engines", "bare,bare:share-casts,flame,flame:share-casts"]
+    assert (
+        throughput.main(argv + ["--batch", "1", "--context", "32", "--steps", "1", "--warmup", "0", "--json", str(out)])
+        == 0
+    )
     rows = json.loads(out.read_text())
-    assert [r["engine"] for r in rows] == ["bare", "flame", "hf"] and all(r["tokens_per_s"] > 0 for r in rows)
+    assert [r["engine"] for r in rows] == ["bare", "bare:share-casts", "flame", "flame:share-casts"]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    printed = capsys.readouterr().out
+    ratios = [ln.split(" tokens/s")[0] for ln in printed.splitlines() if ln.startswith("tiny-gla: ")]
+    assert ratios == [
+        "tiny-gla: bare:share-casts/bare",
+        "tiny-gla: flame/bare",
+        "tiny-gla: flame:share-casts/bare",
+        "tiny-gla: flame:share-casts/flame",
+    ]
+    assert any(ln.startswith("tiny-gla   flame:share-casts ") for ln in printed.splitlines())
 
 
 def test_profile_runs_more_steps_under_the_profiler_and_prints_where_the_time_went(tmp_path, capsys):
@@ -58,9 +71,10 @@ def test_profile_runs_more_steps_under_the_profiler_and_prints_where_the_time_we
     assert f"tiny-gla bare: {prof['wall_ms_per_step']:.1f} ms per step; most time:" in printed
 
 
-def test_an_unknown_engine_is_refused():
+@pytest.mark.parametrize("engines", ["bare,fast", "flame:fast", "fast:compile"])
+def test_an_unknown_engine_or_option_is_refused(engines):
     with pytest.raises(SystemExit) as exc:
-        throughput.main(["--device", "cpu", "--tiny", "--engines", "bare,fast"])
+        throughput.main(["--device", "cpu", "--tiny", "--engines", engines])
     assert exc.value.code == 2
 
 

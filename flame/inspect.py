@@ -54,6 +54,10 @@ class InspectOptions:
     """ZeRO / FSDP sharding stage for the memory estimate: 0 none, 1 optimizer, 2 + grads, 3 + weights."""
     world_size: int = 1
     """Devices the ZeRO stage shards over (and DDP's resident gradients when > 1)."""
+    checkpointing: bool = False
+    """Memory estimate with activation checkpointing (a run or checkpoint trained with it always is)."""
+    share_casts: bool = False
+    """Memory estimate with `flame train --share-casts` (a run or checkpoint trained with it always is)."""
     sample: int = 0
     """Dataset: index of the train document to decode and show."""
     sample_chars: int = 400
@@ -303,16 +307,19 @@ def _quiet_fla():
         logger.setLevel(level)
 
 
-def inspect_model(path: str | os.PathLike, options: InspectOptions, *, context=None, batch=None) -> ModelFacts:
-    """Shapes, parameters, FLOPs/token and the memory estimate, all from flame.models on a meta-device model."""
+def inspect_model(path: str | os.PathLike, options: InspectOptions, *, run: dict | None = None) -> ModelFacts:
+    """Shapes, parameters, FLOPs/token and the memory estimate, all from flame.models on a meta-device model.
+    run: the training options of the run the model belongs to (context, batch, checkpointing, share_casts)."""
     with _quiet_fla():
         model, config = models.build_model(path, meta=True)
-    return _model_facts(model, config, Path(path), options, context, batch)
+    return _model_facts(model, config, Path(path), options, run or {})
 
 
-def _model_facts(model, config, p: Path, options: InspectOptions, context, batch) -> ModelFacts:
-    context = options.context or context or 2048
-    batch = options.batch or batch or 8
+def _model_facts(model, config, p: Path, options: InspectOptions, run: dict) -> ModelFacts:
+    context = options.context or run.get("context") or 2048
+    batch = options.batch or run.get("batch") or 8
+    checkpointing = options.checkpointing or bool(run.get("checkpointing"))
+    share_casts = options.share_casts or bool(run.get("share_casts"))
     flops = models.flops_breakdown(model, context)
     memory = models.estimate_memory(
         model,
@@ -322,6 +329,8 @@ def _model_facts(model, config, p: Path, options: InspectOptions, context, batch
         zero_stage=options.zero_stage,
         world_size=options.world_size,
         accumulation=options.update,
+        activation_checkpointing=checkpointing,
+        shared_casts=share_casts,
     )
     settings = {
         "batch": batch,
@@ -330,6 +339,8 @@ def _model_facts(model, config, p: Path, options: InspectOptions, context, batch
         "precision": options.precision,
         "zero_stage": options.zero_stage,
         "world_size": options.world_size,
+        "checkpointing": checkpointing,
+        "share_casts": share_casts,
     }
     return ModelFacts(
         path=str(p),
@@ -597,7 +608,7 @@ def inspect_checkpoint(path: str | os.PathLike, options: InspectOptions, on_prog
         run = state.get("config") or {}
         with _quiet_fla():
             model, config = models.build_model(model_dir, meta=True)
-        model_facts = _model_facts(model, config, model_dir, options, run.get("context"), run.get("batch"))
+        model_facts = _model_facts(model, config, model_dir, options, run)
         checks.append(Check("model/config.json", True, f"{model_facts.model_type}, {model_facts.architecture}"))
     except ModelError as e:
         checks.append(Check("model/config.json", False, str(e)))
@@ -699,7 +710,7 @@ def inspect_run(path: str | os.PathLike, options: InspectOptions) -> RunFacts:
     model_source = (found[-1] / "model") if found else Path(config.get("model", "")) if config.get("model") else None
     if model_source is not None and model_source.exists():
         try:
-            model_facts = inspect_model(model_source, options, context=config.get("context"), batch=config.get("batch"))
+            model_facts = inspect_model(model_source, options, run=config)
         except ModelError:
             model_facts = None
     incomplete = sorted(str(p) for p in (root / ckpt.CHECKPOINTS).glob(".step-*.tmp")) if found or records else []

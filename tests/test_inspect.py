@@ -96,7 +96,13 @@ def test_model_options_reach_the_flop_count_and_memory_estimate():
         "precision": "fp32",
         "zero_stage": 3,
         "world_size": 8,
+        "checkpointing": False,
+        "share_casts": False,
     } | {f"{k}_gib": v for k, v in expected.items()}
+    both = inspect(config, InspectOptions(checkpointing=True, share_casts=True)).memory
+    expected = models.estimate_memory(built, 8, 2048, activation_checkpointing=True, shared_casts=True)
+    assert (both["checkpointing"], both["share_casts"], both["total_gib"]) == (True, True, expected["total"])
+    assert both["total_gib"] < inspect(config).memory["total_gib"]
     # softmax attention grows with the context; the default (2048) is cheaper
     assert facts.flops_per_token > inspect(config).flops_per_token
 
@@ -338,6 +344,19 @@ def test_run_summary_from_its_metrics(run):
     }
     assert (facts.val_loss, facts.val_loss_step) == (last["val_loss"], STEPS)
     assert facts.model.model_type == "llama" and facts.config["type"] == "llama"
+
+
+def test_a_runs_memory_estimate_uses_the_runs_own_settings(run, tmp_path):
+    """Inspecting a run or one of its checkpoints estimates the memory the way its `flame train` did."""
+    assert inspect(run).model.memory["checkpointing"] is False
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    config = json.loads((copy / "config.json").read_text()) | {"checkpointing": True, "share_casts": True}
+    (copy / "config.json").write_text(json.dumps(config))
+    memory = inspect(copy).model.memory
+    built = models.load_config(copy / "checkpoints" / "step-00000006" / "model")
+    expected = models.estimate_memory(built, BATCH, CONTEXT, activation_checkpointing=True, shared_casts=True)
+    assert (memory["checkpointing"], memory["share_casts"], memory["total_gib"]) == (True, True, expected["total"])
 
 
 def test_unfinished_run_with_a_cut_last_line(run, tmp_path):

@@ -52,6 +52,8 @@ def inspect(
     precision: Annotated[str, _opt("precision", "Model estimates")] = DEFAULTS.precision,
     zero_stage: Annotated[int, _opt("zero_stage", "Model estimates")] = DEFAULTS.zero_stage,
     world_size: Annotated[int, _opt("world_size", "Model estimates")] = DEFAULTS.world_size,
+    checkpointing: Annotated[bool, _opt("checkpointing", "Model estimates")] = DEFAULTS.checkpointing,
+    share_casts: Annotated[bool, _opt("share_casts", "Model estimates")] = DEFAULTS.share_casts,
     sample: Annotated[int, _opt("sample", "Dataset")] = DEFAULTS.sample,
     sample_chars: Annotated[int, _opt("sample_chars", "Dataset")] = DEFAULTS.sample_chars,
     plot: Annotated[str | None, _opt("plot", "Run", metavar="FILE.png", show_default=False)] = DEFAULTS.plot,
@@ -67,6 +69,8 @@ def inspect(
         precision=precision,
         zero_stage=zero_stage,
         world_size=world_size,
+        checkpointing=checkpointing,
+        share_casts=share_casts,
         sample=sample,
         sample_chars=sample_chars,
         plot=plot,
@@ -222,6 +226,9 @@ def render_model(f: ModelFacts) -> None:
     title = (
         f"estimated peak training memory per device: batch {m['batch']} x context {m['context']}, {m['precision']}, "
         f"ZeRO stage {m['zero_stage']} over {m['world_size']} device(s), update {m['update']}"
+    )
+    title += "".join(
+        f", {name}" for key, name in (("checkpointing", "--checkpointing"), ("share_casts", "--share-casts")) if m[key]
     )
     table = ui.table(title=title, title_justify="left", title_style="bold")
     table.add_column("part")

@@ -48,6 +48,10 @@ def test_config_table_shows_the_counts():
     memory = models.estimate_memory(models.load_config(config), 8, 2048)
     assert f"{memory['total']:.2f}" in result.output
     assert "batch 8 x context 2048, bf16, ZeRO stage 0 over 1 device(s)" in result.output
+    shared = flame(config, "--share-casts")
+    assert shared.exit_code == 0, shared.output
+    memory = models.estimate_memory(models.load_config(config), 8, 2048, shared_casts=True)
+    assert "update 1, --share-casts" in shared.output and f"{memory['total']:.2f}" in shared.output
 
 
 def test_config_json_has_the_same_numbers():

@@ -33,6 +33,7 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/data_prepare.py
+	$(PY) benchmarks/loader.py
 
 clean:
 	rm -rf $(VENV) .demo

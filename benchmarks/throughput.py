@@ -27,7 +27,8 @@ then --steps timed steps give tokens/s: every engine is timed by the wall clock 
 with the GPU at the window's edges only. MFU is
 shown on flame's FLOP count (flame.models.flops_per_token) and on 6N alone (N = all parameters). Peak memory is
 torch.cuda.max_memory_allocated over the whole run (the CPU: peak RSS).
-Prints a table and the ratios of flame to each other engine run; --json writes the rows. Measured on an H200, a
+Prints a table and the ratios of each flame run, and of each engine run with options (flame:share-casts), to
+each engine run without; --json writes the rows. Measured on an H200, a
 single run of a few seconds swings by up to 20% with its place in the sequence (the first engine after a long idle
 GPU is slow), so --repeat N runs every engine N times, the order reversed every other round, and reports the median
 run.

@@ -505,11 +505,11 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
 
     def settle() -> None:
         """Account for the pending updates (see Updates) and, the GPU's work being done now, clock them."""
+        nonlocal metered
         updates.settle(log.warn)
-        unmetered = step - metered[0]
-        if unmetered:
-            meter.update(unmetered * p.tokens_per_update, steps=unmetered)
-            metered[0] = step
+        if step > metered:
+            meter.update((step - metered) * p.tokens_per_update, steps=step - metered)
+            metered = step
 
     def save() -> Path:
         settle()
@@ -538,7 +538,7 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
     started, last_saved = time.time(), None
     updates = Updates(max_bad=cfg.max_bad_steps, skipped=skipped, bad_in_a_row=bad_in_a_row)
     on_device = skips_on_device(optimizer)
-    metered = [step]  # the step the meter last heard of
+    metered = step  # the step the meter last heard of
     num_items, items_local = None, None
     several = accelerator.distributed_type != DistributedType.NO
     vote = StopVote(accelerator.device, accelerator.reduce) if several else None  # one process alone: its own flag

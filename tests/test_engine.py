@@ -1,6 +1,7 @@
 """The training loop: token-weighted accumulation, NaN/inf handling, exact continuation from a checkpoint,
 SIGTERM, and DDP on CPU (gloo) against one process with twice the accumulation."""
 
+import contextlib
 import json
 import math
 import os
@@ -54,6 +55,18 @@ def _first_moment(run: Path, step: int) -> list[torch.Tensor]:
     return [s["exp_avg"] for _, s in sorted(state["state"].items())]
 
 
+@contextlib.contextmanager
+def _own_precision():
+    """A run with a precision of its own: accelerate keeps one per process, and the other tests here train in fp32."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -96,17 +109,11 @@ def test_activation_checkpointing_trains_the_same_losses_with_less_estimated_mem
 def test_shared_casts_train_under_bf16_with_the_same_first_loss_and_less_estimated_memory(files, tmp_path):
     """--share-casts under bf16 autocast (here the CPU's, --precision bf16): the first forward is unchanged, the
     updates after it differ only by how gradients are summed; the plan counts one bf16 copy per block norm."""
-    from accelerate.state import AcceleratorState
-
     gla = str(files / "gla.json")
-    # accelerate keeps one precision per process; the other tests of this process train in fp32
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
+    with _own_precision():
         for name, share in (("plain", False), ("shared", True)):
             cfg = _cfg(files, tmp_path / name, model=gla, steps=3, logging=1, precision="bf16", share_casts=share)
             engine.train(cfg)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
     plain, shared = _losses(tmp_path / "plain"), _losses(tmp_path / "shared")
     assert shared[0] == plain[0] and shared != plain
     assert shared == pytest.approx(plain, rel=1e-2)
@@ -492,14 +499,8 @@ def test_bf16_runs_the_forward_in_autocast_without_a_float32_copy_of_the_logits(
         return model, config
 
     monkeypatch.setattr(engine.models, "build_model", build_and_watch)
-    from accelerate.state import AcceleratorState
-
-    # accelerate keeps one precision per process; the other tests of this process train in fp32
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
+    with _own_precision():
         engine.train(_cfg(files, tmp_path / "r", precision="bf16", steps=2))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
     assert seen == [(torch.bfloat16, torch.float32)] * 2
     assert all(math.isfinite(x) for x in _losses(tmp_path / "r"))
 

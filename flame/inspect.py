@@ -26,7 +26,7 @@ import numpy as np
 from flame import autotune, models
 from flame import checkpoint as ckpt
 from flame.config import CONFIG_FILE as RUN_CONFIG
-from flame.config import field_docs
+from flame.config import SAVED_BEFORE, TrainConfig, field_docs
 from flame.data import MANIFEST, TOKENIZER_DIR, TOKENS_COLUMN
 from flame.errors import CheckpointError, ConfigError, DataError, ModelError
 from flame.logging import METRICS
@@ -56,8 +56,9 @@ class InspectOptions:
     """Devices the ZeRO stage shards over (and DDP's resident gradients when > 1)."""
     checkpointing: bool = False
     """Memory estimate with activation checkpointing (a run or checkpoint trained with it always is)."""
-    share_casts: bool = False
-    """Memory estimate with `flame train --share-casts` (a run or checkpoint trained with it always is)."""
+    share_casts: bool | None = None
+    """Memory estimate with (--share-casts) or without (--no-share-casts) the block norms' shared bf16 casts; by
+    default as the run or checkpoint was trained, and for a model as `flame train` trains it (with)."""
     sample: int = 0
     """Dataset: index of the train document to decode and show."""
     sample_chars: int = 400
@@ -319,7 +320,9 @@ def _model_facts(model, config, p: Path, options: InspectOptions, run: dict) -> 
     context = options.context or run.get("context") or 2048
     batch = options.batch or run.get("batch") or 8
     checkpointing = options.checkpointing or bool(run.get("checkpointing"))
-    share_casts = options.share_casts or bool(run.get("share_casts"))
+    share_casts = options.share_casts
+    if share_casts is None:  # a run saved before the option existed trained without
+        share_casts = run.get("share_casts", SAVED_BEFORE["share_casts"]) if run else TrainConfig.share_casts
     flops = models.flops_breakdown(model, context)
     memory = models.estimate_memory(
         model,

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import math
 
 import pytest
@@ -59,6 +60,15 @@ def test_save_and_load_round_trip(tmp_path):
     path = run_config.save(cfg, tmp_path)
     assert path == tmp_path / "config.json"
     assert run_config.load(tmp_path) == cfg
+
+
+def test_a_run_saved_before_share_casts_existed_resumes_without_them(tmp_path):
+    """--share-casts is on by default now; a run whose config.json predates it trained with autocast's own casts."""
+    saved = run_config.save(TrainConfig(model="m.json", cache="d"), tmp_path)
+    old = {k: v for k, v in json.loads(saved.read_text()).items() if k != "share_casts"}
+    saved.write_text(json.dumps(old))
+    assert TrainConfig().share_casts is True
+    assert run_config.load(tmp_path) == TrainConfig(model="m.json", cache="d", share_casts=False)
 
 
 def test_load_refuses_unknown_keys(tmp_path):

@@ -74,7 +74,7 @@ def test_parameters_of_every_shipped_config_equal_the_built_model(config):
     heads = getattr(built, "num_heads", None) or built.num_attention_heads  # mamba2_1B leaves it to the default
     assert facts.heads == heads == raw.get("num_heads", raw.get("num_attention_heads", heads))
     assert facts.flops_per_token == models.flops_per_token(built, 2048)
-    assert facts.memory["total_gib"] == models.estimate_memory(built, 8, 2048)["total"]
+    assert facts.memory["total_gib"] == models.estimate_memory(built, 8, 2048, shared_casts=True)["total"]
 
 
 def test_demo_config_counts_equal_a_really_built_model():
@@ -97,12 +97,16 @@ def test_model_options_reach_the_flop_count_and_memory_estimate():
         "zero_stage": 3,
         "world_size": 8,
         "checkpointing": False,
-        "share_casts": False,
+        "share_casts": True,  # flame train's default (under fp32 it changes nothing)
     } | {f"{k}_gib": v for k, v in expected.items()}
     both = inspect(config, InspectOptions(checkpointing=True, share_casts=True)).memory
     expected = models.estimate_memory(built, 8, 2048, activation_checkpointing=True, shared_casts=True)
     assert (both["checkpointing"], both["share_casts"], both["total_gib"]) == (True, True, expected["total"])
     assert both["total_gib"] < inspect(config).memory["total_gib"]
+    unshared = inspect(config, InspectOptions(share_casts=False)).memory
+    expected = models.estimate_memory(built, 8, 2048, shared_casts=False)
+    assert (unshared["share_casts"], unshared["total_gib"]) == (False, expected["total"])
+    assert unshared["total_gib"] > inspect(config).memory["total_gib"]  # the default shares the casts
     # softmax attention grows with the context; the default (2048) is cheaper
     assert facts.flops_per_token > inspect(config).flops_per_token
 
@@ -357,6 +361,13 @@ def test_a_runs_memory_estimate_uses_the_runs_own_settings(run, tmp_path):
     built = models.load_config(copy / "checkpoints" / "step-00000006" / "model")
     expected = models.estimate_memory(built, BATCH, CONTEXT, activation_checkpointing=True, shared_casts=True)
     assert (memory["checkpointing"], memory["share_casts"], memory["total_gib"]) == (True, True, expected["total"])
+    # a run saved before --share-casts existed trained without; --share-casts / --no-share-casts override the run's
+    (copy / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "share_casts"}))
+    assert inspect(copy).model.memory["share_casts"] is False
+    assert inspect(copy, InspectOptions(share_casts=True)).model.memory["share_casts"] is True
+    config["share_casts"] = True
+    (copy / "config.json").write_text(json.dumps(config))
+    assert inspect(copy, InspectOptions(share_casts=False)).model.memory["share_casts"] is False
 
 
 def test_unfinished_run_with_a_cut_last_line(run, tmp_path):

@@ -39,8 +39,10 @@ BLOCKS = " \u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
 CHART_WIDTH, CHART_HEIGHT, BAR_WIDTH, TOP_TENSORS = 64, 10, 40, 8
 
 
-def _opt(name: str, panel: str, **kwargs):
-    return typer.Option(f"--{name.replace('_', '-')}", help=DOCS[name], rich_help_panel=panel, **kwargs)
+def _opt(name: str, panel: str, *, negatable: bool = False, **kwargs):
+    flag = f"--{name.replace('_', '-')}"
+    names = f"{flag}/--no-{flag[2:]}" if negatable else flag
+    return typer.Option(names, help=DOCS[name], rich_help_panel=panel, **kwargs)
 
 
 def inspect(
@@ -53,7 +55,9 @@ def inspect(
     zero_stage: Annotated[int, _opt("zero_stage", "Model estimates")] = DEFAULTS.zero_stage,
     world_size: Annotated[int, _opt("world_size", "Model estimates")] = DEFAULTS.world_size,
     checkpointing: Annotated[bool, _opt("checkpointing", "Model estimates")] = DEFAULTS.checkpointing,
-    share_casts: Annotated[bool, _opt("share_casts", "Model estimates")] = DEFAULTS.share_casts,
+    share_casts: Annotated[
+        bool | None, _opt("share_casts", "Model estimates", negatable=True, show_default=False)
+    ] = DEFAULTS.share_casts,
     sample: Annotated[int, _opt("sample", "Dataset")] = DEFAULTS.sample,
     sample_chars: Annotated[int, _opt("sample_chars", "Dataset")] = DEFAULTS.sample_chars,
     plot: Annotated[str | None, _opt("plot", "Run", metavar="FILE.png", show_default=False)] = DEFAULTS.plot,
@@ -227,9 +231,8 @@ def render_model(f: ModelFacts) -> None:
         f"estimated peak training memory per device: batch {m['batch']} x context {m['context']}, {m['precision']}, "
         f"ZeRO stage {m['zero_stage']} over {m['world_size']} device(s), update {m['update']}"
     )
-    title += "".join(
-        f", {name}" for key, name in (("checkpointing", "--checkpointing"), ("share_casts", "--share-casts")) if m[key]
-    )
+    # the switches set otherwise than `flame train`'s defaults, as spelled on its command line
+    title += ", --checkpointing" * m["checkpointing"] + ", --no-share-casts" * (not m["share_casts"])
     table = ui.table(title=title, title_justify="left", title_style="bold")
     table.add_column("part")
     table.add_column("GiB", justify="right")

@@ -18,10 +18,13 @@ from flame.config import TrainConfig, field_docs
 
 DOCS = field_docs()
 DEFAULTS = TrainConfig()
+#: On/off options that change how a step is computed (not what is trained), listed by --dry-run when not the default.
+SWITCHES = ("compile", "checkpointing", "share_casts")
 
 
-def _opt(name: str, **kwargs):
-    return typer.Option(f"--{name.replace('_', '-')}", help=DOCS[name], **kwargs)
+def _opt(name: str, *, negatable: bool = False, **kwargs):
+    flag = f"--{name.replace('_', '-')}"
+    return typer.Option(f"{flag}/--no-{flag[2:]}" if negatable else flag, help=DOCS[name], **kwargs)
 
 
 def train(
@@ -51,7 +54,7 @@ def train(
     precision: Annotated[str, _opt("precision", rich_help_panel="Optimizer")] = DEFAULTS.precision,
     compile: Annotated[bool, _opt("compile", rich_help_panel="Batch")] = DEFAULTS.compile,
     checkpointing: Annotated[bool, _opt("checkpointing", rich_help_panel="Batch")] = DEFAULTS.checkpointing,
-    share_casts: Annotated[bool, _opt("share_casts", rich_help_panel="Batch")] = DEFAULTS.share_casts,
+    share_casts: Annotated[bool, _opt("share_casts", negatable=True, rich_help_panel="Batch")] = DEFAULTS.share_casts,
     eval: Annotated[int, _opt("eval", rich_help_panel="Checkpoints and logging")] = DEFAULTS.eval,
     eval_windows: Annotated[
         int, _opt("eval_windows", rich_help_panel="Checkpoints and logging")
@@ -131,12 +134,12 @@ def _render_plan(p) -> None:
     if p.validation is not None:
         held_out = f"{p.eval_windows} windows of {p.cfg.context} held out"
         rows.append(("validation", f"every {p.cfg.eval} updates: {held_out}"))
-    chosen = (
-        ("--compile", p.cfg.compile),
-        ("--checkpointing", p.cfg.checkpointing),
-        ("--share-casts", p.cfg.share_casts),
-    )
-    options = [name for name, on in chosen if on]
+    # the switches this run sets otherwise than flame's defaults, as they are spelled on the command line
+    options = [
+        f"--{'' if on else 'no-'}{name.replace('_', '-')}"
+        for name in SWITCHES
+        if (on := getattr(p.cfg, name)) != getattr(DEFAULTS, name)
+    ]
     if options:
         rows.append(("options", ", ".join(options)))
     rows.append(("run dir", p.cfg.path))

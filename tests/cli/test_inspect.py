@@ -45,13 +45,13 @@ def test_config_table_shows_the_counts():
         assert f"{n:,}" in result.output
     assert "gla (GLAForCausalLM, FLA)" in result.output and "24 x 1024" in result.output
     assert "FLOPs/token @ 2048" in result.output and "24 x linear_attention" in result.output
-    memory = models.estimate_memory(models.load_config(config), 8, 2048)
+    memory = models.estimate_memory(models.load_config(config), 8, 2048, shared_casts=True)  # flame train's default
     assert f"{memory['total']:.2f}" in result.output
-    assert "batch 8 x context 2048, bf16, ZeRO stage 0 over 1 device(s)" in result.output
-    shared = flame(config, "--share-casts")
-    assert shared.exit_code == 0, shared.output
-    memory = models.estimate_memory(models.load_config(config), 8, 2048, shared_casts=True)
-    assert "update 1, --share-casts" in shared.output and f"{memory['total']:.2f}" in shared.output
+    assert "batch 8 x context 2048, bf16, ZeRO stage 0 over 1 device(s), update 1\n" in result.output
+    unshared = flame(config, "--no-share-casts")
+    assert unshared.exit_code == 0, unshared.output
+    memory = models.estimate_memory(models.load_config(config), 8, 2048, shared_casts=False)
+    assert "update 1, --no-share-casts" in unshared.output and f"{memory['total']:.2f}" in unshared.output
 
 
 def test_config_json_has_the_same_numbers():
@@ -62,7 +62,10 @@ def test_config_json_has_the_same_numbers():
     built = models.load_config(config)
     assert out["kind"] == "model" and out["params"] == models.count_params(built)
     assert out["context"] == 512 and out["flops_per_token"] == models.flops_per_token(built, 512)
-    assert out["memory"]["total_gib"] == models.estimate_memory(built, 2, 512, zero_stage=2, world_size=4)["total"]
+    assert (
+        out["memory"]["total_gib"]
+        == models.estimate_memory(built, 2, 512, zero_stage=2, world_size=4, shared_casts=True)["total"]
+    )
     assert out == as_dict(inspect(config, _options(context=512, batch=2, zero_stage=2, world_size=4)))
 
 

@@ -1,6 +1,7 @@
 """`flame train` through the CLI: tiny Llama and tiny GLA end to end, --dry-run, and one clear error per bad input."""
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -77,11 +78,15 @@ def test_dry_run_shows_validation_and_the_speed_and_memory_options(files, tmp_pa
     result = _train(files, tmp_path, "gla.json", "--steps", "10", "--eval", "5", "--eval-windows", "12")
     assert result.exit_code == 0, result.output  # (trains: the CLI options reach the engine)
     assert [r["step"] for r in _records(tmp_path / "run") if "val_loss" in r] == [5, 10]
-    args = ("--steps", "10", "--eval", "5", "--eval-windows", "12", "--compile", "--checkpointing", "--share-casts")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["share_casts"] is True  # the default
+    args = ("--steps", "10", "--eval", "5", "--eval-windows", "12", "--compile", "--checkpointing", "--no-share-casts")
     result = _train(files, tmp_path / "dry", "gla.json", *args, "--dry-run")
     assert result.exit_code == 0, result.output
     assert "every 5 updates: 12 windows of 32 held out" in result.output
-    assert "--compile, --checkpointing, --share-casts" in result.output
+    assert re.search(r"^options +--compile, --checkpointing, --no-share-casts\b", result.output, re.M), result.output
+    # the defaults are not listed as choices
+    result = _train(files, tmp_path / "dry2", "gla.json", "--share-casts", "--dry-run")
+    assert result.exit_code == 0 and not re.search(r"^options ", result.output, re.M), result.output
 
 
 def _one_error(result, *parts):

@@ -19,7 +19,9 @@ model (built by flame.models.build_model from the same config and seed, fp32 wei
               waits for the GPU, so the host queues the next step while the GPU runs this one (not a default
               engine: it measures what the per-step read-back of bare costs)
   flame       flame.engine.train on a prepared dataset of random tokens (a log record every 1 + --warmup steps and at
-              the end, no checkpoint until the end); like hf, it reads losses back only for a log record
+              the end, no checkpoint until the end); like hf, it reads losses back only for a log record. With
+              autocast's own casts (--no-share-casts), the settings of the other engines; flame:share-casts is
+              `flame train` as it runs by default
   hf          transformers.Trainer on the same random tokens; keeps its loss on the GPU until a logging step
               (here none), so, like bare-async, it reads nothing back per step
 Step 1 (Triton compilation and FLA autotuning on a fresh machine) is timed alone (first_s), then --warmup steps,

@@ -129,7 +129,7 @@ def _profile(step, first: int, args, device) -> dict:
     }
 
 
-def _maybe_compile(model, config, args) -> None:
+def _apply_options(model, config, args) -> None:
     """--compile: every engine compiles the decoder blocks the way `flame train --compile` does; --share-casts:
     every engine shares the block norms' bf16 casts the way `flame train --share-casts` does."""
     if args.share_casts:
@@ -151,7 +151,7 @@ def run_bare(config_path: str, args, device, *, read_back: bool = True) -> dict:
     from flame.models import build_model
 
     model, config = build_model(config_path, seed=SEED, dtype=torch.float32, device=device)
-    _maybe_compile(model, config, args)
+    _apply_options(model, config, args)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
     total = 1 + args.warmup + args.steps
@@ -230,7 +230,7 @@ def run_hf(config_path: str, args, device, work: Path) -> dict:
     from flame.models import build_model
 
     model, config = build_model(config_path, seed=SEED, dtype=torch.float32)
-    _maybe_compile(model, config, args)
+    _apply_options(model, config, args)
     total = 1 + args.warmup + args.steps
     ids = _random_ids(config.vocab_size, total * args.batch, args.context, SEED)
     dataset = [{"input_ids": row, "labels": row} for row in ids]

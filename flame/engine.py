@@ -450,6 +450,9 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
             p.validation, context=cfg.context, windows=cfg.eval_windows, seed=cfg.seed, rank=rank, world=world
         )
 
+    def to_accelerator(batch: dict) -> dict:
+        return {k: to_device(v, accelerator.device) for k, v in batch.items()}
+
     def evaluate() -> float:
         """Mean token loss over the validation windows, all processes together (the training loss's measure)."""
         model.eval()
@@ -457,7 +460,7 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
         one = torch.ones((), device=accelerator.device, dtype=torch.long)  # forward_loss then returns the sum
         with torch.no_grad():
             for b in validation.batches(cfg.batch, cfg.varlen):
-                b = {k: to_device(v, accelerator.device) for k, v in b.items()}
+                b = to_accelerator(b)
                 with accelerator.autocast():
                     total[0] += forward_loss(model, b, one).double()
                 total[1] += b["input_ids"].numel() - b["input_ids"].shape[0]
@@ -586,7 +589,7 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
                 items_local = local
             loss_sum = torch.zeros((), device=accelerator.device)
             for b in batches:
-                b = {k: to_device(v, accelerator.device) for k, v in b.items()}
+                b = to_accelerator(b)
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         loss = forward_loss(model, b, num_items)

@@ -20,6 +20,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from flame import ui
+from flame.cli import changed_switches, flag
 from flame.errors import CheckpointError, DataError
 from flame.inspect import (
     CheckpointFacts,
@@ -40,8 +41,7 @@ CHART_WIDTH, CHART_HEIGHT, BAR_WIDTH, TOP_TENSORS = 64, 10, 40, 8
 
 
 def _opt(name: str, panel: str, *, negatable: bool = False, **kwargs):
-    flag = f"--{name.replace('_', '-')}"
-    names = f"{flag}/--no-{flag[2:]}" if negatable else flag
+    names = f"{flag(name)}/{flag(name, on=False)}" if negatable else flag(name)
     return typer.Option(names, help=DOCS[name], rich_help_panel=panel, **kwargs)
 
 
@@ -231,8 +231,7 @@ def render_model(f: ModelFacts) -> None:
         f"estimated peak training memory per device: batch {m['batch']} x context {m['context']}, {m['precision']}, "
         f"ZeRO stage {m['zero_stage']} over {m['world_size']} device(s), update {m['update']}"
     )
-    # the switches set otherwise than `flame train`'s defaults, as spelled on its command line
-    title += ", --checkpointing" * m["checkpointing"] + ", --no-share-casts" * (not m["share_casts"])
+    title += "".join(f", {f}" for f in changed_switches(m, ("checkpointing", "share_casts")))
     table = ui.table(title=title, title_justify="left", title_style="bold")
     table.add_column("part")
     table.add_column("GiB", justify="right")

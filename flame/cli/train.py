@@ -7,6 +7,7 @@
 Every option is the seed's `train.sh key=value` with the same name (README "Training" has the table).
 """
 
+import dataclasses
 import json
 import shlex
 from typing import Annotated
@@ -14,6 +15,7 @@ from typing import Annotated
 import typer
 
 from flame import ui
+from flame.cli import changed_switches, flag
 from flame.config import TrainConfig, field_docs
 
 DOCS = field_docs()
@@ -23,8 +25,8 @@ SWITCHES = ("compile", "checkpointing", "share_casts")
 
 
 def _opt(name: str, *, negatable: bool = False, **kwargs):
-    flag = f"--{name.replace('_', '-')}"
-    return typer.Option(f"{flag}/--no-{flag[2:]}" if negatable else flag, help=DOCS[name], **kwargs)
+    names = f"{flag(name)}/{flag(name, on=False)}" if negatable else flag(name)
+    return typer.Option(names, help=DOCS[name], **kwargs)
 
 
 def train(
@@ -134,12 +136,7 @@ def _render_plan(p) -> None:
     if p.validation is not None:
         held_out = f"{p.eval_windows} windows of {p.cfg.context} held out"
         rows.append(("validation", f"every {p.cfg.eval} updates: {held_out}"))
-    # the switches this run sets otherwise than flame's defaults, as they are spelled on the command line
-    options = [
-        f"--{'' if on else 'no-'}{name.replace('_', '-')}"
-        for name in SWITCHES
-        if (on := getattr(p.cfg, name)) != getattr(DEFAULTS, name)
-    ]
+    options = changed_switches(dataclasses.asdict(p.cfg), SWITCHES)
     if options:
         rows.append(("options", ", ".join(options)))
     rows.append(("run dir", p.cfg.path))

@@ -57,7 +57,7 @@ ENGINES = ("bare", "flame", "hf")  # the default
 ALL_ENGINES = ENGINES + ("bare-async",)  # bare-async on request
 # An engine may carry options after colons (flame:share-casts, bare:compile:share-casts): the same engine with
 # them, beside the plain one in the same run.
-VARIANTS = ("compile", "share-casts")
+VARIANTS = ("compile", "share-casts", "bf16-residual")
 
 
 def _spec(engine: str) -> tuple[str, set[str]]:
@@ -136,6 +136,10 @@ def _apply_options(model, config, args) -> None:
         from flame.models import share_norm_casts
 
         share_norm_casts(model)
+    if args.bf16_residual:
+        from flame.models import bf16_residual
+
+        bf16_residual(model)
     if args.compile:
         from flame.engine import decoder_blocks
 
@@ -209,7 +213,7 @@ def run_flame(config_path: str, args, device, work: Path) -> dict:
     cfg = TrainConfig(
         model=config_path, cache=str(work / "data"), path=str(work / "run"), context=args.context,
         batch=args.batch, steps=total, lr=3e-4, warmup=0, seed=SEED, logging=1 + args.warmup, save=10**9, limit=0,
-        compile=args.compile, share_casts=args.share_casts,
+        compile=args.compile, share_casts=args.share_casts, bf16_residual=args.bf16_residual,
     )  # fmt: skip
     engine.train(cfg)
     records = [json.loads(ln) for ln in (work / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -320,6 +324,7 @@ def _run_engine(model: str, eng: str, config_path: str, args, env: dict, round_:
     cmd += ["--warmup", str(args.warmup), "--device", args.device]
     cmd += ["--compile"] * (args.compile or "compile" in options)
     cmd += ["--share-casts"] * (args.share_casts or "share-casts" in options)
+    cmd += ["--bf16-residual"] * (args.bf16_residual or "bf16-residual" in options)
     cmd += ["--profile", str(args.profile)]
     tag = f" round {round_ + 1}/{args.repeat}" if args.repeat > 1 else ""
     print(f"== {model} {eng} (batch {args.batch} x {args.context}){tag}", file=sys.stderr, flush=True)
@@ -376,6 +381,11 @@ def main(argv=None) -> int:
         "--share-casts",
         action="store_true",
         help="one bf16 cast per block norm (flame.models.share_norm_casts), every engine",
+    )
+    parser.add_argument(
+        "--bf16-residual",
+        action="store_true",
+        help="the residual stream in bf16 (flame.models.bf16_residual), every engine",
     )
     parser.add_argument(
         "--repeat", type=int, default=1, metavar="N",

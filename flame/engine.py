@@ -240,6 +240,7 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
             accumulation=cfg.update,
             activation_checkpointing=cfg.checkpointing,
             shared_casts=cfg.share_casts,
+            bf16_residual=cfg.bf16_residual,
         ),
         dataset_tokens=sum(s.tokens for s in sources),
         windows_per_epoch=per_epoch,
@@ -427,6 +428,11 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if cfg.share_casts:  # on by default: a model with no such norm (RWKV, Mamba2) keeps autocast's casts, silently
         models.share_norm_casts(model)
+    if cfg.bf16_residual and not models.bf16_residual(model):
+        ui.warn(
+            f"--bf16-residual: this {config.model_type} config keeps its residual stream in fp32 "
+            "(residual_in_fp32: true), so it stays fp32; set residual_in_fp32 to false in the model config for bf16"
+        )
     if cfg.compile:
         # Block by block and in place (nn.Module.compile), as torchtitan does: one compiled graph serves every layer
         # of the same shape, and state_dict names stay as they are, so checkpoints load with or without --compile.

@@ -59,6 +59,8 @@ class InspectOptions:
     share_casts: bool | None = None
     """Memory estimate with (--share-casts) or without (--no-share-casts) the block norms' shared bf16 casts; by
     default as the run or checkpoint was trained, and for a model as `flame train` trains it (with)."""
+    bf16_residual: bool = False
+    """Memory estimate with the residual stream in bf16 (a run or checkpoint trained with it always is)."""
     sample: int = 0
     """Dataset: index of the train document to decode and show."""
     sample_chars: int = 400
@@ -323,6 +325,7 @@ def _model_facts(model, config, p: Path, options: InspectOptions, run: dict) -> 
     share_casts = options.share_casts
     if share_casts is None:  # a run saved before the option existed trained without
         share_casts = run.get("share_casts", SAVED_BEFORE["share_casts"]) if run else TrainConfig.share_casts
+    bf16_residual = options.bf16_residual or bool(run.get("bf16_residual"))
     flops = models.flops_breakdown(model, context)
     memory = models.estimate_memory(
         model,
@@ -334,6 +337,7 @@ def _model_facts(model, config, p: Path, options: InspectOptions, run: dict) -> 
         accumulation=options.update,
         activation_checkpointing=checkpointing,
         shared_casts=share_casts,
+        bf16_residual=bf16_residual,
     )
     settings = {
         "batch": batch,
@@ -344,6 +348,7 @@ def _model_facts(model, config, p: Path, options: InspectOptions, run: dict) -> 
         "world_size": options.world_size,
         "checkpointing": checkpointing,
         "share_casts": share_casts,
+        "bf16_residual": bf16_residual,
     }
     return ModelFacts(
         path=str(p),

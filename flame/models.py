@@ -469,6 +469,20 @@ def share_norm_casts(model: nn.Module) -> int:
     return hooked
 
 
+def bf16_residual(model: nn.Module) -> bool:
+    """Under autocast, cast the input embeddings' output to the autocast dtype, so the residual stream the blocks
+    add into is bf16 instead of fp32 (as when training bf16 weights, e.g. torchtitan's FSDP mixed precision). Every
+    residual add, norm input and saved residual then moves half the bytes; the weights and the optimizer stay fp32.
+    Outside autocast nothing changes.
+
+    Returns False, changing nothing, when the model's config asks for an fp32 residual itself (residual_in_fp32:
+    Mamba2's default): the config decides."""
+    if getattr(model.config, "residual_in_fp32", False):
+        return False
+    model.get_input_embeddings().register_forward_hook(_cast_for_autocast)
+    return True
+
+
 def _cast_for_autocast(module: nn.Module, args, out):
     first = out[0] if isinstance(out, tuple) else out  # FLA's fused prenorm returns (normed, residual)
     kind = first.device.type
@@ -540,6 +554,7 @@ def estimate_memory(
     activation_checkpointing: bool = False,
     accumulation: int = 1,
     shared_casts: bool = False,
+    bf16_residual: bool = False,
 ) -> dict[str, float]:
     """Estimated peak training memory per device in GiB (what torch.cuda.max_memory_allocated reports).
 
@@ -572,7 +587,7 @@ def estimate_memory(
     head = model.get_output_embeddings()
     grads = all_grads if resident else 4.0 * (head.weight.numel() if head is not None else 0)
     optimizer = 8.0 * params / (shard if zero_stage >= 1 else 1)
-    parts = activation_breakdown(model, precision, activation_checkpointing, shared_casts)
+    parts = activation_breakdown(model, precision, activation_checkpointing, shared_casts, bf16_residual)
     act = parts["total"] * batch * context
     backward_peak = master + copies + grads + optimizer + act
     step_peak = master + all_grads + optimizer
@@ -587,11 +602,17 @@ def estimate_memory(
 
 
 def activation_breakdown(
-    model_or_config, precision: str = "bf16", checkpointing: bool = False, shared_casts: bool = False
+    model_or_config,
+    precision: str = "bf16",
+    checkpointing: bool = False,
+    shared_casts: bool = False,
+    bf16_residual: bool = False,
 ) -> dict:
     """Activation bytes per token: {"layers": [{term: bytes}, ...], "head": {term: bytes}, "total": bytes}.
 
     shared_casts: the block norms' outputs are cast to bf16 once, shared by the projections (share_norm_casts).
+    bf16_residual: the residual stream is bf16 (bf16_residual): the norms keep bf16 inputs, and their outputs are
+        bf16 already, so the projections share them as with shared_casts.
 
     total = sum of the layers (or, with checkpointing, each layer's fp32 input plus one layer rebuilt at a time)
     + the largest layer once more (the gradients its backward creates) + the head (final norm, logits).
@@ -599,12 +620,16 @@ def activation_breakdown(
     model = _as_model(model_or_config)
     config = model.config
     e = 2 if precision == "bf16" else 4
+    r = 2 if bf16_residual and e == 2 else 4  # bytes per element of the residual stream
     h = config.hidden_size
     layers = []
     for block, mixer in _mixers(model):
         family, terms = _mixer_activations(mixer, h, e)
-        terms.update(_block_activations(block, mixer, h, e))
-        shared = _cast_sharing_norms(block, mixer) if shared_casts and e == 2 else {}
+        terms.update(_block_activations(block, mixer, h, e, r))
+        # FLA's norms return the dtype they read, so a bf16 residual stream shares their outputs as shared_casts
+        # does; transformers' RMSNorm multiplies by its fp32 weight and returns fp32 either way
+        fla_norm = "input_layernorm" not in block._modules
+        shared = _cast_sharing_norms(block, mixer) if e == 2 and (shared_casts or r == 2 and fla_norm) else {}
         if "mixer" in shared and "input_casts" in terms:
             terms["input_casts"] = min(terms["input_casts"], e * h)  # one bf16 copy, whatever reads it
         if "mlp" in shared and "mlp_input" in terms:
@@ -614,8 +639,8 @@ def activation_breakdown(
     if not layers:
         raise ModelError(f"no token mixer found in {type(model).__name__}", "use an FLA or transformers causal LM")
     sizes = [sum(t.values()) for t in layers]
-    if checkpointing:  # only each layer's fp32 input survives the forward; one layer is rebuilt at a time
-        layer_total = 4 * h * len(sizes) + max(sizes)
+    if checkpointing:  # only each layer's input survives the forward; one layer is rebuilt at a time
+        layer_total = r * h * len(sizes) + max(sizes)
     else:
         layer_total = sum(sizes)
     vocab = config.vocab_size
@@ -623,8 +648,8 @@ def activation_breakdown(
     blocks = [b for b, _ in _mixers(model)]
     hf_norm = bool(blocks) and "input_layernorm" in blocks[0]._modules
     head = {
-        # the norm's fp32 input (and, for transformers' RMSNorm, its fp32 normalised output), the LM head's input
-        "final_norm": (8 if hf_norm else 4) * h + e * h,
+        # the norm's input (and, for transformers' RMSNorm, its fp32 normalised output), the LM head's input
+        "final_norm": (r + 4 * hf_norm) * h + e * h,
         # the half-precision logits (FLA's fused cross entropy keeps them and writes their gradient in place)
         "logits": e * vocab,
     }
@@ -705,18 +730,18 @@ def _mixer_activations(mixer: nn.Module, h: int, e: int) -> tuple[str, dict[str,
     return kind, {**casts, "short_conv": e * qkv if conv else 0, "qkv": e * qkv, "output": 3 * e * value}
 
 
-def _block_activations(block: nn.Module, mixer: nn.Module, h: int, e: int) -> dict[str, float]:
-    """{term: bytes per token} of a block around its mixer: norms, residual stream, MLP."""
+def _block_activations(block: nn.Module, mixer: nn.Module, h: int, e: int, r: int = 4) -> dict[str, float]:
+    """{term: bytes per token} of a block around its mixer: norms, residual stream (r bytes an element), MLP."""
     m = block._modules
     mlp = m.get("mlp") or m.get("feed_forward")
     terms = {}
-    if "input_layernorm" in m:  # transformers (Llama): the norm keeps its fp32 input and normalised output
+    if "input_layernorm" in m:  # transformers (Llama): the norm keeps its input and fp32 normalised output
         norms = 2 if mlp is not None else 1
-        terms["norms"] = norms * 8 * h
+        terms["norms"] = norms * (r + 4) * h
         mlp_in_casts = 2
-    else:  # FLA: the fused RMSNorm keeps its fp32 input / residual sum and the normalised output's dtype follows
+    else:  # FLA: the fused RMSNorm keeps its input / residual sum and the normalised output's dtype follows
         norms = 2 if mlp is not None else 1
-        terms["norms"] = norms * 4 * h
+        terms["norms"] = norms * r * h
         fused = type(m.get("mlp_norm")).__module__.startswith("fla.")
         mlp_in_casts = 1 if fused else 2  # the fused norm returns bf16 from the bf16 attention output
     if mlp is None:

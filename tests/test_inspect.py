@@ -98,6 +98,7 @@ def test_model_options_reach_the_flop_count_and_memory_estimate():
         "world_size": 8,
         "checkpointing": False,
         "share_casts": True,  # flame train's default (under fp32 it changes nothing)
+        "bf16_residual": False,
     } | {f"{k}_gib": v for k, v in expected.items()}
     both = inspect(config, InspectOptions(checkpointing=True, share_casts=True)).memory
     expected = models.estimate_memory(built, 8, 2048, activation_checkpointing=True, shared_casts=True)
@@ -107,6 +108,13 @@ def test_model_options_reach_the_flop_count_and_memory_estimate():
     expected = models.estimate_memory(built, 8, 2048, shared_casts=False)
     assert (unshared["share_casts"], unshared["total_gib"]) == (False, expected["total"])
     assert unshared["total_gib"] > inspect(config).memory["total_gib"]  # the default shares the casts
+    # a run trained with a bf16 residual stream is estimated so (transformers' norms keep 2 bytes less a token)
+    from flame.inspect import inspect_model
+
+    trained = inspect_model(config, InspectOptions(), run={"share_casts": True, "bf16_residual": True}).memory
+    expected = models.estimate_memory(built, 8, 2048, shared_casts=True, bf16_residual=True)
+    assert (trained["bf16_residual"], trained["total_gib"]) == (True, expected["total"])
+    assert trained["total_gib"] < inspect(config).memory["total_gib"]
     # softmax attention grows with the context; the default (2048) is cheaper
     assert facts.flops_per_token > inspect(config).flops_per_token
 

@@ -245,14 +245,18 @@ def _tiny_gla():
     )
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["casts-per-projection", "shared-casts"])
-def test_activation_terms_match_what_autograd_saves(shared):
+@pytest.mark.parametrize(
+    "shared,residual",
+    [(False, False), (True, False), (False, True), (True, True)],
+    ids=["casts-per-projection", "shared-casts", "bf16-residual", "shared-casts-bf16-residual"],
+)
+def test_activation_terms_match_what_autograd_saves(shared, residual):
     """The Llama accounting against the tensors autograd really keeps (bf16 autocast on the CPU, whose SDPA
     kernel saves what flash attention saves on a GPU: q, k, v, output, log-sum-exp), with autocast's cast per
-    projection and with share_norm_casts."""
+    projection, with share_norm_casts, and with the residual stream in bf16 (bf16_residual)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from flame.models import activation_breakdown, share_norm_casts
+    from flame.models import activation_breakdown, bf16_residual, share_norm_casts
 
     config = LlamaConfig(
         hidden_size=128,
@@ -267,6 +271,8 @@ def test_activation_terms_match_what_autograd_saves(shared):
         model = AutoModelForCausalLM.from_config(config)
     if shared:
         assert share_norm_casts(model) == 4  # each layer's input_layernorm and post_attention_layernorm
+    if residual:
+        bf16_residual(model)
     tokens = torch.randint(0, 500, (2, 128))
     storages = {}
 
@@ -283,7 +289,7 @@ def test_activation_terms_match_what_autograd_saves(shared):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
         model(input_ids=tokens, labels=tokens)
     measured = sum(storages.values()) / tokens.numel()
-    parts = activation_breakdown(model, shared_casts=shared)
+    parts = activation_breakdown(model, shared_casts=shared, bf16_residual=residual)
     saved = sum(sum(layer.values()) for layer in parts["layers"]) + parts["head"]["final_norm"]
     saved += parts["head"]["log_probs"]  # the bf16 logits live in the output; the fp32 log-probs are saved
     rope = 2 * 4 * 32 * 128 / tokens.numel()  # cos and sin per position, shared by the batch (not per token)
@@ -367,6 +373,47 @@ def test_shared_casts_change_only_how_gradients_are_summed(tmp_path, model_type,
     for name, ref in exact[1].items():
         own, theirs = (cast[1][name] - ref).norm(), (shared[1][name] - ref).norm()
         assert theirs <= 1.1 * own + 1e-3 * ref.norm() + 1e-8, name
+
+
+@pytest.mark.parametrize("model_type", ["gla", "gated_deltanet", "rwkv7", "mamba2"])
+def test_bf16_residual_gives_every_block_bf16_under_autocast_only(tmp_path, model_type):
+    """bf16_residual: under autocast every block reads (and adds into) a bf16 residual stream and the loss stays
+    close to fp32's; outside autocast the stream is fp32 and nothing changes at all."""
+    from flame.engine import decoder_blocks
+    from flame.models import bf16_residual
+
+    tokens = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
+    model = _tiny(model_type, tmp_path)
+    if model_type == "mamba2":  # Mamba2's config keeps an fp32 residual by default: bf16_residual leaves it so
+        assert model.config.residual_in_fp32 and bf16_residual(model) is False
+        model.config.residual_in_fp32 = False
+        for block in decoder_blocks(model, model.config):
+            block.residual_in_fp32 = False
+    seen = []
+    for block in decoder_blocks(model, model.config):
+        block.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args or [*kwargs.values()])[0].dtype),
+                                        with_kwargs=True)  # fmt: skip
+
+    def run(autocast):
+        seen.clear()
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(input_ids=tokens, labels=tokens)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return (out.loss.item(), grads), list(seen)
+
+    exact, plain = run(False)
+    assert plain == [torch.float32] * 2
+    (cast_loss, _), autocast_seen = run(True)
+    assert autocast_seen == [torch.float32] * 2  # autocast alone keeps the stream fp32
+    assert bf16_residual(model) is True
+    again, seen_again = run(False)
+    assert _same(again, exact) and seen_again == plain
+    (loss, grads), residual_seen = run(True)
+    assert residual_seen == [torch.bfloat16] * 2
+    assert loss == pytest.approx(exact[0], rel=1e-2) and loss != cast_loss
+    assert set(grads) == set(exact[1]) and all(torch.isfinite(g).all() for g in grads.values())
 
 
 def _same(a, b) -> bool:

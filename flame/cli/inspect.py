@@ -58,6 +58,7 @@ def inspect(
     share_casts: Annotated[
         bool | None, _opt("share_casts", "Model estimates", negatable=True, show_default=False)
     ] = DEFAULTS.share_casts,
+    bf16_residual: Annotated[bool, _opt("bf16_residual", "Model estimates")] = DEFAULTS.bf16_residual,
     sample: Annotated[int, _opt("sample", "Dataset")] = DEFAULTS.sample,
     sample_chars: Annotated[int, _opt("sample_chars", "Dataset")] = DEFAULTS.sample_chars,
     plot: Annotated[str | None, _opt("plot", "Run", metavar="FILE.png", show_default=False)] = DEFAULTS.plot,
@@ -75,6 +76,7 @@ def inspect(
         world_size=world_size,
         checkpointing=checkpointing,
         share_casts=share_casts,
+        bf16_residual=bf16_residual,
         sample=sample,
         sample_chars=sample_chars,
         plot=plot,
@@ -231,7 +233,7 @@ def render_model(f: ModelFacts) -> None:
         f"estimated peak training memory per device: batch {m['batch']} x context {m['context']}, {m['precision']}, "
         f"ZeRO stage {m['zero_stage']} over {m['world_size']} device(s), update {m['update']}"
     )
-    title += "".join(f", {f}" for f in changed_switches(m, ("checkpointing", "share_casts")))
+    title += "".join(f", {f}" for f in changed_switches(m, ("checkpointing", "share_casts", "bf16_residual")))
     table = ui.table(title=title, title_justify="left", title_style="bold")
     table.add_column("part")
     table.add_column("GiB", justify="right")

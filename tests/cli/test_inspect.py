@@ -52,6 +52,10 @@ def test_config_table_shows_the_counts():
     assert unshared.exit_code == 0, unshared.output
     memory = models.estimate_memory(models.load_config(config), 8, 2048, shared_casts=False)
     assert "update 1, --no-share-casts" in unshared.output and f"{memory['total']:.2f}" in unshared.output
+    residual = flame(config, "--bf16-residual")
+    assert residual.exit_code == 0, residual.output
+    memory = models.estimate_memory(models.load_config(config), 8, 2048, shared_casts=True, bf16_residual=True)
+    assert "update 1, --bf16-residual" in residual.output and f"{memory['total']:.2f}" in residual.output
 
 
 def test_config_json_has_the_same_numbers():

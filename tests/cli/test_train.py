@@ -245,3 +245,15 @@ def test_a_model_dir_trained_on_data_of_another_tokenizer_is_warned_about(files,
     result = _train(files, tmp_path, "llama.json", *args, str(tmp_path / "new"), "--cache", str(other))
     assert result.exit_code == 0, result.output
     assert f"warning: {other} {warning} {model_dir}" in result.output
+
+
+def test_bf16_residual_on_a_config_that_keeps_an_fp32_residual_is_warned_about(files, tmp_path):
+    config = {"model_type": "mamba2", "hidden_size": 32, "num_hidden_layers": 1, "num_heads": 2, "head_dim": 32,
+              "expand": 2, "state_size": 8, "n_groups": 1, "chunk_size": 16, "vocab_size": 64}  # fmt: skip
+    (files / "mamba2.json").write_text(json.dumps(config))
+    result = _train(files, tmp_path, "mamba2.json", "--steps", "1", "--bf16-residual")
+    assert result.exit_code == 0, result.output
+    assert (
+        "warning: --bf16-residual: this mamba2 config keeps its residual stream in fp32 (residual_in_fp32: true), so "
+        "it stays fp32; set residual_in_fp32 to false in the model config for bf16"
+    ) in " ".join(result.output.split())

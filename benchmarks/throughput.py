@@ -141,8 +141,12 @@ def _apply_options(model, config, args) -> None:
 
         bf16_residual(model)
     if args.compile:
-        from flame.engine import decoder_blocks
+        import torch
 
+        from flame.engine import COMPILE_DYNAMO, decoder_blocks
+
+        for key, value in COMPILE_DYNAMO.items():  # as flame's engine traces (a worker process: set for good)
+            setattr(torch._dynamo.config, key, value)
         for block in decoder_blocks(model, config):
             block.compile()
 

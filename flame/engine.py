@@ -371,13 +371,22 @@ def forward_loss(model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
     return out.loss.float()
 
 
+#: torch._dynamo settings while a --compile run traces. FLA's attention layers read their integer `layer_idx`
+#: (fla/layers/utils.py, for the cache), and torch 2.11's dynamo specialises on it: one recompilation per layer up
+#: to its recompile_limit of 8, then the later layers' attention runs eagerly. As a dynamic int it compiles twice
+#: in all (checked on the CPU with torch 2.11: 8 recompilations and the limit hit for a 10-layer GLA without, 1
+#: with; torch 2.13 does not specialise on it).
+COMPILE_DYNAMO = {"allow_unspec_int_on_nn_module": True}
+
+
 def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
     """Train as `cfg` says; returns where it stopped. Every process runs this (under `accelerate launch`).
 
     force: continue from a checkpoint (cfg.checkpoint) that was trained on other data than cfg.cache.
     """
     try:
-        return _train(cfg, force=force)
+        with torch._dynamo.config.patch(**COMPILE_DYNAMO) if cfg.compile else nullcontext():
+            return _train(cfg, force=force)
     finally:
         # Under bf16 accelerate keeps the model's (un)wrapped forward as a bound method on the model itself, a
         # reference cycle, so the weights outlive the run until Python's collector happens to run (on an H200 a

@@ -168,11 +168,21 @@ def test_bf16_residual_trains_close_to_fp32_residual_and_is_planned_and_saved(fi
 @pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor on CPU needs a C++ compiler"
 )
-def test_compile_trains_the_same_losses_and_saves_the_same_weight_names(files, tmp_path):
+def test_compile_trains_the_same_losses_and_saves_the_same_weight_names(files, tmp_path, monkeypatch):
     from safetensors import safe_open
 
+    dynamo = torch._dynamo.config
+    traced_with = []  # the setting that keeps FLA's layer_idx from costing a recompilation per layer, as traced
+    compile_block = torch.nn.Module.compile
+
+    def compile_noting_the_setting(self, *args, **kwargs):
+        traced_with.append(dynamo.allow_unspec_int_on_nn_module)
+        return compile_block(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_noting_the_setting)
     for name, compiled in (("eager", False), ("compiled", True)):
         engine.train(_cfg(files, tmp_path / name, steps=2, save=2, compile=compiled))
+    assert traced_with == [True, True] and dynamo.allow_unspec_int_on_nn_module is False  # two blocks; restored
     assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), rel=1e-4)
     names = []
     for name in ("eager", "compiled"):

@@ -312,7 +312,8 @@ def _quiet_fla():
 
 def inspect_model(path: str | os.PathLike, options: InspectOptions, *, run: dict | None = None) -> ModelFacts:
     """Shapes, parameters, FLOPs/token and the memory estimate, all from flame.models on a meta-device model.
-    run: the training options of the run the model belongs to (context, batch, checkpointing, share_casts)."""
+    run: the training options of the run the model belongs to (context, batch, checkpointing, share_casts,
+    bf16_residual)."""
     with _quiet_fla():
         model, config = models.build_model(path, meta=True)
     return _model_facts(model, config, Path(path), options, run or {})

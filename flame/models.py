@@ -620,7 +620,8 @@ def activation_breakdown(
     model = _as_model(model_or_config)
     config = model.config
     e = 2 if precision == "bf16" else 4
-    r = 2 if bf16_residual and e == 2 else 4  # bytes per element of the residual stream
+    # bytes per element of the residual stream (a config asking for an fp32 one keeps it: see bf16_residual)
+    r = 2 if bf16_residual and e == 2 and not getattr(config, "residual_in_fp32", False) else 4
     h = config.hidden_size
     layers = []
     for block, mixer in _mixers(model):

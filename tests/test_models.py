@@ -412,6 +412,13 @@ def test_bf16_residual_gives_every_block_bf16_under_autocast_only(tmp_path, mode
     assert _same(again, exact) and seen_again == plain
     (loss, grads), residual_seen = run(True)
     assert residual_seen == [torch.bfloat16] * 2
+    if model_type == "mamba2":  # the estimate follows the config: an fp32 residual is estimated as one
+        from flame.models import activation_breakdown
+
+        model.config.residual_in_fp32 = True
+        assert activation_breakdown(model, bf16_residual=True) == activation_breakdown(model)
+        model.config.residual_in_fp32 = False
+        assert activation_breakdown(model, bf16_residual=True)["total"] < activation_breakdown(model)["total"]
     assert loss == pytest.approx(exact[0], rel=1e-2) and loss != cast_loss
     assert set(grads) == set(exact[1]) and all(torch.isfinite(g).all() for g in grads.values())
 

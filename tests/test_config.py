@@ -56,7 +56,7 @@ def test_resolve_fills_defaults(tmp_path):
 
 
 def test_save_and_load_round_trip(tmp_path):
-    cfg = TrainConfig(model="m.json", cache="d", lr=1e-3, varlen=True)
+    cfg = TrainConfig(model="m.json", cache="d", lr=1e-3, varlen=True, bf16_residual=True)
     path = run_config.save(cfg, tmp_path)
     assert path == tmp_path / "config.json"
     assert run_config.load(tmp_path) == cfg
@@ -65,7 +65,7 @@ def test_save_and_load_round_trip(tmp_path):
 def test_a_run_saved_before_share_casts_existed_resumes_without_them(tmp_path):
     """--share-casts is on by default now; a run whose config.json predates it trained with autocast's own casts."""
     saved = run_config.save(TrainConfig(model="m.json", cache="d"), tmp_path)
-    old = {k: v for k, v in json.loads(saved.read_text()).items() if k != "share_casts"}
+    old = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("share_casts", "bf16_residual")}
     saved.write_text(json.dumps(old))
     assert TrainConfig().share_casts is True
     assert run_config.load(tmp_path) == TrainConfig(model="m.json", cache="d", share_casts=False)

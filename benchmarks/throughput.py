@@ -131,7 +131,8 @@ def _profile(step, first: int, args, device) -> dict:
 
 def _apply_options(model, config, args) -> None:
     """--compile: every engine compiles the decoder blocks the way `flame train --compile` does; --share-casts:
-    every engine shares the block norms' bf16 casts the way `flame train --share-casts` does."""
+    every engine shares the block norms' bf16 casts the way `flame train --share-casts` does; --bf16-residual: every
+    engine keeps the residual stream in bf16 the way `flame train --bf16-residual` does."""
     if args.share_casts:
         from flame.models import share_norm_casts
 

@@ -477,10 +477,16 @@ def bf16_residual(model: nn.Module) -> bool:
 
     Returns False, changing nothing, when the model's config asks for an fp32 residual itself (residual_in_fp32:
     Mamba2's default): the config decides."""
-    if getattr(model.config, "residual_in_fp32", False):
+    if keeps_fp32_residual(model.config):
         return False
     model.get_input_embeddings().register_forward_hook(_cast_for_autocast)
     return True
+
+
+def keeps_fp32_residual(config) -> bool:
+    """Whether the model config asks for an fp32 residual stream itself (residual_in_fp32), whatever bf16_residual
+    says."""
+    return bool(getattr(config, "residual_in_fp32", False))
 
 
 def _cast_for_autocast(module: nn.Module, args, out):
@@ -620,17 +626,17 @@ def activation_breakdown(
     model = _as_model(model_or_config)
     config = model.config
     e = 2 if precision == "bf16" else 4
-    # bytes per element of the residual stream (a config asking for an fp32 one keeps it: see bf16_residual)
-    r = 2 if bf16_residual and e == 2 and not getattr(config, "residual_in_fp32", False) else 4
+    r = 2 if bf16_residual and e == 2 and not keeps_fp32_residual(config) else 4  # bytes a residual element
     h = config.hidden_size
+    mixers = list(_mixers(model))
+    hf_norm = bool(mixers) and "input_layernorm" in mixers[0][0]._modules
     layers = []
-    for block, mixer in _mixers(model):
+    for block, mixer in mixers:
         family, terms = _mixer_activations(mixer, h, e)
         terms.update(_block_activations(block, mixer, h, e, r))
         # FLA's norms return the dtype they read, so a bf16 residual stream shares their outputs as shared_casts
         # does; transformers' RMSNorm multiplies by its fp32 weight and returns fp32 either way
-        fla_norm = "input_layernorm" not in block._modules
-        shared = _cast_sharing_norms(block, mixer) if e == 2 and (shared_casts or r == 2 and fla_norm) else {}
+        shared = _cast_sharing_norms(block, mixer) if e == 2 and (shared_casts or r == 2 and not hf_norm) else {}
         if "mixer" in shared and "input_casts" in terms:
             terms["input_casts"] = min(terms["input_casts"], e * h)  # one bf16 copy, whatever reads it
         if "mlp" in shared and "mlp_input" in terms:
@@ -646,8 +652,6 @@ def activation_breakdown(
         layer_total = sum(sizes)
     vocab = config.vocab_size
     fused = bool(getattr(config, "fuse_cross_entropy", False) or getattr(config, "fuse_linear_cross_entropy", False))
-    blocks = [b for b, _ in _mixers(model)]
-    hf_norm = bool(blocks) and "input_layernorm" in blocks[0]._modules
     head = {
         # the norm's input (and, for transformers' RMSNorm, its fp32 normalised output), the LM head's input
         "final_norm": (r + 4 * hf_norm) * h + e * h,
@@ -731,7 +735,7 @@ def _mixer_activations(mixer: nn.Module, h: int, e: int) -> tuple[str, dict[str,
     return kind, {**casts, "short_conv": e * qkv if conv else 0, "qkv": e * qkv, "output": 3 * e * value}
 
 
-def _block_activations(block: nn.Module, mixer: nn.Module, h: int, e: int, r: int = 4) -> dict[str, float]:
+def _block_activations(block: nn.Module, mixer: nn.Module, h: int, e: int, r: int) -> dict[str, float]:
     """{term: bytes per token} of a block around its mixer: norms, residual stream (r bytes an element), MLP."""
     m = block._modules
     mlp = m.get("mlp") or m.get("feed_forward")

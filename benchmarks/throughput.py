@@ -7,7 +7,8 @@
     PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --engines bare,bare-async --profile 3
         # where a step's time goes: GPU busy share and the top kernels (the profiler's own overhead included)
     PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --batch 32 --engines bare,flame,flame:share-casts
-        # an engine with options beside the plain one (:share-casts, :compile): the option's gain, side by side
+        # an engine with options beside the plain one (:share-casts, :bf16-residual, :checkpointing, :compile):
+        # the option's gain, side by side; flame:share-casts:bf16-residual is flame's fastest setting
     PYTHONPATH=. python benchmarks/throughput.py --models gla-340M \
         --set fuse_cross_entropy=false --set fuse_linear_cross_entropy=true    # FLA allows only one of the two
 
@@ -57,7 +58,7 @@ ENGINES = ("bare", "flame", "hf")  # the default
 ALL_ENGINES = ENGINES + ("bare-async",)  # bare-async on request
 # An engine may carry options after colons (flame:share-casts, bare:compile:share-casts): the same engine with
 # them, beside the plain one in the same run.
-VARIANTS = ("compile", "share-casts", "bf16-residual")
+VARIANTS = ("compile", "share-casts", "bf16-residual", "checkpointing")
 
 
 def _spec(engine: str) -> tuple[str, set[str]]:
@@ -132,15 +133,16 @@ def _profile(step, first: int, args, device) -> dict:
 def _apply_options(model, config, args) -> None:
     """--compile: every engine compiles the decoder blocks the way `flame train --compile` does; --share-casts:
     every engine shares the block norms' bf16 casts the way `flame train --share-casts` does; --bf16-residual: every
-    engine keeps the residual stream in bf16 the way `flame train --bf16-residual` does."""
+    engine keeps the residual stream in bf16 the way `flame train --bf16-residual` does; --checkpointing: every
+    engine checkpoints each decoder layer's activations the way `flame train --checkpointing` does."""
+    from flame import models
+
+    if args.checkpointing and not models.checkpointing(model):
+        sys.exit(f"--checkpointing: model type {config.model_type} does not support activation checkpointing")
     if args.share_casts:
-        from flame.models import share_norm_casts
-
-        share_norm_casts(model)
+        models.share_norm_casts(model)
     if args.bf16_residual:
-        from flame.models import bf16_residual
-
-        bf16_residual(model)
+        models.bf16_residual(model)
     if args.compile:
         import torch
 
@@ -219,6 +221,7 @@ def run_flame(config_path: str, args, device, work: Path) -> dict:
         model=config_path, cache=str(work / "data"), path=str(work / "run"), context=args.context,
         batch=args.batch, steps=total, lr=3e-4, warmup=0, seed=SEED, logging=1 + args.warmup, save=10**9, limit=0,
         compile=args.compile, share_casts=args.share_casts, bf16_residual=args.bf16_residual,
+        checkpointing=args.checkpointing,
     )  # fmt: skip
     engine.train(cfg)
     records = [json.loads(ln) for ln in (work / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -330,6 +333,7 @@ def _run_engine(model: str, eng: str, config_path: str, args, env: dict, round_:
     cmd += ["--compile"] * (args.compile or "compile" in options)
     cmd += ["--share-casts"] * (args.share_casts or "share-casts" in options)
     cmd += ["--bf16-residual"] * (args.bf16_residual or "bf16-residual" in options)
+    cmd += ["--checkpointing"] * (args.checkpointing or "checkpointing" in options)
     cmd += ["--profile", str(args.profile)]
     tag = f" round {round_ + 1}/{args.repeat}" if args.repeat > 1 else ""
     print(f"== {model} {eng} (batch {args.batch} x {args.context}){tag}", file=sys.stderr, flush=True)
@@ -391,6 +395,11 @@ def main(argv=None) -> int:
         "--bf16-residual",
         action="store_true",
         help="the residual stream in bf16 (flame.models.bf16_residual), every engine",
+    )
+    parser.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="activation checkpointing of every decoder layer (flame.models.checkpointing), every engine",
     )
     parser.add_argument(
         "--repeat", type=int, default=1, metavar="N",

@@ -422,19 +422,11 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
         blocker = hopper_triton_blocker(config.model_type) or triton_shape_blocker(config)
         if blocker:
             raise ModelError(*blocker)
-    if cfg.checkpointing:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise ConfigError(
-                f"--checkpointing: model type {config.model_type} does not support activation checkpointing",
-                "drop --checkpointing, or lower --batch / --context to fit memory",
-            )
-        # non-reentrant: works with inputs that need no grad and with accelerate's autocast. transformers >= 5.2x
-        # renamed the method (the old name warns); older ones have only the old name.
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if cfg.checkpointing and not models.checkpointing(model):
+        raise ConfigError(
+            f"--checkpointing: model type {config.model_type} does not support activation checkpointing",
+            "drop --checkpointing, or lower --batch / --context to fit memory",
+        )
     if cfg.share_casts:  # on by default: a model with no such norm (RWKV, Mamba2) keeps autocast's casts, silently
         models.share_norm_casts(model)
     if cfg.bf16_residual and not models.bf16_residual(model):

@@ -450,6 +450,21 @@ def _cast_sharing_norms(block: nn.Module, mixer: nn.Module) -> dict[str, nn.Modu
     return found
 
 
+def checkpointing(model: nn.Module) -> bool:
+    """Activation checkpointing of every decoder layer, non-reentrant (it works with inputs that need no grad and
+    under accelerate's autocast). False, changing nothing, when the model type does not support it.
+
+    transformers >= 5.2x renamed the method (the old name warns); older ones have only the old name."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        return False
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return True
+
+
 def share_norm_casts(model: nn.Module) -> int:
     """Under autocast, cast the output of each block's pre-mixer and pre-MLP norm to the autocast dtype once, in
     the norm; returns how many norms do it. Outside autocast nothing changes.

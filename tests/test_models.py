@@ -483,3 +483,33 @@ def test_linear_mixer_named_attention_is_not_softmax():
     parts = flops_breakdown(config, 2048)
     assert "softmax_attention" not in parts["mixers"]
     assert flops_per_token(config, 512) == flops_per_token(config, 16384)
+
+
+def test_checkpointing_recomputes_every_block_and_changes_no_gradient(tmp_path):
+    """checkpointing: each decoder block's forward runs again in the backward (non-reentrant), and the gradients are
+    those of the plain model, bit for bit; a model type without support is left as it is."""
+    from flame.engine import decoder_blocks
+    from flame.models import checkpointing
+
+    tokens = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def run(model):
+        calls = []
+        for block in decoder_blocks(model, model.config):
+            block.attn.register_forward_pre_hook(lambda m, args, kwargs: calls.append(m), with_kwargs=True)
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        return len(calls), {n: p.grad for n, p in model.named_parameters()}
+
+    def checkpointed(model):
+        return [block.gradient_checkpointing for block in decoder_blocks(model, model.config)]
+
+    plain_calls, plain = run(_tiny("gla", tmp_path).train())
+    model = _tiny("gla", tmp_path).train()
+    assert checkpointing(model) is True and checkpointed(model) == [True, True]
+    calls, grads = run(model)
+    assert (plain_calls, calls) == (2, 4)  # 2 blocks, each one's attention once more during the backward
+    assert plain.keys() == grads.keys() and all(torch.equal(plain[n], grads[n]) for n in plain)
+
+    unsupported = _tiny("gla", tmp_path)
+    unsupported.supports_gradient_checkpointing = False
+    assert checkpointing(unsupported) is False and checkpointed(unsupported) == [False, False]

@@ -146,3 +146,28 @@ def test_the_hf_trainer_is_timed_over_the_window_after_its_warm_up(tmp_path, war
     assert throughput.main(argv + ["--warmup", str(warmup), "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())
     assert row["engine"] == "hf" and row["tokens_per_s"] > 0 and row["first_s"] > 0
+
+
+def test_the_checkpointing_option_checkpoints_each_engines_blocks(tmp_path, capsys):
+    """bare:checkpointing and flame:checkpointing run with activation checkpointing, beside the plain engines."""
+    import argparse
+
+    from flame.models import build_model
+
+    model, config = build_model(_tiny_config(tmp_path), seed=0)
+    options = argparse.Namespace(checkpointing=True, share_casts=False, bf16_residual=False, compile=False)
+    throughput._apply_options(model, config, options)
+    assert all(block.gradient_checkpointing for block in model.model.layers)
+
+    out = tmp_path / "rows.json"
+    argv = ["--device", "cpu", "--tiny", "--engines", "bare:checkpointing,flame:checkpointing", "--batch", "1"]
+    assert throughput.main(argv + ["--context", "32", "--steps", "1", "--warmup", "0", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["engine"] for r in rows] == ["bare:checkpointing", "flame:checkpointing"]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def _tiny_config(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(throughput.TINY))
+    return path

@@ -2,10 +2,10 @@
 
 Each covered entry point (a function such as `fla.ops.gla.chunk_gla`, or the `apply` of an autograd Function
 such as `fla.modules.norm.layernorm.LayerNormFunction`) is replaced by a dispatcher that, per call, looks at
-the first tensor argument: on a CUDA (or other Triton) device it calls FLA's original, on the CPU the torch
-version. FLA's modules bind these names at import (`from fla.ops.gla import chunk_gla`, `swish =
-SwishFunction.apply`, the ACT2FN table), so the dispatcher replaces the object everywhere an `fla.*` module
-holds it, not only where it is defined.
+the first tensor argument: on a CUDA (or other Triton) device it calls FLA's original (under torch.compile outside
+the graph: see _outside_graphs), on the CPU the torch version. FLA's modules bind these names at import (`from
+fla.ops.gla import chunk_gla`, `swish = SwishFunction.apply`, the ACT2FN table), so the dispatcher replaces the
+object everywhere an `fla.*` module holds it, not only where it is defined.
 
 The public ops of `fla.ops` that have no torch version get a guard instead: on CPU it raises a ModelError
 naming the op and the model type that called it, rather than Triton's "0 active drivers".
@@ -75,7 +75,25 @@ def missing_op_error(op: str, detail: str | None = None) -> ModelError:
     )
 
 
+def _outside_graphs(original: Callable) -> Callable:
+    """`original` as the dispatcher calls it: directly, or, while torch.compile traces, as a graph break, so FLA's
+    kernel runs as it does eagerly. Inside a graph, inductor would take each of FLA's `triton.autotune` kernels over
+    and benchmark every launch config itself, ignoring Triton's autotune cache (minutes per shape: GLA-340M's first
+    compiled step had not finished after 7 minutes on an H200). Out of the graph, FLA's kernels keep their tuned
+    configs and cache, and inductor compiles the torch code between them. The portable torch versions stay traced."""
+    eager = torch.compiler.disable(original)
+
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return eager(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    return call
+
+
 def _make_dispatcher(name: str, original: Callable, portable: Callable) -> Callable:
+    kernel = _outside_graphs(original)
+
     @functools.wraps(original)
     def op(*args, **kwargs):
         if use_portable(args, kwargs):
@@ -83,7 +101,7 @@ def _make_dispatcher(name: str, original: Callable, portable: Callable) -> Calla
                 return portable(*args, **kwargs)
             except NotImplementedError as error:
                 raise missing_op_error(name, str(error)) from error
-        return original(*args, **kwargs)
+        return kernel(*args, **kwargs)
 
     op.__flame_original__ = original
     op.__flame_portable__ = portable
@@ -91,11 +109,13 @@ def _make_dispatcher(name: str, original: Callable, portable: Callable) -> Calla
 
 
 def _make_guard(name: str, original: Callable) -> Callable:
+    kernel = _outside_graphs(original)
+
     @functools.wraps(original)
     def op(*args, **kwargs):
         if use_portable(args, kwargs):
             raise missing_op_error(name)
-        return original(*args, **kwargs)
+        return kernel(*args, **kwargs)
 
     op.__flame_original__ = original
     op.__flame_portable__ = None

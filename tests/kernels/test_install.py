@@ -64,3 +64,36 @@ def test_flame_package_import_stays_light():
     code = "import sys, flame; print('fla' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("make", ["dispatcher", "guard"])
+def test_under_torch_compile_fla_kernels_run_outside_the_graph_and_torch_versions_inside(mode, make):
+    """Traced by torch.compile, a dispatcher calls FLA's kernel as a graph break (so inductor never re-tunes FLA's
+    autotuned Triton kernels), and traces the portable torch version like any torch code; eagerly, both as they
+    are. The kernel here is a CPU stand-in, run as the Triton branch by mode="triton"."""
+    seen = []
+
+    def kernel(x):
+        seen.append(("kernel", torch.compiler.is_compiling()))
+        return x * 2
+
+    def portable(x):
+        seen.append(("portable", torch.compiler.is_compiling()))
+        return x * 3
+
+    op = (
+        dispatch._make_dispatcher("t.op", kernel, portable)
+        if make == "dispatcher"
+        else dispatch._make_guard("t.op", kernel)
+    )
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: op(x + 1) - 1, backend="eager", fullgraph=False)
+    x = torch.ones(2)
+    flame.kernels.install(mode="triton")
+    assert torch.equal(compiled(x), torch.full((2,), 3.0)) and seen == [("kernel", False)]
+    assert torch.equal(op(x), torch.full((2,), 2.0)) and seen[-1] == ("kernel", False)
+    if make == "dispatcher":
+        seen.clear()
+        flame.kernels.install(mode="torch")
+        assert torch.equal(compiled(x), torch.full((2,), 5.0)) and seen == [("portable", True)]
+    torch._dynamo.reset()

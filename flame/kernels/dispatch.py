@@ -88,7 +88,17 @@ def _outside_graphs(original: Callable) -> Callable:
             return eager(*args, **kwargs)
         return original(*args, **kwargs)
 
-    return call
+    return _own_code(call, f"{original.__qualname__}_outside_graphs")
+
+
+def _own_code(fn: Callable, name: str) -> Callable:
+    """`fn` with a code object of its own, named `name`. Dynamo keeps its compiled frames per code object, and every
+    dispatcher shares one: a dispatcher frame that dynamo compiles on its own (after a graph break in its caller)
+    was recompiled for each FLA entry point's arguments until dynamo's limit of 8 and a warning (10-layer GLA on
+    the CPU). With its own code each has its own few; profiles and tracebacks name the entry point."""
+    names = {"co_name": name, "co_qualname": name} if sys.version_info >= (3, 11) else {"co_name": name}
+    fn.__code__ = fn.__code__.replace(**names)
+    return fn
 
 
 def _make_dispatcher(name: str, original: Callable, portable: Callable) -> Callable:
@@ -105,7 +115,7 @@ def _make_dispatcher(name: str, original: Callable, portable: Callable) -> Calla
 
     op.__flame_original__ = original
     op.__flame_portable__ = portable
-    return op
+    return _own_code(op, f"{name}_dispatch")
 
 
 def _make_guard(name: str, original: Callable) -> Callable:
@@ -119,7 +129,7 @@ def _make_guard(name: str, original: Callable) -> Callable:
 
     op.__flame_original__ = original
     op.__flame_portable__ = None
-    return op
+    return _own_code(op, f"{name}_guard")
 
 
 def _same(value, original) -> bool:

@@ -97,3 +97,15 @@ def test_under_torch_compile_fla_kernels_run_outside_the_graph_and_torch_version
         flame.kernels.install(mode="torch")
         assert torch.equal(compiled(x), torch.full((2,), 5.0)) and seen == [("portable", True)]
     torch._dynamo.reset()
+
+
+def test_every_dispatcher_has_its_own_code_named_after_its_entry_point():
+    """Dynamo caches compiled frames per code object: dispatchers sharing one hit its recompile limit (and warned)."""
+    from flame.kernels.registry import TARGETS
+
+    flame.kernels.install()
+    ops = [dispatch.resolve(target.path)[2] for target in TARGETS]
+    assert len({op.__code__ for op in ops}) == len(ops)
+    chunk_gla = dispatch.resolve("fla.ops.gla.chunk:chunk_gla")[2]
+    assert chunk_gla.__code__.co_name == "fla.ops.gla.chunk.chunk_gla_dispatch"
+    assert chunk_gla.__name__ == "chunk_gla"  # functools.wraps: what FLA's callers and help() see is unchanged

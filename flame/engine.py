@@ -429,7 +429,12 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
         )
     if cfg.share_casts:  # on by default: a model with no such norm (RWKV, Mamba2) keeps autocast's casts, silently
         models.share_norm_casts(model)
-    if cfg.bf16_residual and not models.bf16_residual(model):
+    if cfg.bf16_residual and accelerator.mixed_precision != "bf16":
+        ui.warn(
+            "--bf16-residual: this run trains in fp32 (no bf16 autocast), so the residual stream stays fp32; "
+            "it applies with --precision bf16 (the default on a GPU)"
+        )
+    elif cfg.bf16_residual and not models.bf16_residual(model):
         ui.warn(
             f"--bf16-residual: this {config.model_type} config keeps its residual stream in fp32 "
             "(residual_in_fp32: true), so it stays fp32; set residual_in_fp32 to false in the model config for bf16"

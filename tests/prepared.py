@@ -1,6 +1,7 @@
 """Build prepared-dataset folders (the format of flame/data/__init__.py) directly, so engine tests do not depend on
 `flame data prepare`, plus tiny model configs."""
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -105,3 +106,15 @@ def gla_config(path: Path, vocab: int = 64, **overrides) -> Path:
     } | overrides
     path.write_text(json.dumps(config))
     return path
+
+
+@contextlib.contextmanager
+def own_precision():
+    """A run with a precision of its own: accelerate keeps one per process, and most tests train in fp32."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

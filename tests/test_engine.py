@@ -1,7 +1,6 @@
 """The training loop: token-weighted accumulation, NaN/inf handling, exact continuation from a checkpoint,
 SIGTERM, and DDP on CPU (gloo) against one process with twice the accumulation."""
 
-import contextlib
 import gc
 import json
 import math
@@ -20,7 +19,7 @@ import torch
 from flame import engine
 from flame.config import TrainConfig
 from flame.errors import CheckpointError, ConfigError, DataError, TrainingError
-from tests.prepared import counting_docs, gla_config, llama_config, make_prepared
+from tests.prepared import counting_docs, gla_config, llama_config, make_prepared, own_precision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,18 +53,6 @@ def _first_moment(run: Path, step: int) -> list[torch.Tensor]:
     """AdamW's exp_avg after the first update is (1 - beta1) x gradient: the update's gradient, read back."""
     state = torch.load(run / "checkpoints" / f"step-{step:08d}" / "state" / "accelerate" / "optimizer.bin")
     return [s["exp_avg"] for _, s in sorted(state["state"].items())]
-
-
-@contextlib.contextmanager
-def _own_precision():
-    """A run with a precision of its own: accelerate keeps one per process, and the other tests here train in fp32."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        yield
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _losses(run: Path) -> list[float]:
@@ -120,7 +107,7 @@ def test_a_finished_bf16_run_leaves_no_model_behind(files, tmp_path):
     before = models_alive()
     gc.disable()  # only the engine's own collection may free anything
     try:
-        with _own_precision():
+        with own_precision():
             engine.train(_cfg(files, tmp_path / "run", steps=2, precision="bf16"))
         left = models_alive() - before
     finally:
@@ -132,7 +119,7 @@ def test_shared_casts_train_under_bf16_with_the_same_first_loss_and_less_estimat
     """--share-casts under bf16 autocast (here the CPU's, --precision bf16): the first forward is unchanged, the
     updates after it differ only by how gradients are summed; the plan counts one bf16 copy per block norm."""
     gla = str(files / "gla.json")
-    with _own_precision():
+    with own_precision():
         for name, share in (("plain", False), ("shared", True)):
             cfg = _cfg(files, tmp_path / name, model=gla, steps=3, logging=1, precision="bf16", share_casts=share)
             engine.train(cfg)
@@ -152,7 +139,7 @@ def test_bf16_residual_trains_close_to_fp32_residual_and_is_planned_and_saved(fi
     norms' inputs in bf16: 2 bytes less per element of each block's two norms, the largest block's backward and the
     final norm, (4 x 2 layers + 4 + 2) x 32 wide = 448 bytes a token."""
     gla = str(files / "gla.json")
-    with _own_precision():
+    with own_precision():
         for name, residual in (("fp32", False), ("bf16", True)):
             engine.train(_cfg(files, tmp_path / name, model=gla, steps=3, logging=1, precision="bf16",
                               bf16_residual=residual))  # fmt: skip
@@ -550,7 +537,7 @@ def test_bf16_runs_the_forward_in_autocast_without_a_float32_copy_of_the_logits(
         return model, config
 
     monkeypatch.setattr(engine.models, "build_model", build_and_watch)
-    with _own_precision():
+    with own_precision():
         engine.train(_cfg(files, tmp_path / "r", precision="bf16", steps=2))
     assert seen == [(torch.bfloat16, torch.float32)] * 2
     assert all(math.isfinite(x) for x in _losses(tmp_path / "r"))

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flame.cli.app import app
-from tests.prepared import counting_docs, gla_config, llama_config, make_prepared
+from tests.prepared import counting_docs, gla_config, llama_config, make_prepared, own_precision
 
 runner = CliRunner()
 
@@ -251,9 +251,24 @@ def test_bf16_residual_on_a_config_that_keeps_an_fp32_residual_is_warned_about(f
     config = {"model_type": "mamba2", "hidden_size": 32, "num_hidden_layers": 1, "num_heads": 2, "head_dim": 32,
               "expand": 2, "state_size": 8, "n_groups": 1, "chunk_size": 16, "vocab_size": 64}  # fmt: skip
     (files / "mamba2.json").write_text(json.dumps(config))
-    result = _train(files, tmp_path, "mamba2.json", "--steps", "1", "--bf16-residual")
+    with own_precision():
+        result = _train(files, tmp_path, "mamba2.json", "--steps", "1", "--bf16-residual", "--precision", "bf16")
     assert result.exit_code == 0, result.output
     assert (
         "warning: --bf16-residual: this mamba2 config keeps its residual stream in fp32 (residual_in_fp32: true), so "
         "it stays fp32; set residual_in_fp32 to false in the model config for bf16"
     ) in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("precision", [[], ["--precision", "fp32"]], ids=["cpu-auto", "fp32"])
+def test_bf16_residual_in_an_fp32_run_is_warned_about(files, tmp_path, precision):
+    """No bf16 autocast (the CPU's default, or --precision fp32): the option would do nothing, and flame says so."""
+    result = _train(files, tmp_path, "llama.json", "--steps", "1", "--bf16-residual", *precision)
+    assert result.exit_code == 0, result.output
+    assert (
+        "warning: --bf16-residual: this run trains in fp32 (no bf16 autocast), so the residual stream stays fp32; it "
+        "applies with --precision bf16 (the default on a GPU)"
+    ) in " ".join(result.output.split())
+    with own_precision():
+        bf16 = _train(files, tmp_path / "bf16", "llama.json", "--steps", "1", "--bf16-residual", "--precision", "bf16")
+    assert bf16.exit_code == 0 and "warning: --bf16-residual" not in bf16.output, bf16.output

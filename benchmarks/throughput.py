@@ -147,9 +147,11 @@ def _apply_options(model, config, args) -> None:
         import torch
 
         from flame.engine import COMPILE_DYNAMO, decoder_blocks
+        from flame.firststep import triton_cache_dir
 
         for key, value in COMPILE_DYNAMO.items():  # as flame's engine traces (a worker process: set for good)
             setattr(torch._dynamo.config, key, value)
+        os.environ.setdefault("TRITON_CACHE_DIR", str(triton_cache_dir()))  # as flame's engine pins it
         for block in decoder_blocks(model, config):
             block.compile()
 

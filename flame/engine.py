@@ -18,7 +18,7 @@ import math
 import os
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from flame import config as run_config
 from flame.config import TrainConfig
 from flame.data import loader as data_loader
 from flame.errors import CheckpointError, ConfigError, ModelError, OutputExistsError, TrainingError
-from flame.firststep import FirstStep
+from flame.firststep import FirstStep, triton_cache_dir
 from flame.logging import RunLogger
 from flame.metrics import Throughput, eta, mfu, peak_flops, peak_memory_gib, reset_peak_memory
 from flame.optim import build_optimizer, schedule
@@ -379,13 +379,33 @@ def forward_loss(model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
 COMPILE_DYNAMO = {"allow_unspec_int_on_nn_module": True}
 
 
+@contextmanager
+def _triton_cache_pinned():
+    """TRITON_CACHE_DIR set to Triton's cache for a --compile run, unless the user set it. When inductor loads its
+    first Triton kernel it points an unset TRITON_CACHE_DIR at its own folder (/tmp/torchinductor_USER/triton/N,
+    torch/_inductor/runtime/triton_heuristics.py), for the whole process: FLA's autotune results in Triton's cache
+    then vanish from view mid-run, every kernel is tuned again and the results land in /tmp (on an H200 a GLA-340M
+    --compile run re-tuned kernels the eager runs had cached, and left none in ~/.triton/cache)."""
+    if os.environ.get("TRITON_CACHE_DIR"):
+        yield
+        return
+    os.environ["TRITON_CACHE_DIR"] = str(triton_cache_dir())
+    try:
+        yield
+    finally:
+        os.environ.pop("TRITON_CACHE_DIR", None)
+
+
 def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
     """Train as `cfg` says; returns where it stopped. Every process runs this (under `accelerate launch`).
 
     force: continue from a checkpoint (cfg.checkpoint) that was trained on other data than cfg.cache.
     """
     try:
-        with torch._dynamo.config.patch(**COMPILE_DYNAMO) if cfg.compile else nullcontext():
+        with ExitStack() as during:
+            if cfg.compile:
+                during.enter_context(torch._dynamo.config.patch(**COMPILE_DYNAMO))
+                during.enter_context(_triton_cache_pinned())
             return _train(cfg, force=force)
     finally:
         # Under bf16 accelerate keeps the model's (un)wrapped forward as a bound method on the model itself, a

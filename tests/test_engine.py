@@ -152,24 +152,37 @@ def test_bf16_residual_trains_close_to_fp32_residual_and_is_planned_and_saved(fi
     assert (before - after) * 2**30 == pytest.approx(448 * 64 * 256)
 
 
+def test_a_compile_run_keeps_the_users_own_triton_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    with engine._triton_cache_pinned():
+        assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path)
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path)
+
+
 @pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor on CPU needs a C++ compiler"
 )
 def test_compile_trains_the_same_losses_and_saves_the_same_weight_names(files, tmp_path, monkeypatch):
     from safetensors import safe_open
 
+    from flame.firststep import triton_cache_dir
+
     dynamo = torch._dynamo.config
-    traced_with = []  # the setting that keeps FLA's layer_idx from costing a recompilation per layer, as traced
+    # As the blocks compile: the setting that keeps FLA's layer_idx from costing a recompilation per layer, and
+    # TRITON_CACHE_DIR pinned to Triton's cache (else inductor points it at its own folder and FLA re-tunes)
+    traced_with = []
     compile_block = torch.nn.Module.compile
 
-    def compile_noting_the_setting(self, *args, **kwargs):
-        traced_with.append(dynamo.allow_unspec_int_on_nn_module)
+    def compile_noting_the_settings(self, *args, **kwargs):
+        traced_with.append((dynamo.allow_unspec_int_on_nn_module, os.environ.get("TRITON_CACHE_DIR")))
         return compile_block(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.Module, "compile", compile_noting_the_setting)
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_noting_the_settings)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     for name, compiled in (("eager", False), ("compiled", True)):
         engine.train(_cfg(files, tmp_path / name, steps=2, save=2, compile=compiled))
-    assert traced_with == [True, True] and dynamo.allow_unspec_int_on_nn_module is False  # two blocks; restored
+    assert traced_with == [(True, str(triton_cache_dir()))] * 2  # two blocks
+    assert dynamo.allow_unspec_int_on_nn_module is False and "TRITON_CACHE_DIR" not in os.environ  # restored
     assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), rel=1e-4)
     names = []
     for name in ("eager", "compiled"):

@@ -34,7 +34,7 @@ Prints a table and the ratios of each flame run, and of each engine run with opt
 each engine run without; --json writes the rows. Measured on an H200, a
 single run of a few seconds swings by up to 20% with its place in the sequence (the first engine after a long idle
 GPU is slow), so --repeat N runs every engine N times, the order reversed every other round, and reports the median
-run.
+run (a real run, so for an even N the slower of the middle two) beside the spread of all N.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def missing_op_error(op: str, detail: str | None = None) -> ModelError:
     )
 
 
-def _outside_graphs(original: Callable) -> Callable:
+def _outside_graphs(name: str, original: Callable) -> Callable:
     """`original` as the dispatcher calls it: directly, or, while torch.compile traces, as a graph break, so FLA's
     kernel runs as it does eagerly. Inside a graph, inductor would take each of FLA's `triton.autotune` kernels over
     and benchmark every launch config itself, ignoring Triton's autotune cache (minutes per shape: GLA-340M's first
@@ -88,7 +88,7 @@ def _outside_graphs(original: Callable) -> Callable:
             return eager(*args, **kwargs)
         return original(*args, **kwargs)
 
-    return _own_code(call, f"{original.__qualname__}_outside_graphs")
+    return _own_code(call, f"{name}_outside_graphs")
 
 
 def _own_code(fn: Callable, name: str) -> Callable:
@@ -102,7 +102,7 @@ def _own_code(fn: Callable, name: str) -> Callable:
 
 
 def _make_dispatcher(name: str, original: Callable, portable: Callable) -> Callable:
-    kernel = _outside_graphs(original)
+    kernel = _outside_graphs(name, original)
 
     @functools.wraps(original)
     def op(*args, **kwargs):
@@ -119,7 +119,7 @@ def _make_dispatcher(name: str, original: Callable, portable: Callable) -> Calla
 
 
 def _make_guard(name: str, original: Callable) -> Callable:
-    kernel = _outside_graphs(original)
+    kernel = _outside_graphs(name, original)
 
     @functools.wraps(original)
     def op(*args, **kwargs):

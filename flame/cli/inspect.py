@@ -227,8 +227,11 @@ def render_model(f: ModelFacts) -> None:
     if fl["unknown_mixers"]:
         rows.append(("  not counted", ", ".join(fl["unknown_mixers"]) + " (FLOPs are a lower bound)"))
     ui.console.print(_facts_table(f"{f.model_type} model", rows))
+    ui.console.print(_memory_table(f.memory))
 
-    m = f.memory
+
+def _memory_table(m: dict):
+    """The memory estimate's parts, titled with the settings it assumes (a checkpoint's: those of its run)."""
     title = (
         f"estimated peak training memory per device: batch {m['batch']} x context {m['context']}, {m['precision']}, "
         f"ZeRO stage {m['zero_stage']} over {m['world_size']} device(s), update {m['update']}"
@@ -240,7 +243,7 @@ def render_model(f: ModelFacts) -> None:
     for part in ("weights", "grads", "optimizer", "activations"):
         table.add_row(part, f"{m[f'{part}_gib']:.2f}")
     table.add_row("total (peak)", f"{m['total_gib']:.2f}", style="bold")
-    ui.console.print(table)
+    return table
 
 
 def render_dataset(f: DatasetFacts) -> None:
@@ -316,6 +319,8 @@ def render_checkpoint(f: CheckpointFacts) -> None:
     if f.model:
         rows += _model_rows(f.model)
     ui.console.print(_facts_table("checkpoint", rows))
+    if f.model:
+        ui.console.print(_memory_table(f.model.memory))
 
     stats = f.stats
     ui.console.print(

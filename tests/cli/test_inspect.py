@@ -12,7 +12,7 @@ from flame import models
 from flame.cli.app import app
 from flame.cli.inspect import BLOCKS, chart_lines, histogram_lines
 from flame.inspect import as_dict, inspect
-from tests.inspect_runs import STEPS, copy_checkpoint, trained_run
+from tests.inspect_runs import BATCH, CONTEXT, STEPS, copy_checkpoint, trained_run
 from tests.prepared import counting_docs, make_prepared
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,6 +116,10 @@ def test_checkpoint_report(run):
     for check in facts.checks:
         assert check.name in result.output
     assert f"global L2 norm {facts.stats['norm']:.4f}" in result.output
+    m = facts.model.memory  # estimated for the run's own batch and context
+    assert (m["batch"], m["context"]) == (BATCH, CONTEXT)
+    assert f"estimated peak training memory per device: batch {BATCH} x context {CONTEXT}," in result.output
+    assert f"total (peak) {m['total_gib']:.2f}" in " ".join(result.output.split())
     out = json.loads(flame(run / "checkpoints" / "step-00000006", "--json").stdout)
     assert out["ok"] is True and out["step"] == 6 and out["loss"] == facts.loss
     assert out["stats"] == as_dict(facts)["stats"] and len(out["tensors"]) == facts.stats["tensors"]

@@ -144,16 +144,10 @@ def _apply_options(model, config, args) -> None:
     if args.bf16_residual:
         models.bf16_residual(model)
     if args.compile:
-        import torch
+        from flame.engine import compile_blocks, compile_settings
 
-        from flame.engine import COMPILE_DYNAMO, decoder_blocks
-        from flame.firststep import triton_cache_dir
-
-        for key, value in COMPILE_DYNAMO.items():  # as flame's engine traces (a worker process: set for good)
-            setattr(torch._dynamo.config, key, value)
-        os.environ.setdefault("TRITON_CACHE_DIR", str(triton_cache_dir()))  # as flame's engine pins it
-        for block in decoder_blocks(model, config):
-            block.compile()
+        compile_settings().__enter__()  # as flame's engine has them for a run; a worker process: for good
+        compile_blocks(model, config)
 
 
 def run_bare(config_path: str, args, device, *, read_back: bool = True) -> dict:

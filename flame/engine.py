@@ -18,7 +18,7 @@ import math
 import os
 import signal
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -396,16 +396,29 @@ def _triton_cache_pinned():
         os.environ.pop("TRITON_CACHE_DIR", None)
 
 
+@contextmanager
+def compile_settings():
+    """What a --compile run traces and runs under: COMPILE_DYNAMO and Triton's cache pinned (_triton_cache_pinned),
+    both restored after."""
+    with torch._dynamo.config.patch(**COMPILE_DYNAMO), _triton_cache_pinned():
+        yield
+
+
+def compile_blocks(model, config) -> None:
+    """Compile the decoder blocks block by block and in place (nn.Module.compile), as torchtitan does: one compiled
+    graph serves every layer of the same shape, and state_dict names stay as they are, so checkpoints load with or
+    without --compile."""
+    for block in decoder_blocks(model, config):
+        block.compile()
+
+
 def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
     """Train as `cfg` says; returns where it stopped. Every process runs this (under `accelerate launch`).
 
     force: continue from a checkpoint (cfg.checkpoint) that was trained on other data than cfg.cache.
     """
     try:
-        with ExitStack() as during:
-            if cfg.compile:
-                during.enter_context(torch._dynamo.config.patch(**COMPILE_DYNAMO))
-                during.enter_context(_triton_cache_pinned())
+        with compile_settings() if cfg.compile else nullcontext():
             return _train(cfg, force=force)
     finally:
         # Under bf16 accelerate keeps the model's (un)wrapped forward as a bound method on the model itself, a
@@ -460,10 +473,7 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
             "(residual_in_fp32: true), so it stays fp32; set residual_in_fp32 to false in the model config for bf16"
         )
     if cfg.compile:
-        # Block by block and in place (nn.Module.compile), as torchtitan does: one compiled graph serves every layer
-        # of the same shape, and state_dict names stay as they are, so checkpoints load with or without --compile.
-        for block in decoder_blocks(model, config):
-            block.compile()
+        compile_blocks(model, config)
     set_seed(cfg.seed + rank)  # per-process RNG (dropout); data order does not use it
     optimizer = build_optimizer(model, cfg, accelerator.device.type)
     model, optimizer = accelerator.prepare(model, optimizer)

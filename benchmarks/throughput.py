@@ -19,6 +19,11 @@ model (built by flame.models.build_model from the same config and seed, fp32 wei
   bare-async  the same loop with every input on the GPU beforehand and no loss read back: nothing in a step
               waits for the GPU, so the host queues the next step while the GPU runs this one (not a default
               engine: it measures what the per-step read-back of bare costs)
+  bare-graph  the bare loop's whole step (forward, backward, clipping, fused AdamW) captured once in a CUDA graph
+              and replayed, so the host launches one graph per step instead of every kernel (GPU only, not a
+              default engine: it measures what launching costs where the host bounds the step, small batches).
+              Its first step is 3 eager steps on a side stream (FLA's tuning, the allocator's warm-up), the
+              capture and one replay; so it trains 3 updates more than the others, which only the losses show
   flame       flame.engine.train on a prepared dataset of random tokens (a log record every 1 + --warmup steps and at
               the end, no checkpoint until the end); like hf, it reads losses back only for a log record. With
               autocast's own casts (--no-share-casts), the settings of the other engines; flame:share-casts is
@@ -55,7 +60,8 @@ MODELS = {
     "gla-1.3B": "configs/gla_1B.json",
 }
 ENGINES = ("bare", "flame", "hf")  # the default
-ALL_ENGINES = ENGINES + ("bare-async",)  # bare-async on request
+ALL_ENGINES = ENGINES + ("bare-async", "bare-graph")  # on request
+GPU_ONLY = ("bare-graph",)
 # An engine may carry options after colons (flame:share-casts, bare:compile:share-casts): the same engine with
 # them, beside the plain one in the same run.
 VARIANTS = ("compile", "share-casts", "bf16-residual", "checkpointing")
@@ -150,9 +156,50 @@ def _apply_options(model, config, args) -> None:
         compile_blocks(model, config)
 
 
-def run_bare(config_path: str, args, device, *, read_back: bool = True) -> dict:
+def _graphed(model, optimizer, data, device, read_back: bool):
+    """bare-graph's step: the bare loop's step captured in one CUDA graph on its first call and replayed after.
+    What a capture needs: the steps before it run on a side stream (FLA's autotuning benchmarks and compiles then,
+    the allocator warms up), inputs copied into one static buffer, AdamW with capturable=True (its step count on
+    the GPU), autocast without its cache of weight casts, and the gradients None at capture so that the graph
+    allocates and writes them each replay."""
+    import torch
+
+    ids = torch.empty(data.shape[1:], dtype=data.dtype, device=device)
+    graph, loss = None, None
+
+    def body():
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
+            out = model(input_ids=ids, labels=ids, use_cache=False).loss
+        out.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return out.detach()
+
+    def step(i):
+        nonlocal graph, loss
+        ids.copy_(data[i])
+        if graph is None:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    optimizer.zero_grad(set_to_none=True)
+                    body()
+            torch.cuda.current_stream(device).wait_stream(side)
+            optimizer.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                loss = body()
+        graph.replay()
+        if read_back:
+            float(loss)  # as bare reads its loss back each step
+
+    return step
+
+
+def run_bare(config_path: str, args, device, *, read_back: bool = True, graph: bool = False) -> dict:
     """The bare loop; read_back=False is bare-async: inputs moved to the device before the clock starts, no loss
-    read back (the loss is still computed, and the step is the same)."""
+    read back (the loss is still computed, and the step is the same); graph=True is bare-graph (_graphed)."""
     import torch
 
     from flame.models import build_model
@@ -160,7 +207,7 @@ def run_bare(config_path: str, args, device, *, read_back: bool = True) -> dict:
     model, config = build_model(config_path, seed=SEED, dtype=torch.float32, device=device)
     _apply_options(model, config, args)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True, capturable=graph)
     total = 1 + args.warmup + args.steps
     rows = total + args.profile
     data = _random_ids(config.vocab_size, rows * args.batch, args.context, SEED).view(rows, args.batch, -1)
@@ -178,6 +225,8 @@ def run_bare(config_path: str, args, device, *, read_back: bool = True) -> dict:
         if read_back:
             float(loss.detach())  # as flame reads its loss back each step
 
+    if graph:
+        step = _graphed(model, optimizer, data, device, read_back)
     # Timed as flame's engine is: the wall clock over the window, synchronised at its edges only (a sync around
     # every step would idle the GPU while the next step is launched and charge that to the bare loop).
     _sync(device)
@@ -281,8 +330,10 @@ def worker(args) -> None:
     with tempfile.TemporaryDirectory(prefix="flame-bench-") as tmp:
         work = Path(tmp)
         config_path = args.worker_config
-        if args.engine in ("bare", "bare-async"):
-            row = run_bare(config_path, args, device, read_back=args.engine == "bare")
+        if args.engine in ("bare", "bare-async", "bare-graph"):
+            row = run_bare(
+                config_path, args, device, read_back=args.engine != "bare-async", graph=args.engine == "bare-graph"
+            )
         elif args.engine == "flame":
             row = run_flame(config_path, args, device, work)
         else:
@@ -422,6 +473,9 @@ def main(argv=None) -> int:
             f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ALL_ENGINES)}, each optionally with "
             f":{' or :'.join(VARIANTS)}"
         )
+    gpu_only = [e for e in args.engines.split(",") if _spec(e)[0] in GPU_ONLY]
+    if gpu_only and args.device != "cuda":
+        parser.error(f"{', '.join(gpu_only)} captures CUDA graphs: it needs --device cuda")
     if args.engine:
         worker(args)
         return 0
@@ -487,7 +541,7 @@ def main(argv=None) -> int:
         plain = [e for e in by if not _spec(e)[1]]
         for eng in by:
             for other in plain:
-                if other != eng and (_spec(eng)[0] == "flame" or _spec(eng)[0] == other):
+                if other != eng and (_spec(eng)[0] in ("flame", "bare-graph") or _spec(eng)[0] == other):
                     t = by[eng]["tokens_per_s"] / by[other]["tokens_per_s"]
                     m = by[eng]["peak_gib"] / by[other]["peak_gib"]
                     print(f"{model}: {eng}/{other} tokens/s {t:.3f}, peak memory {m:.3f}")

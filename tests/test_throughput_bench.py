@@ -171,3 +171,21 @@ def _tiny_config(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(throughput.TINY))
     return path
+
+
+def test_bare_graph_needs_a_gpu(capsys):
+    with pytest.raises(SystemExit) as exc:
+        throughput.main(["--device", "cpu", "--tiny", "--engines", "bare,bare-graph"])
+    assert exc.value.code == 2
+    assert "bare-graph captures CUDA graphs: it needs --device cuda" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_bare_graph_captures_the_whole_step_and_replays_it(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    argv = ["--tiny", "--engines", "bare,bare-graph", "--batch", "2", "--context", "256", "--steps", "5"]
+    assert throughput.main(argv + ["--warmup", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["engine"] for r in rows] == ["bare", "bare-graph"]
+    assert all(r["tokens_per_s"] > 0 and r["peak_gib"] > 0 for r in rows)
+    assert "tiny-gla: bare-graph/bare tokens/s " in capsys.readouterr().out

@@ -1,7 +1,9 @@
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
+from flame.data import loader as loader_module
 from flame.data.loader import PackedLoader, Source, Windows, open_source
 from flame.errors import DataError
 from tests.prepared import counting_docs, make_prepared
@@ -54,16 +56,46 @@ def test_windows_read_across_chunks_slices_and_long_documents():
     assert tokens == [t for i in order for t in docs[i]][: per_epoch * context]
 
 
-def test_the_index_of_a_corpus_over_2g_tokens_does_not_overflow_and_costs_16_bytes_a_document(prepared):
-    """Every process keeps a length, an order entry and an end offset per document: int32, int32, int64."""
+def test_the_index_of_a_corpus_over_2g_tokens_does_not_overflow_and_costs_8_bytes_a_document(prepared):
+    """Every process keeps a length and an order entry per document (int32, int32) and a running token count per
+    loader.BLOCK documents (int64)."""
     lengths = np.full(5, 2**30, dtype=np.int32)  # 5G tokens: past int32 in the sums, not in any one document
     source = Source("big", 1.0, None, lengths)
     windows = Windows(source, 2048, seed=0)
     windows._order(0)
     assert source.tokens == 5 * 2**30 and windows.per_epoch == 5 * 2**30 // 2048
-    assert windows.ends.tolist() == [k * 2**30 for k in range(1, 6)]
+    first, ends = windows._span(0, 5 * 2**30)
+    assert (first, ends.tolist(), windows.block_ends.tolist()) == (0, [k * 2**30 for k in range(1, 6)], [5 * 2**30])
+    assert [windows._span(t, t + 1)[0] for t in (0, 2**30 - 1, 2**30, 5 * 2**30 - 1)] == [0, 0, 1, 4]
     opened = open_source(str(prepared[0]))
-    assert (opened.lengths.dtype, windows.order.dtype, windows.ends.dtype) == (np.int32, np.int32, np.int64)
+    assert (opened.lengths.dtype, windows.order.dtype, windows.block_ends.dtype) == (np.int32, np.int32, np.int64)
+
+
+@pytest.mark.parametrize("block", [1, 3, 1024])
+def test_windows_across_index_blocks_are_the_documents_in_permutation_order(monkeypatch, block):
+    """The stream's definition: epoch e is the documents in the order Generator.permutation(n) of (seed, e),
+    concatenated and cut into windows; the document starts inside each window are where its documents begin. Many
+    documents shorter than a window, so windows span index blocks of every size tried."""
+    monkeypatch.setattr(loader_module, "BLOCK", block)
+    rng = np.random.default_rng(7)
+    docs = [rng.integers(3, 100, int(n)).tolist() for n in rng.integers(1, 12, 300)]
+    source = Source(
+        "mem",
+        1.0,
+        pa.chunked_array([pa.array(docs, type=pa.list_(pa.int32()))]),
+        np.array([len(d) for d in docs], dtype=np.int32),
+    )
+    context = 16
+    windows = Windows(source, context, seed=5)
+    for epoch in (0, 1):
+        order = np.random.default_rng([5, epoch]).permutation(len(docs))
+        flat = [t for i in order for t in docs[i]]
+        begins = set(np.cumsum([len(docs[i]) for i in order]).tolist())
+        for w in range(windows.per_epoch):
+            tokens, starts = windows.window(epoch * windows.per_epoch + w)
+            lo = w * context
+            assert tokens.tolist() == flat[lo : lo + context]
+            assert starts == [b - lo for b in sorted(begins) if lo < b < lo + context]
 
 
 def test_same_seed_same_batches_other_seed_differs(prepared):

@@ -156,24 +156,19 @@ def _apply_options(model, config, args) -> None:
         compile_blocks(model, config)
 
 
-def _graphed(model, optimizer, data, device, read_back: bool):
-    """bare-graph's step: the bare loop's step captured in one CUDA graph on its first call and replayed after.
-    What a capture needs: the steps before it run on a side stream (FLA's autotuning benchmarks and compiles then,
-    the allocator warms up), inputs copied into one static buffer, AdamW with capturable=True (its step count on
-    the GPU), autocast without its cache of weight casts, and the gradients None at capture so that the graph
-    allocates and writes them each replay."""
+def _graphed(update, optimizer, data, device, read_back: bool):
+    """bare-graph's step: the bare loop's update (`update(ids, cache_enabled)`) captured in one CUDA graph on its
+    first call and replayed after. What a capture needs: the steps before it run on a side stream (FLA's autotuning
+    benchmarks and compiles then, the allocator warms up), inputs copied into one static buffer, AdamW with
+    capturable=True (its step count on the GPU), autocast without its cache of weight casts, and the gradients None
+    at capture so that the graph allocates and writes them each replay."""
     import torch
 
     ids = torch.empty(data.shape[1:], dtype=data.dtype, device=device)
     graph, loss = None, None
 
     def body():
-        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
-            out = model(input_ids=ids, labels=ids, use_cache=False).loss
-        out.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        return out.detach()
+        return update(ids, cache_enabled=False)
 
     def step(i):
         nonlocal graph, loss
@@ -214,19 +209,25 @@ def run_bare(config_path: str, args, device, *, read_back: bool = True, graph: b
     if not read_back:
         data = data.to(device)
 
-    def step(i):
-        ids = data[i].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    def update(ids, cache_enabled: bool = True):
+        """Forward, backward, clipping and the AdamW step; the loss (the gradients are left for the caller)."""
+        with torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=cache_enabled
+        ):
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        return loss.detach()
+
+    def step(i):
+        loss = update(data[i].to(device))
         optimizer.zero_grad(set_to_none=True)
         if read_back:
-            float(loss.detach())  # as flame reads its loss back each step
+            float(loss)  # as flame reads its loss back each step
 
     if graph:
-        step = _graphed(model, optimizer, data, device, read_back)
+        step = _graphed(update, optimizer, data, device, read_back)
     # Timed as flame's engine is: the wall clock over the window, synchronised at its edges only (a sync around
     # every step would idle the GPU while the next step is launched and charge that to the bare loop).
     _sync(device)

@@ -138,11 +138,10 @@ class Windows:
             np.random.default_rng([self.seed, epoch]).shuffle(self.order)
             sums = np.empty(-(-n // BLOCK), dtype=np.int64)
             step = BLOCK * 4096  # a bounded slice of the order at a time, not a second array of n
-            for lo in range(0, n, step):
+            for lo in range(0, n, step):  # step is whole blocks, so each slice's block sums start at lo // BLOCK
                 part = self.source.lengths[self.order[lo : lo + step]].astype(np.int64)
-                sums[lo // BLOCK : (lo + len(part) - 1) // BLOCK + 1] = np.add.reduceat(
-                    part, range(0, len(part), BLOCK)
-                )
+                part_sums = np.add.reduceat(part, range(0, len(part), BLOCK))
+                sums[lo // BLOCK : lo // BLOCK + len(part_sums)] = part_sums
             self.block_ends = np.cumsum(sums)
             self._epoch = epoch
 
@@ -150,13 +149,14 @@ class Windows:
         """The documents holding tokens [start, end) of the epoch: the position of the first in the epoch's order,
         and the running token count at the end of each of them."""
         b = int(np.searchsorted(self.block_ends, start, side="right"))
-        lo, base, ends = b * BLOCK, int(self.block_ends[b - 1]) if b > 0 else 0, []
-        hi = lo
-        while not ends or ends[-1][-1] < end:  # a window may run into the next blocks (documents shorter than it)
-            part = self.source.lengths[self.order[hi : hi + BLOCK]].astype(np.int64)
-            ends.append(base + np.cumsum(part))
-            base, hi = int(ends[-1][-1]), hi + len(part)
-        ends = np.concatenate(ends) if len(ends) > 1 else ends[0]
+        lo = hi = b * BLOCK
+        base = int(self.block_ends[b - 1]) if b > 0 else 0  # the running count before document lo
+        parts = []
+        while not parts or base < end:  # a window may run into the next blocks (documents shorter than it)
+            part = base + np.cumsum(self.source.lengths[self.order[hi : hi + BLOCK]].astype(np.int64))
+            parts.append(part)
+            base, hi = int(part[-1]), hi + len(part)
+        ends = np.concatenate(parts)
         first = int(np.searchsorted(ends, start, side="right"))
         last = int(np.searchsorted(ends, end - 1, side="right"))
         return lo + first, ends[first : last + 1]

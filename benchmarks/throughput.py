@@ -28,6 +28,8 @@ model (built by flame.models.build_model from the same config and seed, fp32 wei
               the end, no checkpoint until the end); like hf, it reads losses back only for a log record. With
               autocast's own casts (--no-share-casts), the settings of the other engines; flame:share-casts is
               `flame train` as it runs by default
+              flame:cuda-graphs is `flame train --cuda-graphs` (GPU only): its update 4 is captured (the last
+              warm-up step), the timed steps are replays
   hf          transformers.Trainer on the same random tokens; keeps its loss on the GPU until a logging step
               (here none), so, like bare-async, it reads nothing back per step
 Step 1 (Triton compilation and FLA autotuning on a fresh machine) is timed alone (first_s), then --warmup steps,
@@ -64,7 +66,7 @@ ALL_ENGINES = ENGINES + ("bare-async", "bare-graph")  # on request
 GPU_ONLY = ("bare-graph",)
 # An engine may carry options after colons (flame:share-casts, bare:compile:share-casts): the same engine with
 # them, beside the plain one in the same run.
-VARIANTS = ("compile", "share-casts", "bf16-residual", "checkpointing")
+VARIANTS = ("compile", "share-casts", "bf16-residual", "checkpointing", "cuda-graphs")  # cuda-graphs: flame only
 
 
 def _spec(engine: str) -> tuple[str, set[str]]:
@@ -267,7 +269,7 @@ def run_flame(config_path: str, args, device, work: Path) -> dict:
         model=config_path, cache=str(work / "data"), path=str(work / "run"), context=args.context,
         batch=args.batch, steps=total, lr=3e-4, warmup=0, seed=SEED, logging=1 + args.warmup, save=10**9, limit=0,
         compile=args.compile, share_casts=args.share_casts, bf16_residual=args.bf16_residual,
-        checkpointing=args.checkpointing,
+        checkpointing=args.checkpointing, cuda_graphs=args.cuda_graphs,
     )  # fmt: skip
     engine.train(cfg)
     records = [json.loads(ln) for ln in (work / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -382,6 +384,7 @@ def _run_engine(model: str, eng: str, config_path: str, args, env: dict, round_:
     cmd += ["--share-casts"] * (args.share_casts or "share-casts" in options)
     cmd += ["--bf16-residual"] * (args.bf16_residual or "bf16-residual" in options)
     cmd += ["--checkpointing"] * (args.checkpointing or "checkpointing" in options)
+    cmd += ["--cuda-graphs"] * ("cuda-graphs" in options)
     cmd += ["--profile", str(args.profile)]
     tag = f" round {round_ + 1}/{args.repeat}" if args.repeat > 1 else ""
     print(f"== {model} {eng} (batch {args.batch} x {args.context}){tag}", file=sys.stderr, flush=True)
@@ -449,6 +452,7 @@ def main(argv=None) -> int:
         action="store_true",
         help="activation checkpointing of every decoder layer (flame.models.checkpointing), every engine",
     )
+    parser.add_argument("--cuda-graphs", action="store_true", help=argparse.SUPPRESS)  # the flame:cuda-graphs worker
     parser.add_argument(
         "--repeat", type=int, default=1, metavar="N",
         help="run every engine N times, the order reversed every other round; report the median run and the spread",
@@ -474,7 +478,10 @@ def main(argv=None) -> int:
             f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ALL_ENGINES)}, each optionally with "
             f":{' or :'.join(VARIANTS)}"
         )
-    gpu_only = [e for e in args.engines.split(",") if _spec(e)[0] in GPU_ONLY]
+    graphs = [e for e in args.engines.split(",") if "cuda-graphs" in _spec(e)[1]]
+    if any(_spec(e)[0] != "flame" for e in graphs):
+        parser.error(":cuda-graphs is flame's option (`flame train --cuda-graphs`); bare-graph is the bare loop's")
+    gpu_only = [e for e in args.engines.split(",") if _spec(e)[0] in GPU_ONLY] + graphs
     if gpu_only and args.device != "cuda":
         parser.error(f"{', '.join(gpu_only)} captures CUDA graphs: it needs --device cuda")
     if args.engine:

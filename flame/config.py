@@ -103,6 +103,10 @@ class TrainConfig:
     every residual add rounds to bf16, so the losses differ slightly. On an H200: GLA-340M at batch 32 5.4% faster
     (36.4% MFU) in 10% less memory, GLA-1.3B at batch 16 3.4% faster; 300 steps of GLA-340M ended at the same loss
     (benchmarks/RESULTS.md). A config with residual_in_fp32 (Mamba2's default) keeps its fp32 stream."""
+    cuda_graphs: bool = False
+    """Capture the whole update (forward, backward, clipping, AdamW) in a CUDA graph after 3 eager updates and
+    replay it: the host launches one graph per step instead of every kernel, which pays where the host bounds the
+    step (small batches). The same updates, one GPU, fixed shapes (not with --varlen, --compile, --checkpointing)."""
 
     # Validation
     eval: int = 0

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from flame import autotune, models, ui
+from flame import autotune, graphs, models, ui
 from flame import checkpoint as ckpt
 from flame import config as run_config
 from flame.config import TrainConfig
@@ -203,6 +203,8 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
         )
     if cfg.eval < 0 or cfg.eval_windows < 1:
         problems.append("--eval must be 0 (never) or more and --eval-windows at least 1")
+    if graphs.refusal(cfg):
+        problems.append(f"{graphs.refusal(cfg)}: drop one of them")
     if cfg.varlen and not is_fla:
         problems.append(f"--varlen needs an FLA model (cu_seqlens), {config.model_type} has none: drop --varlen")
     problems += [
@@ -481,6 +483,10 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
     # at 8 x 2048 that is a 2 GiB float32 copy of the logits at the peak of the forward, which only the loss is
     # read from. Keep autocast (entered around each forward below), drop the copy: unwrap_model strips both wrappers.
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    if cfg.cuda_graphs:  # before anything is written to the run dir
+        why = graphs.unsupported(accelerator.device, world, skips_on_device(optimizer))
+        if why:
+            raise ConfigError(why, "drop --cuda-graphs (flame resume: --no-cuda-graphs)")
     lr_of = schedule(cfg, p.steps)
     loader = data_loader.PackedLoader(
         p.sources, context=cfg.context, batch=cfg.batch, seed=cfg.seed, rank=rank, world=world, varlen=cfg.varlen
@@ -602,6 +608,38 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
     several = accelerator.distributed_type != DistributedType.NO
     vote = StopVote(accelerator.device, accelerator.reduce) if several else None  # one process alone: its own flag
     stopped = "done"
+    max_norm = cfg.norm if cfg.norm > 0 else float("inf")
+
+    def forward_backward(batches: list[dict]):
+        """Forward and backward of the update's micro-batches (on the device), then clipping: (loss, grad norm)."""
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for b in batches:
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss = forward_loss(model, b, num_items)
+                # accelerate divides by `update` and DDP averages over processes; undo both so the gradient is
+                # that of the summed token loss over num_items.
+                accelerator.backward(loss * update * world)
+            loss_sum += loss.detach().float()
+        loss_total = accelerator.reduce(loss_sum, reduction="sum")
+        return loss_total, accelerator.clip_grad_norm_(model.parameters(), max_norm)
+
+    def step_on_device(loss_total, norm) -> None:
+        """The optimizer step, skipped by the fused kernel itself when the loss or norm is not finite."""
+        finite = torch.isfinite(loss_total)
+        if isinstance(norm, torch.Tensor):
+            finite = finite & torch.isfinite(_local(norm))
+        on_device.found_inf = (~finite).float()  # the fused kernel leaves everything as it is when 1
+        optimizer.step()
+
+    def whole_update(batches: list[dict]):
+        loss_total, norm = forward_backward(batches)
+        step_on_device(loss_total, norm)
+        return loss_total, norm
+
+    graphed, captured = None, False
+    if cfg.cuda_graphs:
+        graphed = graphs.GraphedUpdate(whole_update, on_device, accelerator.device)
     model.train()
     # The first step compiles and autotunes FLA's kernels on a GPU: announced, timed and kept out of tokens/s
     # (Throughput counts a step from the end of the previous one, so step 1 never enters its window).
@@ -621,40 +659,31 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
             if step == start_step:
                 first.begin()
             lr = lr_of(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             batches = [loader.next_batch() for _ in range(update)]
             # Labels are the inputs shifted by one inside the model: each row predicts all but its first token.
             local = sum(b["input_ids"].numel() - b["input_ids"].shape[0] for b in batches)
             if local != items_local:  # the shapes, so the count, are the same every step and on every process
                 num_items = accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum")
                 items_local = local
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for b in batches:
-                b = to_accelerator(b)
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        loss = forward_loss(model, b, num_items)
-                    # accelerate divides by `update` and DDP averages over processes; undo both so the gradient is
-                    # that of the summed token loss over num_items.
-                    accelerator.backward(loss * update * world)
-                loss_sum += loss.detach().float()
-            loss_total = accelerator.reduce(loss_sum, reduction="sum")
-            max_norm = cfg.norm if cfg.norm > 0 else float("inf")
-            norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-            if on_device is not None:  # nothing here waits for the GPU (Updates)
-                finite = torch.isfinite(loss_total)
-                if isinstance(norm, torch.Tensor):
-                    finite = finite & torch.isfinite(_local(norm))
-                on_device.found_inf = (~finite).float()  # the fused kernel leaves everything as it is when 1
-                optimizer.step()
+            if graphed is not None:
+                loss_total, norm = graphed(batches, lr)
+                if graphed.capture_s is not None and not captured:
+                    captured = True
+                    ui.print0(f"CUDA graph: update {step + 1} captured in {graphed.capture_s:.1f} s, replayed since")
                 updates.add(step + 1, loss_total, norm)
             else:
-                grad_norm, loss_value = (float(norm) if norm is not None else None), float(loss_total)
-                applied = Updates.applies(loss_value, grad_norm)
-                if applied:
-                    optimizer.step()
-                updates.add(step + 1, loss_value, grad_norm, applied)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_total, norm = forward_backward([to_accelerator(b) for b in batches])
+                if on_device is not None:  # nothing here waits for the GPU (Updates)
+                    step_on_device(loss_total, norm)
+                    updates.add(step + 1, loss_total, norm)
+                else:
+                    grad_norm, loss_value = (float(norm) if norm is not None else None), float(loss_total)
+                    applied = Updates.applies(loss_value, grad_norm)
+                    if applied:
+                        optimizer.step()
+                    updates.add(step + 1, loss_value, grad_norm, applied)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens += p.tokens_per_update
@@ -728,9 +757,12 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
     )
 
 
-#: Options `flame resume` may change: they say how long to train and how to report and keep checkpoints, never what is
-#: trained (model, data, context, batch, optimizer and seed stay as the run was started, so the continuation is exact).
-RESUME_OVERRIDES = ("steps", "logging", "save", "limit", "project", "max_bad_steps", "eval", "eval_windows")
+#: Options `flame resume` may change: they say how long to train, how to report and keep checkpoints and whether the
+#: update is replayed from a CUDA graph (the same updates either way), never what is trained (model, data, context,
+#: batch, optimizer and seed stay as the run was started, so the continuation is exact).
+RESUME_OVERRIDES = (
+    "steps", "logging", "save", "limit", "project", "max_bad_steps", "eval", "eval_windows", "cuda_graphs"
+)  # fmt: skip
 
 
 def resume(run_dir: str | os.PathLike, overrides: dict | None = None, *, force: bool = False) -> TrainResult:

@@ -178,14 +178,21 @@ def test_bare_graph_needs_a_gpu(capsys):
         throughput.main(["--device", "cpu", "--tiny", "--engines", "bare,bare-graph"])
     assert exc.value.code == 2
     assert "bare-graph captures CUDA graphs: it needs --device cuda" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        throughput.main(["--device", "cpu", "--tiny", "--engines", "flame,flame:cuda-graphs"])
+    assert "flame:cuda-graphs captures CUDA graphs: it needs --device cuda" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the bare loop's own is bare-graph
+        throughput.main(["--device", "cuda", "--tiny", "--engines", "bare:cuda-graphs"])
+    assert ":cuda-graphs is flame's option" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
-def test_bare_graph_captures_the_whole_step_and_replays_it(tmp_path, capsys):
+def test_bare_graph_and_flame_cuda_graphs_capture_the_whole_step_and_replay_it(tmp_path, capsys):
     out = tmp_path / "rows.json"
-    argv = ["--tiny", "--engines", "bare,bare-graph", "--batch", "2", "--context", "256", "--steps", "5"]
-    assert throughput.main(argv + ["--warmup", "1", "--json", str(out)]) == 0
+    engines = "bare,bare-graph,flame,flame:cuda-graphs"
+    argv = ["--tiny", "--engines", engines, "--batch", "2", "--context", "256", "--steps", "5"]
+    assert throughput.main(argv + ["--warmup", "3", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [r["engine"] for r in rows] == ["bare", "bare-graph"]
+    assert [r["engine"] for r in rows] == engines.split(",")
     assert all(r["tokens_per_s"] > 0 and r["peak_gib"] > 0 for r in rows)
     assert "tiny-gla: bare-graph/bare tokens/s " in capsys.readouterr().out

@@ -23,6 +23,14 @@ def resume(
     max_bad_steps: Annotated[int | None, typer.Option("--max-bad-steps", help=DOCS["max_bad_steps"])] = None,
     eval: Annotated[int | None, typer.Option("--eval", help=DOCS["eval"])] = None,
     eval_windows: Annotated[int | None, typer.Option("--eval-windows", help=DOCS["eval_windows"])] = None,
+    cuda_graphs: Annotated[
+        bool | None,
+        typer.Option(
+            "--cuda-graphs/--no-cuda-graphs",
+            help=f"{DOCS['cuda_graphs']} Default: as the run was started.",
+            show_default=False,
+        ),
+    ] = None,
     force: Annotated[
         bool,
         typer.Option("--force", help="Continue even though the run's dataset changed since the checkpoint."),
@@ -32,13 +40,13 @@ def resume(
 
     Restored: weights, optimizer moments, LR schedule, RNG of every process, data position, tokens seen, wandb run.
 
-    Only how long to train and how to log, evaluate and checkpoint may change; model, data, batch and seed stay as
-    started.
+    Only how long to train, how to log, evaluate and checkpoint, and whether to replay CUDA graphs may change; model,
+    data, batch and seed stay as started.
     """
     from flame import engine
 
     overrides = dict(steps=steps, logging=logging, save=save, limit=limit, project=project, max_bad_steps=max_bad_steps)
-    overrides |= dict(eval=eval, eval_windows=eval_windows)
+    overrides |= dict(eval=eval, eval_windows=eval_windows, cuda_graphs=cuda_graphs)
     result = engine.resume(run_dir, overrides, force=force)
     if ui.is_main_process():
         _render_result(result)

@@ -1,0 +1,117 @@
+"""`flame train --cuda-graphs`: the whole update captured once in a CUDA graph and replayed every step after.
+
+Where the host bounds the step (small batches of a small model), the GPU waits while Python launches the update's
+thousands of kernels one by one; a replay launches them all at once. On an H200, GLA-340M at batch 8 x 2048: a bare
+loop took 96.6K tokens/s eagerly and 151.8K captured (benchmarks/RESULTS.md).
+
+What a capture needs, and how the engine provides it:
+- fixed shapes and no host synchronisation inside the update: every micro-batch lands in a static input buffer
+  (no --varlen), the loss and gradient norm stay on the device (flame.engine.Updates), and the optimizer is the
+  fused AdamW, which skips a non-finite update itself (`found_inf`) and, with `capturable=True`, keeps its step
+  count on the device;
+- a learning rate the graph reads from the device: a 0-d tensor in every param group, set before each replay;
+- the warm-up before the capture: the first WARMUP updates run eagerly on a side stream (FLA's kernels tune and
+  compile, the optimizer creates its state, the allocator warms up) and are real updates of the run;
+- the gradients None at the capture, so that the graph's backward writes them afresh each replay.
+The capture records and does not run, so the updates are those of the eager loop: the same losses, one process
+(`refusal` says what a run must be).
+"""
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+#: Eager updates before the capture.
+WARMUP = 3
+
+
+def refusal(cfg) -> str | None:
+    """Why the options of a run rule out --cuda-graphs, or None."""
+    if not cfg.cuda_graphs:
+        return None
+    clash = [f"--{name}" for name in ("varlen", "compile", "checkpointing") if getattr(cfg, name)]
+    if clash:
+        return f"--cuda-graphs cannot be combined with {' or '.join(clash)}"
+    return None
+
+
+def unsupported(device: torch.device, processes: int, fused_optimizer) -> str | None:
+    """Why this run's setting rules out --cuda-graphs (a CUDA device, one process, flame's fused AdamW), or None."""
+    if device.type != "cuda":
+        return f"--cuda-graphs needs a CUDA GPU, this run is on {device.type}"
+    if processes > 1:
+        return f"--cuda-graphs runs on one process, this run has {processes}"
+    if fused_optimizer is None:
+        return "--cuda-graphs needs flame's fused AdamW (not DeepSpeed's optimizer or a grad scaler)"
+    return None
+
+
+class GraphedUpdate:
+    """Runs `update(inputs)` (forward, backward, clipping and the optimizer step of one update, returning the
+    loss and gradient norm on the device) eagerly WARMUP times, then captures it once and replays it.
+
+    `inputs` are static device buffers shaped like the first call's micro-batches; each call copies its batches
+    into them. The loss and norm of a replay are copied out of the graph's own outputs, which the next replay
+    overwrites."""
+
+    def __init__(self, update, optimizer: torch.optim.Optimizer, device: torch.device):
+        self.update, self.optimizer, self.device = update, optimizer, device
+        self.inputs: list[dict] | None = None
+        self.lr = torch.zeros((), dtype=torch.float32, device=device)
+        self.eager_left = WARMUP
+        self.replay, self.outputs = None, None
+        self.capture_s: float | None = None
+
+    def _setup(self, batches: list[dict]) -> None:
+        self.inputs = [{k: torch.empty_like(v, device=self.device) for k, v in b.items()} for b in batches]
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr  # read on the device at every step, captured or not
+            group["capturable"] = True  # the step count on the device (a checkpoint may say otherwise)
+
+    def __call__(self, batches: list[dict], lr: float):
+        """One update on `batches` (on the host) at learning rate `lr`: (loss, grad norm), both on the device."""
+        if self.inputs is None:
+            self._setup(batches)
+        if _shapes(batches) != _shapes(self.inputs):  # the loader's batches never change shape without --varlen
+            raise ValueError(f"--cuda-graphs: batches of {_shapes(batches)}, the buffers are {_shapes(self.inputs)}")
+        self.lr.fill_(lr)
+        for static, batch in zip(self.inputs, batches):
+            for k, v in batch.items():
+                static[k].copy_(v.pin_memory() if self.device.type == "cuda" else v, non_blocking=True)
+        if self.eager_left:
+            self.eager_left -= 1
+            with self.eager():
+                return self.update(self.inputs)
+        if self.replay is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            self.replay, self.outputs = self._record(lambda: self.update(self.inputs))
+            self.capture_s = time.perf_counter() - start
+        self.replay()
+        return tuple(None if t is None else t.clone() for t in self.outputs)
+
+    @contextmanager
+    def eager(self):
+        """Where the warm-up updates run: a side stream that the current one waits for after (as torch's docs have
+        it for a capture), or as they are off CUDA."""
+        if self.device.type != "cuda":
+            yield
+            return
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            yield
+        current.wait_stream(side)
+
+    def _record(self, body):
+        """Capture `body` in a CUDA graph: (replay, body's outputs, which each replay writes)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = body()
+        return graph.replay, outputs
+
+
+def _shapes(batches: list[dict]) -> list[dict]:
+    return [{k: tuple(v.shape) for k, v in b.items()} for b in batches]

@@ -1,0 +1,83 @@
+"""On a CUDA machine: `flame train --cuda-graphs` captures the update with FLA's Triton kernels, bf16 autocast, two
+micro-batches and the fused AdamW, and trains the losses of the same run without it; a resume without graphs
+continues it.
+
+    FLAME_GPU_REPORT=gpu-graphs.json pytest -m gpu tests/test_gpu_graphs.py
+
+GLA-340M's layer (hidden 1024, 4 heads) x 2 layers, batch 2 x 2 updates x 2048, 10 updates (3 eager, the capture,
+6 more replays), evaluated every 5 (an eager forward between replays).
+"""
+
+import datetime
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from flame import engine
+from flame.config import TrainConfig
+from tests.prepared import counting_docs, make_prepared
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu-graphs")
+    config = json.loads((REPO / "configs" / "gla_340M.json").read_text()) | {"num_hidden_layers": 2}
+    (root / "gla.json").write_text(json.dumps(config))
+    vocab = config["vocab_size"]
+    docs = counting_docs(600, vocab, seed=0, min_len=200, max_len=2000)
+    make_prepared(root / "ds", docs, vocab, val_docs=counting_docs(60, vocab, seed=1, min_len=200, max_len=2000))
+    return root
+
+
+def _cfg(setup, name, **options) -> TrainConfig:
+    return TrainConfig(
+        model=str(setup / "gla.json"), cache=str(setup / "ds"), path=str(setup / name), steps=STEPS, batch=2,
+        update=2, context=2048, lr=1e-3, warmup=2, logging=1, save=5, limit=0, seed=0, eval=5, eval_windows=8,
+        **options,
+    )  # fmt: skip
+
+
+def _records(setup, name) -> list[dict]:
+    return [json.loads(line) for line in (setup / name / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.gpu
+def test_a_captured_update_trains_the_eager_losses_and_resumes_without_graphs(setup, capsys):
+    engine.train(_cfg(setup, "eager"))
+    engine.train(_cfg(setup, "graphed", cuda_graphs=True))
+    captured = capsys.readouterr().out
+    engine.train(_cfg(setup, "half", cuda_graphs=True, steps=5))
+    engine.resume(setup / "half", {"steps": STEPS, "cuda_graphs": False})
+    runs = {name: _records(setup, name) for name in ("eager", "graphed", "half")}
+    report = {
+        "test": "GLA (340M layer x 2), batch 2 x update 2 x 2048, bf16, --cuda-graphs against eager; 1 GPU",
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+    } | {
+        name: {
+            "loss": [r["loss"] for r in records],
+            "val_loss": [r["val_loss"] for r in records if "val_loss" in r],
+            "tokens_per_s": records[-1]["tokens_per_s"],
+            "memory_gib": records[-1]["memory_gib"],
+        }
+        for name, records in runs.items()
+    }
+    if os.environ.get("FLAME_GPU_REPORT"):
+        Path(os.environ["FLAME_GPU_REPORT"]).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+    assert "CUDA graph: update 4 captured in" in captured
+    eager = report["eager"]
+    assert report["graphed"]["loss"][0] == eager["loss"][0]  # the same first forward
+    for name in ("graphed", "half"):
+        assert len(report[name]["loss"]) == STEPS and len(report[name]["val_loss"]) == 2, name
+        for a, b in zip(report[name]["loss"] + report[name]["val_loss"], eager["loss"] + eager["val_loss"]):
+            assert abs(a - b) <= 1e-2 * abs(b), (name, a, b)
+    assert report["graphed"]["memory_gib"] <= 1.1 * eager["memory_gib"]

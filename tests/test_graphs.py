@@ -1,0 +1,139 @@
+"""`--cuda-graphs` (flame.graphs) on the CPU: the engine's side of a captured update (static input buffers, the
+learning rate on the device, the outputs copied out of each replay, the eager warm-up, checkpoints and resume) with
+the capture itself replaced by a stand-in that replays by running the captured update again; and the refusals.
+The capture on a GPU: tests/test_gpu_graphs.py."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flame import engine, graphs
+from flame.cli.app import app
+from flame.config import TrainConfig
+from flame.errors import ConfigError
+from tests.prepared import counting_docs, gla_config, make_prepared
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("graphs")
+    make_prepared(root / "ds", counting_docs(300, 64), 64)
+    gla_config(root / "gla.json")
+    return root
+
+
+class Recorded:
+    """What the stand-in capture saw."""
+
+    def __init__(self):
+        self.captures, self.grads_at_capture = 0, []
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """GraphedUpdate's capture replaced: recording runs nothing (as a CUDA capture runs no kernel) and returns
+    outputs that each replay overwrites in place, by running the update again; the CPU counts as a CUDA device."""
+    seen = Recorded()
+    unsupported = graphs.unsupported
+
+    def record(self, body):
+        seen.captures += 1
+        seen.grads_at_capture = [p.grad for group in self.optimizer.param_groups for p in group["params"]]
+        outputs = (torch.full((), float("nan")), torch.full((), float("nan")))
+
+        def replay():
+            for static, value in zip(outputs, body(), strict=True):
+                static.copy_(value)
+
+        return replay, outputs
+
+    monkeypatch.setattr(graphs.GraphedUpdate, "_record", record)
+    monkeypatch.setattr(graphs, "unsupported", lambda device, *a: unsupported(torch.device("cuda"), *a))
+    return seen
+
+
+def _cfg(files, run: Path, **kw) -> TrainConfig:
+    base = dict(
+        model=str(files / "gla.json"), cache=str(files / "ds"), path=str(run), context=32, batch=2, update=2,
+        steps=STEPS, lr=3e-3, warmup=3, seed=0, logging=4, save=4, limit=0,
+    )  # fmt: skip
+    return TrainConfig(**(base | kw))
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run: Path, step: int) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "checkpoints" / f"step-{step:08d}" / "model" / "model.safetensors")
+
+
+def test_graphed_updates_train_what_the_eager_loop_trains(files, tmp_path, stand_in):
+    eager = engine.train(_cfg(files, tmp_path / "eager"))
+    graphed = engine.train(_cfg(files, tmp_path / "graphed", cuda_graphs=True))
+    # captured once, after the 3 eager updates, with no gradients (the graph's backward writes them each replay)
+    assert stand_in.captures == 1
+    assert stand_in.grads_at_capture and all(g is None for g in stand_in.grads_at_capture)
+    a, b = _records(tmp_path / "eager"), _records(tmp_path / "graphed")
+    assert [r["step"] for r in b] == [1, 4, 8]
+    # the record at 8 averages the losses of updates 5-8, all replays: each its own loss, not the last one 4 times
+    for key in ("loss", "grad_norm", "lr"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-6), key
+    assert graphed.loss == pytest.approx(eager.loss, rel=1e-6)
+    wa, wb = _weights(tmp_path / "eager", STEPS), _weights(tmp_path / "graphed", STEPS)
+    assert wa.keys() == wb.keys()
+    for name in wa:  # the learning rate reached every replayed update (warmup, then cosine)
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-7)
+
+
+def test_a_graphed_run_continues_exactly_with_or_without_graphs(files, tmp_path, stand_in):
+    engine.train(_cfg(files, tmp_path / "whole", cuda_graphs=True))
+    full = _records(tmp_path / "whole")
+    for name, switch in (("on", None), ("off", False)):
+        run = tmp_path / name
+        engine.train(_cfg(files, run, cuda_graphs=True, steps=4))
+        engine.resume(run, {"steps": STEPS, "cuda_graphs": switch})
+        assert json.loads((run / "config.json").read_text())["cuda_graphs"] is (switch is None)
+        assert [r["loss"] for r in _records(run)] == pytest.approx([r["loss"] for r in full], rel=1e-6), name
+    # each first half captured at update 4; the continuation with graphs warmed up again and captured at update 8,
+    # the one without none
+    assert stand_in.captures == 1 + 2 + 1
+
+
+def test_options_that_change_shapes_or_compile_are_refused(files, tmp_path):
+    for option in ("varlen", "compile", "checkpointing"):
+        with pytest.raises(ConfigError, match=f"--cuda-graphs cannot be combined with --{option}: drop one"):
+            engine.plan(_cfg(files, tmp_path, cuda_graphs=True, **{option: True}))
+
+
+def test_graphs_need_one_cuda_process_with_the_fused_adamw():
+    adamw = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=True)
+    assert graphs.unsupported(torch.device("cuda"), 1, adamw) is None
+    assert graphs.unsupported(torch.device("cpu"), 1, adamw) == "--cuda-graphs needs a CUDA GPU, this run is on cpu"
+    assert graphs.unsupported(torch.device("cuda"), 2, adamw) == "--cuda-graphs runs on one process, this run has 2"
+    assert "fused AdamW" in graphs.unsupported(torch.device("cuda"), 1, None)
+
+
+def test_the_cli_option_reaches_the_engine_and_a_cpu_run_gets_one_clear_error(files, tmp_path):
+    args = ["train", "--model", str(files / "gla.json"), "--cache", str(files / "ds")]
+    args += ["--context", "32", "--warmup", "1"]
+    result = CliRunner().invoke(app, [*args, "--path", str(tmp_path / "dry"), "--cuda-graphs", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^options +--cuda-graphs\b", result.output, re.M), result.output
+    result = CliRunner().invoke(app, [*args, "--path", str(tmp_path / "run"), "--cuda-graphs", "--steps", "2"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert lines == [
+        "error: --cuda-graphs needs a CUDA GPU, this run is on cpu: drop --cuda-graphs (flame resume: --no-cuda-graphs)"
+    ], result.output
+    assert not (tmp_path / "run").exists()  # refused before the run dir was made
+    result = CliRunner().invoke(app, [*args, "--path", str(tmp_path / "v"), "--cuda-graphs", "--varlen", "--dry-run"])
+    assert result.exit_code == 1 and "--cuda-graphs cannot be combined with --varlen" in result.output

@@ -5,6 +5,7 @@ The capture on a GPU: tests/test_gpu_graphs.py."""
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -98,14 +99,16 @@ def test_a_graphed_run_continues_exactly_with_or_without_graphs(files, tmp_path,
     engine.train(_cfg(files, tmp_path / "whole", cuda_graphs=True))
     full = _records(tmp_path / "whole")
     for name, switch in (("on", None), ("off", False)):
-        run = tmp_path / name
-        engine.train(_cfg(files, run, cuda_graphs=True, steps=4))
-        engine.resume(run, {"steps": STEPS, "cuda_graphs": switch})
+        run = tmp_path / name  # the run as it was at its checkpoint at 4 (resume drops the later records)
+        shutil.copytree(tmp_path / "whole", run)
+        shutil.rmtree(run / "checkpoints" / f"step-{STEPS:08d}")
+        engine.resume(run, {"cuda_graphs": switch})
         assert json.loads((run / "config.json").read_text())["cuda_graphs"] is (switch is None)
+        assert [r["step"] for r in _records(run)] == [1, 4, 8]
         assert [r["loss"] for r in _records(run)] == pytest.approx([r["loss"] for r in full], rel=1e-6), name
-    # each first half captured at update 4; the continuation with graphs warmed up again and captured at update 8,
-    # the one without none
-    assert stand_in.captures == 1 + 2 + 1
+    # the whole run captured at update 4; the continuation with graphs warmed up again (5-7) and captured at 8, the
+    # one without never
+    assert stand_in.captures == 2
 
 
 def test_options_that_change_shapes_or_compile_are_refused(files, tmp_path):

@@ -22,6 +22,8 @@ from contextlib import contextmanager
 
 import torch
 
+from flame.errors import TrainingError, first_line
+
 #: Eager updates before the capture.
 WARMUP = 3
 
@@ -86,7 +88,14 @@ class GraphedUpdate:
         if self.replay is None:
             self.optimizer.zero_grad(set_to_none=True)
             start = time.perf_counter()
-            self.replay, self.outputs = self._record(lambda: self.update(self.inputs))
+            try:
+                self.replay, self.outputs = self._record(lambda: self.update(self.inputs))
+            except RuntimeError as e:  # CUDA's capture errors included (torch.AcceleratorError)
+                raise TrainingError(
+                    f"--cuda-graphs: the update could not be captured in a CUDA graph ({first_line(e)}); the model "
+                    "may read a value back to the host during its update",
+                    "drop --cuda-graphs (flame resume: --no-cuda-graphs)",
+                ) from e
             self.capture_s = time.perf_counter() - start
         self.replay()
         return tuple(None if t is None else t.clone() for t in self.outputs)

@@ -140,3 +140,19 @@ def test_the_cli_option_reaches_the_engine_and_a_cpu_run_gets_one_clear_error(fi
     assert not (tmp_path / "run").exists()  # refused before the run dir was made
     result = CliRunner().invoke(app, [*args, "--path", str(tmp_path / "v"), "--cuda-graphs", "--varlen", "--dry-run"])
     assert result.exit_code == 1 and "--cuda-graphs cannot be combined with --varlen" in result.output
+
+
+def test_an_update_that_cannot_be_captured_is_one_clear_error(files, tmp_path, stand_in, monkeypatch):
+    def record(self, body):
+        raise RuntimeError("operation not permitted when stream is capturing\nCUDA kernel errors might be ...")
+
+    monkeypatch.setattr(graphs.GraphedUpdate, "_record", record)
+    args = ["train", "--model", str(files / "gla.json"), "--cache", str(files / "ds"), "--path", str(tmp_path / "r")]
+    result = CliRunner().invoke(app, [*args, "--context", "32", "--warmup", "1", "--steps", "6", "--cuda-graphs"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        "error: --cuda-graphs: the update could not be captured in a CUDA graph (operation not permitted when stream "
+        "is capturing); the model may read a value back to the host during its update: drop --cuda-graphs (flame "
+        "resume: --no-cuda-graphs)"
+    ), result.output
+    assert "Traceback" not in result.output

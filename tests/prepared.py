@@ -118,3 +118,16 @@ def own_precision():
         yield
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def gla_340m_layers(root: Path, layers: int = 2) -> Path:
+    """For the GPU tests: GLA-340M's config (configs/gla_340M.json) with `layers` layers, so FLA's kernels see the
+    340M model's shapes (a Triton cache of either serves both), as root/gla.json, and a prepared dataset of 600
+    documents of 200-2000 tokens with a 60-document validation split as root/ds. Returns root."""
+    repo = Path(__file__).resolve().parents[1]
+    config = json.loads((repo / "configs" / "gla_340M.json").read_text()) | {"num_hidden_layers": layers}
+    (root / "gla.json").write_text(json.dumps(config))
+    vocab = config["vocab_size"]
+    docs = counting_docs(600, vocab, seed=0, min_len=200, max_len=2000)
+    make_prepared(root / "ds", docs, vocab, val_docs=counting_docs(60, vocab, seed=1, min_len=200, max_len=2000))
+    return root

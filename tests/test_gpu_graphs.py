@@ -19,21 +19,15 @@ import torch
 
 from flame import engine
 from flame.config import TrainConfig
-from tests.prepared import counting_docs, make_prepared
+from tests.prepared import gla_340m_layers
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 10
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu-graphs")
-    config = json.loads((REPO / "configs" / "gla_340M.json").read_text()) | {"num_hidden_layers": 2}
-    (root / "gla.json").write_text(json.dumps(config))
-    vocab = config["vocab_size"]
-    docs = counting_docs(600, vocab, seed=0, min_len=200, max_len=2000)
-    make_prepared(root / "ds", docs, vocab, val_docs=counting_docs(60, vocab, seed=1, min_len=200, max_len=2000))
-    return root
+    return gla_340m_layers(root)
 
 
 def _cfg(setup, name, **options) -> TrainConfig:

@@ -203,8 +203,8 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
         )
     if cfg.eval < 0 or cfg.eval_windows < 1:
         problems.append("--eval must be 0 (never) or more and --eval-windows at least 1")
-    if graphs.refusal(cfg):
-        problems.append(f"{graphs.refusal(cfg)}: drop one of them")
+    if clash := graphs.refusal(cfg):
+        problems.append(f"{clash}: drop one of them")
     if cfg.varlen and not is_fla:
         problems.append(f"--varlen needs an FLA model (cu_seqlens), {config.model_type} has none: drop --varlen")
     problems += [

@@ -1,8 +1,8 @@
 """`flame train --cuda-graphs`: the whole update captured once in a CUDA graph and replayed every step after.
 
 Where the host bounds the step (small batches of a small model), the GPU waits while Python launches the update's
-thousands of kernels one by one; a replay launches them all at once. On an H200, GLA-340M at batch 8 x 2048: a bare
-loop took 96.6K tokens/s eagerly and 151.8K captured (benchmarks/RESULTS.md).
+thousands of kernels one by one; a replay launches them all at once. On an H200, GLA-340M at batch 8 x 2048: flame
+trained 104.3K tokens/s eagerly and 151.0K with this, where the HF Trainer took 103.1K (benchmarks/RESULTS.md).
 
 What a capture needs, and how the engine provides it:
 - fixed shapes and no host synchronisation inside the update: every micro-batch lands in a static input buffer
@@ -13,8 +13,8 @@ What a capture needs, and how the engine provides it:
 - the warm-up before the capture: the first WARMUP updates run eagerly on a side stream (FLA's kernels tune and
   compile, the optimizer creates its state, the allocator warms up) and are real updates of the run;
 - the gradients None at the capture, so that the graph's backward writes them afresh each replay.
-The capture records and does not run, so the updates are those of the eager loop: the same losses, one process
-(`refusal` says what a run must be).
+The capture records and does not run, so the updates are those of the eager loop: the same losses (on an H200 bit
+for bit). `refusal` and `unsupported` say which runs cannot be captured.
 """
 
 import time

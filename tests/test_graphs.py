@@ -95,6 +95,29 @@ def test_graphed_updates_train_what_the_eager_loop_trains(files, tmp_path, stand
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-7)
 
 
+def test_a_non_finite_replayed_update_is_skipped_and_counted_as_eagerly(files, tmp_path, stand_in, monkeypatch):
+    real = engine.forward_loss
+    runs = {}
+    for name, on in (("eager", False), ("graphed", True)):
+        calls = {"n": 0}
+
+        def poisoned(model, batch, num_items):  # update 5's two micro-batches (a replay): a NaN loss
+            calls["n"] += 1
+            loss = real(model, batch, num_items)
+            return loss * float("nan") if calls["n"] in (9, 10) else loss
+
+        monkeypatch.setattr(engine, "forward_loss", poisoned)
+        result = engine.train(_cfg(files, tmp_path / name, cuda_graphs=on))
+        runs[name] = (_records(tmp_path / name), result.skipped, _weights(tmp_path / name, STEPS))
+    (eager, skipped, weights), (graphed, graphed_skipped, graphed_weights) = runs["eager"], runs["graphed"]
+    assert skipped == graphed_skipped == 1
+    assert [(r["step"], r["skipped"]) for r in graphed] == [(1, 0), (4, 0), (8, 1)]
+    for key in ("loss", "grad_norm"):  # the record at 8: the mean of the finite losses 6-8, and update 8's norm
+        assert [r[key] for r in graphed] == pytest.approx([r[key] for r in eager], rel=1e-6), key
+    for name in weights:  # the skipped update left weights and moments as they were, in both
+        torch.testing.assert_close(graphed_weights[name], weights[name], rtol=1e-5, atol=1e-7)
+
+
 def test_a_graphed_run_continues_exactly_with_or_without_graphs(files, tmp_path, stand_in):
     engine.train(_cfg(files, tmp_path / "whole", cuda_graphs=True))
     full = _records(tmp_path / "whole")

@@ -7,8 +7,10 @@
     PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --engines bare,bare-async --profile 3
         # where a step's time goes: GPU busy share and the top kernels (the profiler's own overhead included)
     PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --batch 32 --engines bare,flame,flame:share-casts
-        # an engine with options beside the plain one (:share-casts, :bf16-residual, :checkpointing, :compile):
-        # the option's gain, side by side; flame:share-casts:bf16-residual is flame's fastest setting
+        # an engine with options beside the plain one (:share-casts, :bf16-residual, :checkpointing, :compile,
+        # flame's :cuda-graphs):
+        # the option's gain, side by side; flame:share-casts:bf16-residual is flame's fastest setting (add
+        # :cuda-graphs at small batches)
     PYTHONPATH=. python benchmarks/throughput.py --models gla-340M \
         --set fuse_cross_entropy=false --set fuse_linear_cross_entropy=true    # FLA allows only one of the two
 

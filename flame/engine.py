@@ -637,9 +637,7 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
         step_on_device(loss_total, norm)
         return loss_total, norm
 
-    graphed, captured = None, False
-    if cfg.cuda_graphs:
-        graphed = graphs.GraphedUpdate(whole_update, on_device, accelerator.device)
+    graphed = graphs.GraphedUpdate(whole_update, on_device, accelerator.device) if cfg.cuda_graphs else None
     model.train()
     # The first step compiles and autotunes FLA's kernels on a GPU: announced, timed and kept out of tokens/s
     # (Throughput counts a step from the end of the previous one, so step 1 never enters its window).
@@ -667,8 +665,7 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
                 items_local = local
             if graphed is not None:
                 loss_total, norm = graphed(batches, lr)
-                if graphed.capture_s is not None and not captured:
-                    captured = True
+                if step == start_step + graphs.WARMUP:  # this call captured the update
                     ui.print0(f"CUDA graph: update {step + 1} captured in {graphed.capture_s:.1f} s, replayed since")
                 updates.add(step + 1, loss_total, norm)
             else:

@@ -60,6 +60,7 @@ class GraphedUpdate:
     def __init__(self, update, optimizer: torch.optim.Optimizer, device: torch.device):
         self.update, self.optimizer, self.device = update, optimizer, device
         self.inputs: list[dict] | None = None
+        self.shapes: list[dict] | None = None  # the inputs', fixed at the first call
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
         self.eager_left = WARMUP
         self.replay, self.outputs = None, None
@@ -67,6 +68,7 @@ class GraphedUpdate:
 
     def _setup(self, batches: list[dict]) -> None:
         self.inputs = [{k: torch.empty_like(v, device=self.device) for k, v in b.items()} for b in batches]
+        self.shapes = _shapes(batches)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr  # read on the device at every step, captured or not
             group["capturable"] = True  # the step count on the device (a checkpoint may say otherwise)
@@ -75,8 +77,8 @@ class GraphedUpdate:
         """One update on `batches` (on the host) at learning rate `lr`: (loss, grad norm), both on the device."""
         if self.inputs is None:
             self._setup(batches)
-        if _shapes(batches) != _shapes(self.inputs):  # the loader's batches never change shape without --varlen
-            raise ValueError(f"--cuda-graphs: batches of {_shapes(batches)}, the buffers are {_shapes(self.inputs)}")
+        if _shapes(batches) != self.shapes:  # the loader's batches never change shape without --varlen
+            raise ValueError(f"--cuda-graphs: batches of {_shapes(batches)}, the buffers are {self.shapes}")
         self.lr.fill_(lr)
         for static, batch in zip(self.inputs, batches):
             for k, v in batch.items():

@@ -118,14 +118,17 @@ def test_a_non_finite_replayed_update_is_skipped_and_counted_as_eagerly(files, t
         torch.testing.assert_close(graphed_weights[name], weights[name], rtol=1e-5, atol=1e-7)
 
 
-def test_a_graphed_run_continues_exactly_with_or_without_graphs(files, tmp_path, stand_in):
+def test_a_graphed_run_continues_exactly_with_or_without_graphs(files, tmp_path, stand_in, capsys):
     engine.train(_cfg(files, tmp_path / "whole", cuda_graphs=True))
+    assert "CUDA graph: update 4 captured in " in capsys.readouterr().out
     full = _records(tmp_path / "whole")
     for name, switch in (("on", None), ("off", False)):
         run = tmp_path / name  # the run as it was at its checkpoint at 4 (resume drops the later records)
         shutil.copytree(tmp_path / "whole", run)
         shutil.rmtree(run / "checkpoints" / f"step-{STEPS:08d}")
         engine.resume(run, {"cuda_graphs": switch})
+        said = capsys.readouterr().out
+        assert ("CUDA graph: update 8 captured in " in said) is (switch is None) and "update 4 captured" not in said
         assert json.loads((run / "config.json").read_text())["cuda_graphs"] is (switch is None)
         assert [r["step"] for r in _records(run)] == [1, 4, 8]
         assert [r["loss"] for r in _records(run)] == pytest.approx([r["loss"] for r in full], rel=1e-6), name

@@ -406,6 +406,37 @@ def compile_settings():
         yield
 
 
+#: Where `accelerate launch` passes the config file's gradient_accumulation_steps to the processes.
+LAUNCHER_ACCUMULATION = "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"
+
+
+def accumulation_from_launcher(update: int) -> str | None:
+    """Make `accelerate launch`'s gradient accumulation --update; returns what the launcher had set (None: nothing).
+
+    The launcher hands a config's gradient_accumulation_steps (DeepSpeed configs have one: a number, or "auto" as in
+    configs/accelerate/deepspeed_*.yaml) to the Accelerator through the environment, where it overrides the value
+    flame passes, and "auto" is not a number the Accelerator can read. --update is the accumulation: the engine's
+    loss weighting and data position count on it, so it replaces whatever the launcher said."""
+    value = os.environ.get(LAUNCHER_ACCUMULATION)
+    if value is not None:
+        os.environ[LAUNCHER_ACCUMULATION] = str(update)
+    return value
+
+
+def deepspeed_micro_batch(plugin, batch: int) -> None:
+    """Set DeepSpeed's train_micro_batch_size_per_gpu to --batch where the config leaves it to accelerate ("auto", as
+    configs/accelerate/deepspeed_*.yaml do). accelerate fills it from the DataLoader passed to prepare(); flame's
+    loader packs its own windows and passes none, so accelerate would refuse the run."""
+    key = "train_micro_batch_size_per_gpu"
+    value = plugin.get_value(key)
+    if value in (None, "auto"):
+        plugin.deepspeed_config[key] = batch
+    elif value != batch:
+        raise ConfigError(
+            f"the DeepSpeed config's {key} is {value} but --batch is {batch}", f"set {key} to auto (or to {batch})"
+        )
+
+
 def compile_blocks(model, config) -> None:
     """Compile the decoder blocks block by block and in place (nn.Module.compile), as torchtitan does: one compiled
     graph serves every layer of the same shape, and state_dict names stay as they are, so checkpoints load with or
@@ -439,10 +470,16 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
     from accelerate.utils import DistributedType, set_seed
 
     update = max(1, cfg.update)
+    launcher_update = accumulation_from_launcher(update)
     accelerator = Accelerator(
         mixed_precision=_resolve_precision(cfg.precision, cuda), cpu=not cuda, gradient_accumulation_steps=update
     )
     world, rank = accelerator.num_processes, accelerator.process_index
+    if launcher_update not in (None, "auto", str(update)):
+        ui.warn(
+            f"the accelerate config's gradient_accumulation_steps {launcher_update} is not used: flame accumulates "
+            f"--update {update} micro-batches per update (set it to auto to silence this)"
+        )
     p = plan(cfg, world=world)
     cfg = p.cfg
     check_run_dir(cfg)
@@ -478,6 +515,8 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
         compile_blocks(model, config)
     set_seed(cfg.seed + rank)  # per-process RNG (dropout); data order does not use it
     optimizer = build_optimizer(model, cfg, accelerator.device.type)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        deepspeed_micro_batch(accelerator.state.deepspeed_plugin, cfg.batch)
     model, optimizer = accelerator.prepare(model, optimizer)
     # accelerate's bf16 wraps the model's forward in autocast AND casts every output to float32: for a 32K vocabulary
     # at 8 x 2048 that is a 2 GiB float32 copy of the logits at the peak of the forward, which only the loss is

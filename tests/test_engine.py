@@ -595,3 +595,23 @@ def test_resuming_to_a_step_already_reached_changes_nothing(files, tmp_path):
     result = engine.resume(str(tmp_path / "run"), {"steps": 3})
     assert (result.step, result.checkpoint, result.stopped) == (4, None, "done")
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+def test_deepspeed_takes_its_micro_batch_from_batch():
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=2)  # as the shipped yaml files: "auto"
+    engine.deepspeed_micro_batch(plugin, 4)
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 4
+    engine.deepspeed_micro_batch(plugin, 4)  # the same value set by the user's own config is kept
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is 4 but --batch is 8"):
+        engine.deepspeed_micro_batch(plugin, 8)
+
+
+def test_update_is_the_accumulation_whatever_accelerate_launch_passes(monkeypatch):
+    key = engine.LAUNCHER_ACCUMULATION
+    monkeypatch.delenv(key, raising=False)
+    assert engine.accumulation_from_launcher(4) is None and key not in os.environ  # not launched: nothing to do
+    for launcher in ("auto", "1", "4"):  # a DeepSpeed config's "auto" (not a number to accelerate), or any number
+        monkeypatch.setenv(key, launcher)
+        assert engine.accumulation_from_launcher(4) == launcher and os.environ[key] == "4"

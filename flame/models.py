@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -139,11 +140,34 @@ def load_config(path: str | os.PathLike):
         raise ModelError(f"config {file} is invalid: {e}", "fix the named field") from None
 
 
+@contextmanager
+def _whole():
+    """Build a model whole, as on one device: not under DeepSpeed's zero.Init, which transformers enters for every
+    model built while a ZeRO-3 config is registered with it (accelerate registers one for deepspeed_zero3.yaml,
+    even with zero3_init_flag false). Such a model's weights are empty shards at once: counting its parameters and
+    FLOPs finds next to nothing (measured on 2 H200s: MFU 0.1% instead of 12%), and its initial weights are not the
+    ones --seed gives in every other setup. accelerate's prepare() partitions the whole model afterwards.
+    transformers has no public switch for this (`unset_hf_deepspeed_config` cannot be undone), so the registration
+    is put aside and put back."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # transformers without its DeepSpeed integration: nothing to put aside
+        yield
+        return
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
 def _from_config(config, dtype: torch.dtype | None):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with _whole():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
     except ValueError as e:  # a config type with no causal LM head (e.g. an encoder)
         raise ModelError(f"no causal LM for model_type {config.model_type!r}: {e}", "use a causal LM type") from None
     except (ImportError, AssertionError, NotImplementedError, TypeError, KeyError, RuntimeError) as e:

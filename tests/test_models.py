@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flame import models
 from flame.errors import ModelError
 from flame.models import (
     CHUNK_SIZE,
@@ -17,6 +18,7 @@ from flame.models import (
     flops_per_token,
     load_config,
 )
+from tests.prepared import gla_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(p.name for p in CONFIGS.glob("*.json") if "model_type" in json.loads(p.read_text()))
@@ -513,3 +515,27 @@ def test_checkpointing_recomputes_every_block_and_changes_no_gradient(tmp_path):
     unsupported = _tiny("gla", tmp_path)
     unsupported.supports_gradient_checkpointing = False
     assert checkpointing(unsupported) is False and checkpointed(unsupported) == [False, False]
+
+
+def test_models_are_built_whole_while_a_zero3_config_is_registered(tmp_path):
+    """accelerate registers deepspeed_zero3.yaml's config with transformers, which then builds every model under
+    DeepSpeed's zero.Init (empty shards; on a CPU it fails outright): flame builds them whole, as elsewhere."""
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    path = gla_config(tmp_path / "gla.json")
+    alone, _ = models.build_model(path, seed=0)
+    counts = models.count_params(models.load_config(path)), models.flops_per_token(models.load_config(path), 64)
+    models._meta_model_cached.cache_clear()
+    registered = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        under_zero3, _ = models.build_model(path, seed=0)
+        config = models.load_config(path)
+        assert (models.count_params(config), models.flops_per_token(config, 64)) == counts
+        assert is_deepspeed_zero3_enabled()  # put back for accelerate's prepare()
+    finally:
+        unset_hf_deepspeed_config()
+        del registered
+        models._meta_model_cached.cache_clear()
+    assert under_zero3.state_dict().keys() == alone.state_dict().keys()
+    for name, tensor in alone.state_dict().items():
+        assert torch.equal(under_zero3.state_dict()[name], tensor), name

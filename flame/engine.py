@@ -33,7 +33,7 @@ from flame.errors import CheckpointError, ConfigError, ModelError, OutputExistsE
 from flame.firststep import FirstStep, triton_cache_dir
 from flame.logging import RunLogger
 from flame.metrics import Throughput, eta, mfu, peak_flops, peak_memory_gib, reset_peak_memory
-from flame.optim import build_optimizer, schedule
+from flame.optim import build_optimizer, fill_state, schedule
 
 
 @dataclass
@@ -557,6 +557,8 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
 
     step, tokens, skipped, bad_in_a_row, elapsed_before = 0, 0, 0, 0, 0.0
     if cfg.checkpoint:
+        if accelerator.distributed_type == DistributedType.FSDP:
+            fill_state(optimizer)  # or FSDP's load reads no optimizer state
         state = ckpt.load(accelerator, cfg.checkpoint)
         if state["batch"] * state["update"] * state["world"] != cfg.batch * update * world:
             # The data position counts global windows, so nothing is repeated or skipped; only the batch size changes.

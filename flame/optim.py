@@ -76,3 +76,26 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) 
     groups = [{"params": decay, "weight_decay": cfg.decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = True if device_type in ("cuda", "cpu") else None
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+
+
+def fill_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter its optimizer state (AdamW: zero moments, step 1) without changing a weight, when it
+    has none yet: one step with zero gradients at LR 0 (decoupled weight decay scales by LR, so it is 0 too).
+
+    Loading an FSDP checkpoint needs it: accelerate reads the sharded optimizer state into the dict the live
+    optimizer would save (FSDP.optim_state_dict, then torch.distributed.checkpoint.load), and a new optimizer has
+    no state, so nothing is read and training goes on with fresh moments (seen on 2 H200s: the update after a
+    resume differed; on the CPU the loaded optimizer held no state at all)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper steps only at accumulation ends
+    if inner.state:
+        return
+    lrs = [group["lr"] for group in inner.param_groups]
+    for group in inner.param_groups:
+        group["lr"] = 0.0
+        for p in group["params"]:
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+    inner.step()
+    for group, lr in zip(inner.param_groups, lrs):
+        group["lr"] = lr
+    inner.zero_grad(set_to_none=True)

@@ -1,7 +1,7 @@
 """On a machine with 2 CUDA GPUs: `accelerate launch` of `flame train` with each shipped config of configs/accelerate/
 (DDP, FSDP, DeepSpeed ZeRO-2 and ZeRO-3) on 2 processes trains the losses of one process with twice the
 accumulation, writes a checkpoint whose model/ holds the whole model, and `flame resume` under the same launcher
-continues it with the losses of the uninterrupted run.
+continues it with the losses of the uninterrupted run, bit for bit.
 
     FLAME_GPU_REPORT=gpu-distributed.json pytest -m gpu tests/test_gpu_distributed.py
 
@@ -92,7 +92,9 @@ def test_two_gpus_train_the_losses_of_one_and_resume_exactly(setup, name):
     assert len(two) == STEPS and len(resumed) == STEPS
     # bf16 everywhere; FSDP reduces gradients in bf16 and DeepSpeed trains bf16 weights, hence not bit for bit
     assert two == pytest.approx(one, rel=2e-2)
-    assert resumed == pytest.approx(two, rel=1e-3)
+    # each setup repeats itself bit for bit on the GPU (two fresh FSDP runs did), so a resume must too: under FSDP
+    # within 1e-3 it hid AdamW's moments not being loaded (flame.optim.fill_state)
+    assert resumed == two
     saved = run / "checkpoints" / f"step-{STEPS:08d}"
     state = json.loads((saved / "state" / "trainer.json").read_text())
     assert state["world"] == 2 and state["step"] == STEPS and state["data"]["position"] == STEPS * 2 * 2

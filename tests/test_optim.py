@@ -1,4 +1,8 @@
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,3 +50,23 @@ def test_weight_decay_only_on_matrices():
     assert sorted(p.ndim for p in decayed["params"]) == [2, 2]
     assert sorted(p.ndim for p in plain["params"]) == [1, 1, 1]
     assert decayed["betas"] == (0.8, 0.9)
+
+
+def test_an_fsdp_checkpoint_gives_a_new_optimizer_its_moments(tmp_path):
+    """accelerate loads FSDP's sharded optimizer state into what the live optimizer holds: nothing, in a new one,
+    unless flame.optim.fill_state gave it a state first (2 CPU processes on gloo, accelerate's own save and load)."""
+    script = Path(__file__).resolve().parent / "fsdp_optimizer.py"
+    repo = script.parents[1]
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    done = subprocess.run(
+        [*run, str(script), str(tmp_path / "optimizer")],
+        env=os.environ | {"PYTHONPATH": str(repo)},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert sorted(line.split(":")[0] for line in done.stdout.splitlines() if "AdamW state restored" in line) == [
+        "rank 0",
+        "rank 1",
+    ]

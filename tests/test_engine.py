@@ -608,10 +608,17 @@ def test_deepspeed_takes_its_micro_batch_from_batch():
         engine.deepspeed_micro_batch(plugin, 8)
 
 
-def test_update_is_the_accumulation_whatever_accelerate_launch_passes(monkeypatch):
-    key = engine.LAUNCHER_ACCUMULATION
-    monkeypatch.delenv(key, raising=False)
-    assert engine.accumulation_from_launcher(4) is None and key not in os.environ  # not launched: nothing to do
-    for launcher in ("auto", "1", "4"):  # a DeepSpeed config's "auto" (not a number to accelerate), or any number
-        monkeypatch.setenv(key, launcher)
-        assert engine.accumulation_from_launcher(4) == launcher and os.environ[key] == "4"
+@pytest.mark.parametrize("launcher", ["auto", "3"])
+def test_update_is_the_accumulation_whatever_accelerate_launch_passes(files, tmp_path, monkeypatch, capsys, launcher):
+    """`accelerate launch` hands a config's gradient_accumulation_steps to the Accelerator through the environment,
+    over what flame passes: "auto" (the shipped DeepSpeed configs) crashed it, a number trained with that number."""
+    monkeypatch.delenv(engine.LAUNCHER_ACCUMULATION, raising=False)
+    engine.train(_cfg(files, tmp_path / "a", batch=8, update=1, steps=1, norm=0, save=1))
+    monkeypatch.setenv(engine.LAUNCHER_ACCUMULATION, launcher)
+    capsys.readouterr()
+    engine.train(_cfg(files, tmp_path / "b", batch=2, update=4, steps=1, norm=0, save=1))
+    err = capsys.readouterr().err
+    for x, y in zip(_first_moment(tmp_path / "a", 1), _first_moment(tmp_path / "b", 1), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7)
+    said = "the accelerate config's gradient_accumulation_steps 3 is not used: flame accumulates --update 4"
+    assert (said in err) == (launcher == "3")

@@ -423,10 +423,15 @@ def accumulation_from_launcher(update: int) -> str | None:
     return value
 
 
-def deepspeed_micro_batch(plugin, batch: int) -> None:
-    """Set DeepSpeed's train_micro_batch_size_per_gpu to --batch where the config leaves it to accelerate ("auto", as
-    configs/accelerate/deepspeed_*.yaml do). accelerate fills it from the DataLoader passed to prepare(); flame's
-    loader packs its own windows and passes none, so accelerate would refuse the run."""
+def fill_deepspeed_config(plugin, batch: int, norm: float) -> str | None:
+    """What flame's options say in DeepSpeed's config, where the config leaves it to accelerate ("auto"):
+
+    - train_micro_batch_size_per_gpu is --batch. accelerate fills it from the DataLoader passed to prepare(), and
+      flame's loader packs its own windows and passes none, so accelerate would refuse the run; a config that sets
+      another value is refused here.
+    - gradient_clipping is --norm (0: none, for both). DeepSpeed clips inside its step, so flame's own clipping
+      does not run; a config's number wins over --norm, and the returned warning says so when they differ.
+    """
     key = "train_micro_batch_size_per_gpu"
     value = plugin.get_value(key)
     if value in (None, "auto"):
@@ -435,6 +440,15 @@ def deepspeed_micro_batch(plugin, batch: int) -> None:
         raise ConfigError(
             f"the DeepSpeed config's {key} is {value} but --batch is {batch}", f"set {key} to auto (or to {batch})"
         )
+    clipping = plugin.get_value("gradient_clipping")
+    if clipping in (None, "auto"):
+        plugin.deepspeed_config["gradient_clipping"] = norm
+    elif float(clipping) != norm:
+        return (
+            f"DeepSpeed clips gradients at its config's gradient_clipping {clipping}, not at --norm {norm:g}: set "
+            "gradient_clipping in the accelerate config (auto: --norm)"
+        )
+    return None
 
 
 def compile_blocks(model, config) -> None:
@@ -516,7 +530,8 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
     set_seed(cfg.seed + rank)  # per-process RNG (dropout); data order does not use it
     optimizer = build_optimizer(model, cfg, accelerator.device.type)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        deepspeed_micro_batch(accelerator.state.deepspeed_plugin, cfg.batch)
+        if note := fill_deepspeed_config(accelerator.state.deepspeed_plugin, cfg.batch, cfg.norm):
+            ui.warn(note)
     model, optimizer = accelerator.prepare(model, optimizer)
     # accelerate's bf16 wraps the model's forward in autocast AND casts every output to float32: for a 32K vocabulary
     # at 8 x 2048 that is a 2 GiB float32 copy of the logits at the peak of the forward, which only the loss is

@@ -597,15 +597,19 @@ def test_resuming_to_a_step_already_reached_changes_nothing(files, tmp_path):
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
 
 
-def test_deepspeed_takes_its_micro_batch_from_batch():
+def test_deepspeed_takes_its_micro_batch_from_batch_and_its_clipping_from_norm():
     from accelerate.utils import DeepSpeedPlugin
 
-    plugin = DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=2)  # as the shipped yaml files: "auto"
-    engine.deepspeed_micro_batch(plugin, 4)
+    plugin = DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=2)  # both "auto", as nothing sets them
+    assert engine.fill_deepspeed_config(plugin, 4, 0.5) is None
     assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 4
-    engine.deepspeed_micro_batch(plugin, 4)  # the same value set by the user's own config is kept
+    assert plugin.deepspeed_config["gradient_clipping"] == 0.5
+    assert engine.fill_deepspeed_config(plugin, 4, 0.5) is None  # the same values set by a config are kept
+    assert "gradient_clipping 0.5, not at --norm 1" in engine.fill_deepspeed_config(plugin, 4, 1.0)
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is 4 but --batch is 8"):
-        engine.deepspeed_micro_batch(plugin, 8)
+        engine.fill_deepspeed_config(plugin, 8, 0.5)
+    shipped = DeepSpeedPlugin(zero_stage=2, gradient_clipping=1.0)  # configs/accelerate/deepspeed_zero2.yaml
+    assert engine.fill_deepspeed_config(shipped, 4, 1.0) is None and shipped.deepspeed_config["gradient_clipping"] == 1
 
 
 @pytest.mark.parametrize("launcher", ["auto", "3"])

@@ -53,6 +53,8 @@ class Plan:
     epochs: float  # passes over the (first) dataset that `steps` means
     world: int
     vocab_size: int | None
+    zero_stage: int = 0  # how the launcher shards weights, gradients and AdamW over the world (launcher_sharding)
+    sharding: str = ""  # the launcher's setup in words, for --dry-run
     sources: list = field(default_factory=list, repr=False)
     validation: object = field(default=None, repr=False)  # the validation split's Source when --eval
     eval_windows: int = 0  # windows per evaluation, all processes together
@@ -177,8 +179,32 @@ def check_run_dir(cfg: TrainConfig) -> None:
         )
 
 
+#: FSDP1's sharding strategies (accelerate passes a name or its number) as the ZeRO stage they match in memory.
+FSDP_STAGES = {"FULL_SHARD": 3, "SHARD_GRAD_OP": 2, "NO_SHARD": 0, "HYBRID_SHARD": 3, "_HYBRID_SHARD_ZERO2": 2}
+
+
+def launcher_sharding(world: int) -> tuple[str, int]:
+    """(the setup in words, the ZeRO stage it matches) of the processes `accelerate launch` started, read from the
+    environment it gives them, so that --dry-run (which builds no Accelerator) and training estimate the same
+    memory: DeepSpeed's zero_stage; FSDP's sharding strategy (FSDP2: resharding after the forward or not)."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") or 2)  # accelerate's default stage
+        return f"DeepSpeed ZeRO-{stage}", stage
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        if env.get("FSDP_VERSION") == "2":
+            full = env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true"
+            return ("FSDP2, full shard" if full else "FSDP2, shard grad op"), 3 if full else 2
+        strategy = env.get("FSDP_SHARDING_STRATEGY") or "FULL_SHARD"
+        if strategy.isdigit():  # accelerate's numbering: 1 FULL_SHARD, 2 SHARD_GRAD_OP, ...
+            strategy = list(FSDP_STAGES)[int(strategy) - 1] if 1 <= int(strategy) <= len(FSDP_STAGES) else strategy
+        return f"FSDP, {strategy.lower().strip('_').replace('_', ' ')}", FSDP_STAGES.get(strategy.upper(), 3)
+    return ("DDP" if world > 1 else "one process"), 0
+
+
 def plan(cfg: TrainConfig, world: int = 1) -> Plan:
-    """Resolve and check the run without training: model on the meta device, data lengths, schedule length."""
+    """Resolve and check the run without training: model on the meta device, data lengths, schedule length.
+    The memory estimate is per device, sharded as the launcher's setup shards it (launcher_sharding)."""
     config = models.load_config(cfg.model)
     cfg = run_config.resolve(cfg, model_type=config.model_type)
     sources = data_loader.open_sources(run_config.parse_cache(cfg.cache))
@@ -227,6 +253,7 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
     windows_per_update = cfg.batch * cfg.update * world
     steps = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / windows_per_update))
     precision = "fp32" if _resolve_precision(cfg.precision, torch.cuda.is_available()) == "no" else "bf16"
+    sharding, zero_stage = launcher_sharding(world)
     return Plan(
         cfg=cfg,
         model_type=config.model_type,
@@ -239,6 +266,7 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
             cfg.context,
             precision=precision,
             world_size=world,
+            zero_stage=zero_stage,
             accumulation=cfg.update,
             activation_checkpointing=cfg.checkpointing,
             shared_casts=cfg.share_casts,
@@ -251,6 +279,8 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
         epochs=steps * windows_per_update / per_epoch,
         world=world,
         vocab_size=vocab,
+        zero_stage=zero_stage,
+        sharding=sharding,
         sources=sources,
         validation=validation,
         eval_windows=eval_windows,

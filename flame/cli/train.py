@@ -125,7 +125,8 @@ def _render_plan(p) -> None:
         (
             "peak GPU memory (est.)",
             f"{gib['total']:.2f} GiB per device (weights {gib['weights']:.2f}, grads {gib['grads']:.2f}, "
-            f"optimizer {gib['optimizer']:.2f}, activations {gib['activations']:.2f})",
+            f"optimizer {gib['optimizer']:.2f}, activations {gib['activations']:.2f}; {p.sharding}"
+            + (f", sharded as ZeRO stage {p.zero_stage})" if p.zero_stage else ")"),
         ),
         ("dataset", f"{ui.human(p.dataset_tokens)} tokens, {p.windows_per_epoch} windows of {p.cfg.context}"),
         (

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -272,3 +273,35 @@ def test_bf16_residual_in_an_fp32_run_is_warned_about(files, tmp_path, precision
     with own_precision():
         bf16 = _train(files, tmp_path / "bf16", "llama.json", "--steps", "1", "--bf16-residual", "--precision", "bf16")
     assert bf16.exit_code == 0 and "warning: --bf16-residual" not in bf16.output, bf16.output
+
+
+@pytest.mark.parametrize(
+    ("launcher", "said", "stage"),
+    [
+        ({}, "DDP)", 0),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "FULL_SHARD"},
+         "FSDP, full shard, sharded as ZeRO stage 3)", 3),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+         "DeepSpeed ZeRO-2, sharded as ZeRO stage 2)", 2),
+    ],
+)  # fmt: skip
+def test_dry_run_estimates_memory_as_the_launcher_shards_it(files, tmp_path, monkeypatch, launcher, said, stage):
+    """Under `accelerate launch` (2 processes here) the estimate is per device, sharded as the config shards: for
+    GLA-340M at 8 x 2048 in bf16, 21.36 GiB under DDP, 19.27 under ZeRO-2, 18.25 under FSDP's full shard (measured
+    on 2 H200s: 21.06, 16.19, 15.46; benchmarks/RESULTS.md)."""
+    from flame import models
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for key, value in launcher.items():
+        monkeypatch.setenv(key, value)
+    gla_340m = Path(__file__).resolve().parents[2] / "configs" / "gla_340M.json"
+    args = ["train", "--model", str(gla_340m), "--cache", str(files / "ds"), "--path", str(tmp_path / "run")]
+    result = runner.invoke(app, [*args, "--batch", "8", "--context", "2048", "--precision", "bf16", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "8 x 1 update x 2 processes" in text and said in text, text
+    expected = models.estimate_memory(
+        models.load_config(gla_340m), 8, 2048, precision="bf16", zero_stage=stage, world_size=2, shared_casts=True
+    )["total"]
+    assert f"{expected:.2f} GiB per device" in text
+    assert {0: 21.36, 2: 19.27, 3: 18.25}[stage] == round(expected, 2)

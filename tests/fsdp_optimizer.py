@@ -6,6 +6,7 @@ flame.optim.fill_state runs first, as flame's engine does before loading; the we
 """
 
 import sys
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
@@ -48,7 +49,8 @@ def main(folder: str) -> None:
     for a, b in zip(saved, loaded):
         for key in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(a[key], b[key]), key
-    print(f"rank {state.process_index}: {len(loaded)} parameters' AdamW state restored")
+    # a file per rank: two processes printing into one pipe may run their lines together
+    (Path(folder) / f"restored-{state.process_index}").write_text(str(len(loaded)))
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def _whole():
     """Build a model whole, as on one device: not under DeepSpeed's zero.Init, which transformers enters for every
     model built while a ZeRO-3 config is registered with it (accelerate registers one for deepspeed_zero3.yaml,
     even with zero3_init_flag false). Such a model's weights are empty shards at once: counting its parameters and
-    FLOPs finds next to nothing (measured on 2 H200s: MFU 0.1% instead of 12%), and its initial weights are not the
+    FLOPs finds next to nothing (measured on 2 H200s: MFU 0.1% instead of 6.5%), and its initial weights are not the
     ones --seed gives in every other setup. accelerate's prepare() partitions the whole model afterwards.
     transformers has no public switch for this (`unset_hf_deepspeed_config` cannot be undone), so the registration
     is put aside and put back."""

@@ -202,6 +202,24 @@ def launcher_sharding(world: int) -> tuple[str, int]:
     return ("DDP" if world > 1 else "one process"), 0
 
 
+def checkpoint_format(setup: str) -> str:
+    """The checkpoint format a launcher setup (launcher_sharding's words) writes and reads with accelerate's
+    save_state/load_state: one process and DDP the same plain files, FSDP and FSDP2 their own sharded folders,
+    DeepSpeed its own per ZeRO stage."""
+    if setup in ("one process", "DDP"):
+        return "plain"
+    return "FSDP2" if setup.startswith("FSDP2") else "FSDP" if setup.startswith("FSDP") else setup
+
+
+def _saved_setup(checkpoint: str) -> str | None:
+    """The launcher setup a checkpoint was saved under (None: not recorded, or no readable trainer state, which
+    loading it reports)."""
+    try:
+        return ckpt.read_trainer_state(checkpoint).get("setup")
+    except CheckpointError:
+        return None
+
+
 def plan(cfg: TrainConfig, world: int = 1) -> Plan:
     """Resolve and check the run without training: model on the meta device, data lengths, schedule length.
     The memory estimate is per device, sharded as the launcher's setup shards it (launcher_sharding)."""
@@ -226,6 +244,14 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
         problems.append(
             f"--context {cfg.context} is larger than the model supports (max_position_embeddings {max_pos}): "
             "lower --context or raise max_position_embeddings in the model config"
+        )
+    sharding, zero_stage = launcher_sharding(world)
+    saved = _saved_setup(cfg.checkpoint) if cfg.checkpoint else None
+    if saved and checkpoint_format(saved) != checkpoint_format(sharding):
+        problems.append(
+            f"{cfg.checkpoint} was saved by {saved}, in a format that {sharding} cannot read: continue it with the "
+            f"setup it was trained with ({saved}), or start a new run from its weights with --model "
+            f"{Path(cfg.checkpoint) / 'model'} (AdamW's moments start again)"
         )
     if cfg.eval < 0 or cfg.eval_windows < 1:
         problems.append("--eval must be 0 (never) or more and --eval-windows at least 1")
@@ -253,7 +279,6 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
     windows_per_update = cfg.batch * cfg.update * world
     steps = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / windows_per_update))
     precision = "fp32" if _resolve_precision(cfg.precision, torch.cuda.is_available()) == "no" else "bf16"
-    sharding, zero_stage = launcher_sharding(world)
     return Plan(
         cfg=cfg,
         model_type=config.model_type,
@@ -674,6 +699,7 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
             "batch": cfg.batch,
             "update": update,
             "world": world,
+            "setup": p.sharding,  # which launcher setups can read this checkpoint (checkpoint_format)
             "elapsed": elapsed_before + time.time() - started,
             "wandb_id": log.wandb_id,
             "config": cfg.to_dict(),

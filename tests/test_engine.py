@@ -626,3 +626,16 @@ def test_update_is_the_accumulation_whatever_accelerate_launch_passes(files, tmp
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7)
     said = "the accelerate config's gradient_accumulation_steps 3 is not used: flame accumulates --update 4"
     assert (said in err) == (launcher == "3")
+
+
+def test_a_checkpoint_continues_only_under_a_setup_that_reads_its_format(files, tmp_path, monkeypatch):
+    engine.train(_cfg(files, tmp_path / "a", steps=2, save=2))
+    ckpt = tmp_path / "a" / "checkpoints" / "step-00000002"
+    assert json.loads((ckpt / "state" / "trainer.json").read_text())["setup"] == "one process"
+    cont = _cfg(files, tmp_path / "b", steps=4, checkpoint=str(ckpt))
+    assert engine.plan(cont, world=2).sharding == "DDP"  # DDP reads what one process wrote (and the other way)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "FULL_SHARD")
+    said = f"saved by one process, in a format that FSDP, full shard cannot read.*--model {ckpt / 'model'}"
+    with pytest.raises(ConfigError, match=said):
+        engine.plan(cont, world=2)

@@ -299,7 +299,9 @@ def render_checkpoint(f: CheckpointFacts) -> None:
         ("loss at save", loss),
         (
             "trained on",
-            f"batch {st.get('batch')} x update {st.get('update')} x {st.get('world')} process(es), "
+            f"batch {st.get('batch')} x update {st.get('update')} x {st.get('world')} process(es)"
+            + (f" ({st['setup']})" if st.get("setup") else "")
+            + ", "
             f"{_duration(st.get('elapsed'))}"
             if st
             else "-",

@@ -116,6 +116,7 @@ def test_checkpoint_report(run):
     for check in facts.checks:
         assert check.name in result.output
     assert f"global L2 norm {facts.stats['norm']:.4f}" in result.output
+    assert "x update 1 x 1 process(es) (one process), " in result.output  # the launcher setup it was saved by
     m = facts.model.memory  # estimated for the run's own batch and context
     assert (m["batch"], m["context"]) == (BATCH, CONTEXT)
     assert f"estimated peak training memory per device: batch {BATCH} x context {CONTEXT}," in result.output

@@ -295,7 +295,8 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
             accumulation=cfg.update,
             activation_checkpointing=cfg.checkpointing,
             shared_casts=cfg.share_casts,
-            bf16_residual=cfg.bf16_residual,
+            # FSDP's bf16 parameters make the embedding's output, so the residual stream, bf16 (as --bf16-residual)
+            bf16_residual=cfg.bf16_residual or (precision == "bf16" and sharding.startswith("FSDP")),
         ),
         dataset_tokens=sum(s.tokens for s in sources),
         windows_per_epoch=per_epoch,

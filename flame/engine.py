@@ -784,11 +784,12 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
             else:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss_total, norm = forward_backward([to_accelerator(b) for b in batches])
+                batches = [to_accelerator(b) for b in batches]
                 if on_device is not None:  # nothing here waits for the GPU (Updates)
-                    step_on_device(loss_total, norm)
+                    loss_total, norm = whole_update(batches)
                     updates.add(step + 1, loss_total, norm)
                 else:
+                    loss_total, norm = forward_backward(batches)
                     grad_norm, loss_value = (float(norm) if norm is not None else None), float(loss_total)
                     applied = Updates.applies(loss_value, grad_norm)
                     if applied:

@@ -35,18 +35,15 @@ SEED = 0
 
 
 def _data(folder: Path, config_path: str, args) -> Path:
-    """Random-token documents of 4 windows each, enough for every process's steps with a margin."""
+    """Random-token documents, enough for every process's steps with a margin."""
     import datasets
-    import numpy as np
 
     from flame.models import load_config
-    from tests.prepared import make_prepared
+    from tests.prepared import random_prepared
 
     datasets.disable_progress_bars()
-    vocab = load_config(config_path).vocab_size
     windows = (1 + args.warmup + args.steps) * args.batch * args.processes
-    docs = np.random.default_rng(SEED).integers(3, vocab, (windows // 4 + 8, 4 * args.context)).tolist()
-    return make_prepared(folder, docs, vocab)
+    return random_prepared(folder, load_config(config_path).vocab_size, windows, args.context, SEED)
 
 
 def _command(setup: str, args, port: int) -> list[str]:

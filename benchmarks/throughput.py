@@ -253,20 +253,13 @@ def run_bare(config_path: str, args, device, *, read_back: bool = True, graph: b
 
 
 def run_flame(config_path: str, args, device, work: Path) -> dict:
-    import numpy as np
-
     from flame import engine
     from flame.config import TrainConfig
     from flame.models import load_config
-    from tests.prepared import make_prepared
+    from tests.prepared import random_prepared
 
-    vocab = load_config(config_path).vocab_size
     total = 1 + args.warmup + args.steps
-    # Documents of 4 windows each, random tokens, enough for every step with a margin.
-    n_docs = total * args.batch // 4 + 8
-    rng = np.random.default_rng(SEED)
-    docs = rng.integers(3, vocab, (n_docs, 4 * args.context)).tolist()
-    make_prepared(work / "data", docs, vocab)
+    random_prepared(work / "data", load_config(config_path).vocab_size, total * args.batch, args.context, SEED)
     cfg = TrainConfig(
         model=config_path, cache=str(work / "data"), path=str(work / "run"), context=args.context,
         batch=args.batch, steps=total, lr=3e-4, warmup=0, seed=SEED, logging=1 + args.warmup, save=10**9, limit=0,

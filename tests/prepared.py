@@ -23,6 +23,13 @@ def counting_docs(n: int, vocab: int, seed: int = 0, min_len: int = 8, max_len: 
     return docs
 
 
+def random_prepared(path: Path, vocab: int, windows: int, context: int, seed: int = 0) -> Path:
+    """A prepared dataset of random-token documents of 4 windows each, enough for `windows` windows of `context`
+    with a margin (the benchmarks' data: no pattern to learn, every window full)."""
+    docs = np.random.default_rng(seed).integers(3, vocab, (windows // 4 + 8, 4 * context)).tolist()
+    return make_prepared(path, docs, vocab)
+
+
 def write_tokenizer(path: Path, vocab: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -80,3 +80,41 @@ def test_a_captured_update_trains_the_eager_losses_and_resumes_without_graphs(se
     # the graph keeps its own memory pool, which cannot reuse what the eager warm-up left cached: 0.25 GiB more here
     # on an H200, 0.16-0.19 GiB for GLA-340M at batch 8-32 (benchmarks/RESULTS.md)
     assert report["graphed"]["memory_gib"] - eager["memory_gib"] < 0.5
+
+
+def _family_config(root: Path, family: str) -> Path:
+    """`family`'s 340M config (configs/<family>_340M.json; RWKV7, which ships none, at 340M's width) with 2
+    layers."""
+    repo = Path(__file__).resolve().parents[1]
+    if family == "rwkv7":
+        config = {"model_type": "rwkv7", "hidden_size": 1024, "head_dim": 64, "vocab_size": 32000}
+    else:
+        config = json.loads((repo / "configs" / f"{family}_340M.json").read_text())
+    path = root / f"{family}.json"
+    path.write_text(json.dumps(config | {"num_hidden_layers": 2}))
+    return path
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["transformer", "delta_net", "mamba2", "rwkv7", "gated_deltanet"])
+def test_each_model_family_is_captured_with_the_eager_losses(setup, family, capsys):
+    """Every family flame ships a config for (and RWKV7) under --cuda-graphs: the capture takes, and the 6 updates
+    (3 eager, the capture, 2 replays) train the eager run's losses."""
+    from flame.kernels.compat import hopper_triton_blocker
+
+    blocker = hopper_triton_blocker(json.loads(_family_config(setup, family).read_text())["model_type"])
+    if blocker:
+        pytest.skip(blocker[0])
+    model = str(_family_config(setup, family))
+    runs = {}
+    for name, graphs in (("eager", False), ("graphed", True)):
+        engine.train(_cfg(setup, f"{family}-{name}", model=model, steps=6, eval=0, save=6, cuda_graphs=graphs))
+        runs[name] = [r["loss"] for r in _records(setup, f"{family}-{name}")]
+    captured = capsys.readouterr().out
+    print(json.dumps({"family": family, "device": torch.cuda.get_device_name()} | runs))  # shown with -s
+
+    assert "CUDA graph: update 4 captured in" in captured
+    assert len(runs["graphed"]) == len(runs["eager"]) == 6
+    assert runs["graphed"][0] == runs["eager"][0]
+    for a, b in zip(runs["graphed"], runs["eager"]):
+        assert abs(a - b) <= 1e-2 * abs(b), (family, a, b)

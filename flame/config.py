@@ -103,12 +103,14 @@ class TrainConfig:
     every residual add rounds to bf16, so the losses differ slightly. On an H200: GLA-340M at batch 32 5.4% faster
     (36.4% MFU) in 10% less memory, GLA-1.3B at batch 16 3.4% faster; 300 steps of GLA-340M ended at the same loss
     (benchmarks/RESULTS.md). A config with residual_in_fp32 (Mamba2's default) keeps its fp32 stream."""
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = None
     """Capture the whole update (forward, backward, clipping, AdamW) in a CUDA graph after 3 eager updates and
     replay it: the host launches one graph per step instead of every kernel, which pays where the host bounds the
     step (small batches). On an H200, GLA-340M: 1.45x the tokens/s at batch 8 (151.0K), 1.03x at 16, level at 32,
-    ~0.2 GiB more memory (benchmarks/RESULTS.md). The same updates, bit for bit; one GPU, fixed shapes (not with
-    --varlen, --compile, --checkpointing)."""
+    ~0.2 GiB more memory; captured for GLA, DeltaNet, Mamba2, RWKV7 and Llama (benchmarks/RESULTS.md). The same
+    updates. Default: on wherever the run allows it (one CUDA GPU, fixed shapes: not with --varlen, --compile or
+    --checkpointing), and a model that cannot be captured trains on eagerly after a warning; --cuda-graphs refuses
+    a run that cannot have it, --no-cuda-graphs never captures."""
 
     # Validation
     eval: int = 0
@@ -261,16 +263,24 @@ def load(run_dir: str | os.PathLike) -> TrainConfig:
     if unknown:
         raise ConfigError(f"{path} has unknown keys {', '.join(unknown)}", "remove them")
     wrong = [
-        f"{name} = {value!r} (want {type(fields[name].default).__name__})"
+        f"{name} = {value!r} (want {_kind(fields[name].default)})"
         for name, value in values.items()
-        if not _is_type(value, type(fields[name].default))
+        if not _fits(value, fields[name].default)
     ]
     if wrong:
         raise ConfigError(f"{path} has values of the wrong type: {'; '.join(wrong)}", fix)
     return TrainConfig(**(SAVED_BEFORE | values))
 
 
-def _is_type(value, kind: type) -> bool:
+def _kind(default) -> str:
+    return "bool or null" if default is None else type(default).__name__
+
+
+def _fits(value, default) -> bool:
+    """Whether `value` may stand for an option whose default is `default` (None: on/off, or where it applies)."""
+    if default is None:
+        return value is None or isinstance(value, bool)
+    kind = type(default)
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is int:

@@ -750,7 +750,20 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
         step_on_device(loss_total, norm)
         return loss_total, norm
 
-    graphed = graphs.GraphedUpdate(whole_update, on_device, accelerator.device) if cfg.cuda_graphs else None
+    def keep_micro_batch_count():
+        """accelerate's micro-batch count, which decides when the gradients sync and the optimizer steps: a capture
+        that fails has advanced it (the eager update after it must start where the capture did)."""
+        count = accelerator.step
+
+        def put_back():
+            accelerator.step = count
+
+        return put_back
+
+    graphed = None
+    if graphs.wanted(cfg, accelerator.device, world, on_device):  # by default, and with --cuda-graphs
+        fallback = cfg.cuda_graphs is None  # not asked for: a model that cannot be captured trains eagerly
+        graphed = graphs.GraphedUpdate(whole_update, on_device, accelerator.device, fallback, keep_micro_batch_count)
     model.train()
     # The first step compiles and autotunes FLA's kernels on a GPU: announced, timed and kept out of tokens/s
     # (Throughput counts a step from the end of the previous one, so step 1 never enters its window).
@@ -778,7 +791,12 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
                 items_local = local
             if graphed is not None:
                 loss_total, norm = graphed(batches, lr)
-                if step == start_step + graphs.WARMUP:  # this call captured the update
+                if step == start_step + graphs.WARMUP and graphed.failure:  # this call tried to capture the update
+                    ui.warn(
+                        f"CUDA graph: update {step + 1} could not be captured ({graphed.failure}); training on "
+                        "eagerly (--no-cuda-graphs skips the attempt)"
+                    )
+                elif step == start_step + graphs.WARMUP:
                     ui.print0(f"CUDA graph: update {step + 1} captured in {graphed.capture_s:.1f} s, replayed since")
                 updates.add(step + 1, loss_total, norm)
             else:

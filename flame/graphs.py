@@ -14,7 +14,8 @@ What a capture needs, and how the engine provides it:
   compile, the optimizer creates its state, the allocator warms up) and are real updates of the run;
 - the gradients None at the capture, so that the graph's backward writes them afresh each replay.
 The capture records and does not run, so the updates are those of the eager loop: the same losses (on an H200 bit
-for bit). `refusal` and `unsupported` say which runs cannot be captured.
+for bit). `refusal` and `unsupported` say which runs cannot be captured, `wanted` which are: by default every run
+that can be, falling back to the eager loop where a model's update cannot be captured.
 """
 
 import time
@@ -28,14 +29,24 @@ from flame.errors import TrainingError, first_line
 WARMUP = 3
 
 
+def clash(cfg) -> str | None:
+    """Which of the run's options rule out a capture (they change shapes or compile), or None."""
+    names = [f"--{name}" for name in ("varlen", "compile", "checkpointing") if getattr(cfg, name)]
+    return f"--cuda-graphs cannot be combined with {' or '.join(names)}" if names else None
+
+
 def refusal(cfg) -> str | None:
-    """Why the options of a run rule out --cuda-graphs, or None."""
-    if not cfg.cuda_graphs:
-        return None
-    clash = [f"--{name}" for name in ("varlen", "compile", "checkpointing") if getattr(cfg, name)]
-    if clash:
-        return f"--cuda-graphs cannot be combined with {' or '.join(clash)}"
-    return None
+    """Why the options of a run that asks for --cuda-graphs rule it out, or None (also when not asked: by default
+    such a run trains eagerly)."""
+    return clash(cfg) if cfg.cuda_graphs else None
+
+
+def wanted(cfg, device: torch.device, processes: int, fused_optimizer) -> bool:
+    """Whether the run captures its update: --cuda-graphs (where `unsupported` says no, the engine refuses the run
+    first), or by default wherever it can."""
+    if cfg.cuda_graphs is None:
+        return clash(cfg) is None and unsupported(device, processes, fused_optimizer) is None
+    return cfg.cuda_graphs
 
 
 def unsupported(device: torch.device, processes: int, fused_optimizer) -> str | None:
@@ -55,10 +66,17 @@ class GraphedUpdate:
 
     `inputs` are static device buffers shaped like the first call's micro-batches; each call copies its batches
     into them. The loss and norm of a replay are copied out of the graph's own outputs, which the next replay
-    overwrites."""
+    overwrites.
 
-    def __init__(self, update, optimizer: torch.optim.Optimizer, device: torch.device):
+    A capture that fails (the model reads a value back to the host during its update, say) is an error, or with
+    `fallback` the end of capturing: that update and all after it run eagerly, and `failure` says why. Python state
+    that the captured code changes is put back first: `keep()`, called before the capture, returns a function that
+    restores it."""
+
+    def __init__(self, update, optimizer: torch.optim.Optimizer, device: torch.device, fallback=False, keep=None):
         self.update, self.optimizer, self.device = update, optimizer, device
+        self.fallback, self.keep = fallback, keep
+        self.failure: str | None = None
         self.inputs: list[dict] | None = None
         self.shapes: list[dict] | None = None  # the inputs', fixed at the first call
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
@@ -83,21 +101,29 @@ class GraphedUpdate:
         for static, batch in zip(self.inputs, batches):
             for k, v in batch.items():
                 static[k].copy_(v.pin_memory() if self.device.type == "cuda" else v, non_blocking=True)
-        if self.eager_left:
-            self.eager_left -= 1
+        if self.eager_left or self.failure:
+            self.eager_left = max(self.eager_left - 1, 0)
             with self.eager():
                 return self.update(self.inputs)
         if self.replay is None:
             self.optimizer.zero_grad(set_to_none=True)
             start = time.perf_counter()
+            put_back = self.keep() if self.keep else None
             try:
                 self.replay, self.outputs = self._record(lambda: self.update(self.inputs))
             except RuntimeError as e:  # CUDA's capture errors included (torch.AcceleratorError)
-                raise TrainingError(
-                    f"--cuda-graphs: the update could not be captured in a CUDA graph ({first_line(e)}); the model "
-                    "may read a value back to the host during its update",
-                    "drop --cuda-graphs (flame resume: --no-cuda-graphs)",
-                ) from e
+                if not self.fallback:
+                    raise TrainingError(
+                        f"--cuda-graphs: the update could not be captured in a CUDA graph ({first_line(e)}); the "
+                        "model may read a value back to the host during its update",
+                        "drop --cuda-graphs (flame resume: --no-cuda-graphs)",
+                    ) from e
+                self.failure = first_line(e)
+                self.optimizer.zero_grad(set_to_none=True)  # whatever the capture left in .grad
+                if put_back:
+                    put_back()
+                with self.eager():
+                    return self.update(self.inputs)
             self.capture_s = time.perf_counter() - start
         self.replay()
         return tuple(None if t is None else t.clone() for t in self.outputs)

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from flame import config as run_config
-from flame.config import TrainConfig, field_docs, load, parse_cache, resolve
+from flame.config import TrainConfig, field_docs, load, parse_cache, resolve, save
 from flame.errors import ConfigError
 
 
@@ -99,12 +99,19 @@ def test_cache_weights_must_be_finite_and_the_cache_must_name_a_dataset(tmp_path
 @pytest.mark.parametrize(
     "text, problem",
     [("{not json", "is not valid JSON"), ("", "is not valid JSON"), ("[1]", "is not a flame run config"),
-     ('{"batch": "x"}', "values of the wrong type: batch = 'x' \\(want int\\)")],
+     ('{"batch": "x"}', "values of the wrong type: batch = 'x' \\(want int\\)"),
+     ('{"cuda_graphs": "yes"}', "values of the wrong type: cuda_graphs = 'yes' \\(want bool or null\\)")],
 )  # fmt: skip
 def test_a_damaged_run_config_is_one_clear_error(tmp_path, text, problem):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(ConfigError, match=problem):
         load(tmp_path)
+
+
+@pytest.mark.parametrize("value", [None, True, False])
+def test_cuda_graphs_is_saved_and_read_back_as_default_on_or_off(tmp_path, value):
+    save(TrainConfig(cuda_graphs=value), tmp_path)
+    assert load(tmp_path).cuda_graphs is value
 
 
 def test_a_file_where_a_folder_belongs_is_named_as_a_file(tmp_path):

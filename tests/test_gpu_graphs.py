@@ -44,7 +44,7 @@ def _records(setup, name) -> list[dict]:
 
 @pytest.mark.gpu
 def test_a_captured_update_trains_the_eager_losses_and_resumes_without_graphs(setup, capsys):
-    engine.train(_cfg(setup, "eager"))
+    engine.train(_cfg(setup, "eager", cuda_graphs=False))
     engine.train(_cfg(setup, "graphed", cuda_graphs=True))
     captured = capsys.readouterr().out
     # the graphed run continued from its checkpoint at 5 without graphs (resume drops the later records)
@@ -118,3 +118,29 @@ def test_each_model_family_is_captured_with_the_eager_losses(setup, family, caps
     assert runs["graphed"][0] == runs["eager"][0]
     for a, b in zip(runs["graphed"], runs["eager"]):
         assert abs(a - b) <= 1e-2 * abs(b), (family, a, b)
+
+
+@pytest.mark.gpu
+def test_by_default_an_update_that_reads_back_to_the_host_trains_on_eagerly(setup, capsys, monkeypatch):
+    """A model whose update reads a value back to the host (here: every loss, with .item()) cannot be captured:
+    the CUDA capture fails at update 4, and by default the run goes on eagerly with the losses of a run without
+    graphs; --cuda-graphs makes the same failure an error."""
+    real = engine.forward_loss
+
+    def reads_back(model, batch, num_items):
+        loss = real(model, batch, num_items)
+        loss.item()  # a host synchronisation: not permitted while a stream is capturing
+        return loss
+
+    monkeypatch.setattr(engine, "forward_loss", reads_back)
+    runs = {}
+    for name, graphs in (("eager", False), ("default", None)):
+        engine.train(_cfg(setup, f"sync-{name}", steps=6, eval=0, save=6, cuda_graphs=graphs))
+        runs[name] = [r["loss"] for r in _records(setup, f"sync-{name}")]
+    captured = capsys.readouterr()
+    print(json.dumps(runs))
+    assert "CUDA graph: update 4 could not be captured (" in captured.err
+    assert "captured in" not in captured.out
+    assert runs["default"] == runs["eager"] and len(runs["eager"]) == 6
+    with pytest.raises(Exception, match="the update could not be captured in a CUDA graph"):
+        engine.train(_cfg(setup, "sync-asked", steps=6, eval=0, save=6, cuda_graphs=True))

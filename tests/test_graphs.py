@@ -62,7 +62,7 @@ def stand_in(monkeypatch):
 def _cfg(files, run: Path, **kw) -> TrainConfig:
     base = dict(
         model=str(files / "gla.json"), cache=str(files / "ds"), path=str(run), context=32, batch=2, update=2,
-        steps=STEPS, lr=3e-3, warmup=3, seed=0, logging=4, save=4, limit=0,
+        steps=STEPS, lr=3e-3, warmup=3, seed=0, logging=4, save=4, limit=0, cuda_graphs=False,
     )  # fmt: skip
     return TrainConfig(**(base | kw))
 
@@ -182,3 +182,72 @@ def test_an_update_that_cannot_be_captured_is_one_clear_error(files, tmp_path, s
         "resume: --no-cuda-graphs)"
     ), result.output
     assert "Traceback" not in result.output
+
+
+def test_by_default_a_run_that_allows_it_is_captured_and_one_that_does_not_trains_eagerly(
+    files, tmp_path, stand_in, capsys
+):
+    engine.train(_cfg(files, tmp_path / "default", cuda_graphs=None))
+    assert "CUDA graph: update 4 captured in " in capsys.readouterr().out and stand_in.captures == 1
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["cuda_graphs"] is None
+    for option in ("varlen", "compile", "checkpointing"):  # not refused as with --cuda-graphs: eager
+        engine.plan(_cfg(files, tmp_path / option, cuda_graphs=None, **{option: True}))
+    engine.train(_cfg(files, tmp_path / "checkpointing", cuda_graphs=None, checkpointing=True))
+    assert "CUDA graph" not in capsys.readouterr().out and stand_in.captures == 1
+
+
+def test_by_default_graphs_are_wanted_on_one_cuda_process_with_the_fused_adamw(files, tmp_path):
+    adamw = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=True)
+    cfg = _cfg(files, tmp_path, cuda_graphs=None)
+    assert graphs.wanted(cfg, torch.device("cuda"), 1, adamw) is True
+    assert graphs.wanted(cfg, torch.device("cpu"), 1, adamw) is False
+    assert graphs.wanted(cfg, torch.device("cuda"), 2, adamw) is False
+    assert graphs.wanted(cfg, torch.device("cuda"), 1, None) is False
+    assert graphs.wanted(_cfg(files, tmp_path, cuda_graphs=False), torch.device("cuda"), 1, adamw) is False
+
+
+def test_a_cpu_run_trains_eagerly_by_default(files, tmp_path, capsys):
+    engine.train(_cfg(files, tmp_path / "cpu", cuda_graphs=None, steps=5))
+    out = capsys.readouterr()
+    assert "CUDA graph" not in out.out + out.err
+
+
+def test_by_default_an_update_that_cannot_be_captured_trains_on_eagerly(files, tmp_path, stand_in, monkeypatch):
+    """The capture fails in the forward of its first micro-batch (as a host read-back fails on a GPU), after
+    accelerate counted that micro-batch: the run goes on eagerly from that update, with the eager run's losses
+    and weights, and says why once."""
+    real = engine.forward_loss
+    capturing = {"now": False}
+
+    def record(self, body):
+        capturing["now"] = True
+        try:
+            return body()
+        finally:
+            capturing["now"] = False
+
+    def forward_loss(model, batch, num_items):
+        if capturing["now"]:
+            raise RuntimeError("operation not permitted when stream is capturing\nCUDA kernel errors might be ...")
+        return real(model, batch, num_items)
+
+    monkeypatch.setattr(graphs.GraphedUpdate, "_record", record)
+    monkeypatch.setattr(engine, "forward_loss", forward_loss)
+    engine.train(_cfg(files, tmp_path / "eager"))
+    args = ["train", "--model", str(files / "gla.json"), "--cache", str(files / "ds"), "--path", str(tmp_path / "r")]
+    args += ["--context", "32", "--batch", "2", "--update", "2", "--steps", str(STEPS), "--lr", "3e-3"]
+    args += ["--warmup", "3", "--seed", "0", "--logging", "4", "--save", "4", "--limit", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.output.splitlines() if "CUDA graph" in line]
+    assert said == [
+        "warning: CUDA graph: update 4 could not be captured (operation not permitted when stream is capturing); "
+        "training on eagerly (--no-cuda-graphs skips the attempt)"
+    ], result.output
+    a, b = _records(tmp_path / "eager"), _records(tmp_path / "r")
+    assert [r["step"] for r in b] == [1, 4, 8]
+    for key in ("loss", "grad_norm", "lr"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-6), key
+    wa, wb = _weights(tmp_path / "eager", STEPS), _weights(tmp_path / "r", STEPS)
+    for name in wa:  # every update applied, once: the micro-batch count was put back after the failed capture
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-7)

@@ -58,7 +58,9 @@ def train(
     checkpointing: Annotated[bool, _opt("checkpointing", rich_help_panel="Batch")] = DEFAULTS.checkpointing,
     share_casts: Annotated[bool, _opt("share_casts", negatable=True, rich_help_panel="Batch")] = DEFAULTS.share_casts,
     bf16_residual: Annotated[bool, _opt("bf16_residual", rich_help_panel="Batch")] = DEFAULTS.bf16_residual,
-    cuda_graphs: Annotated[bool, _opt("cuda_graphs", rich_help_panel="Batch")] = DEFAULTS.cuda_graphs,
+    cuda_graphs: Annotated[
+        bool | None, _opt("cuda_graphs", negatable=True, rich_help_panel="Batch", show_default=False)
+    ] = DEFAULTS.cuda_graphs,
     eval: Annotated[int, _opt("eval", rich_help_panel="Checkpoints and logging")] = DEFAULTS.eval,
     eval_windows: Annotated[
         int, _opt("eval_windows", rich_help_panel="Checkpoints and logging")

@@ -119,6 +119,7 @@ class GraphedUpdate:
                         "drop --cuda-graphs (flame resume: --no-cuda-graphs)",
                     ) from e
                 self.failure = first_line(e)
+            if self.failure:  # out of the except block, so that the exception no longer holds the capture's tensors
                 self.optimizer.zero_grad(set_to_none=True)  # whatever the capture left in .grad
                 if put_back:
                     put_back()

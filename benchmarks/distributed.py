@@ -6,11 +6,12 @@
 
 Each setup is `accelerate launch --config_file configs/accelerate/SETUP.yaml --num_processes N -m flame train`, the
 row `one` plain `flame train` on one device, all on the same prepared dataset of random tokens with the same model,
-batch per process, context and seed. Each run logs at step 1 + --warmup and at its last step; tokens/s is the tokens
-between the two over the time between them (the engine logs after waiting for the GPU), so step 1 (compilation,
-autotuning) and the warm-up stay out. Per process, that is against the one-process row ("scaling"); MFU on flame's
-FLOP count; peak memory is rank 0's. On the CPU only `one` and DDP run (2 gloo processes via accelerate's
---multi_gpu launcher); FSDP and DeepSpeed need GPUs.
+batch per process, context and seed, all eager (--no-cuda-graphs: flame's default CUDA graphs are for one process
+only, so the one-process row runs as the others do). Each run logs at step 1 + --warmup and at its last step;
+tokens/s is the tokens between the two over the time between them (the engine logs after waiting for the GPU), so
+step 1 (compilation, autotuning) and the warm-up stay out. Per process, that is against the one-process row
+("scaling"); MFU on flame's FLOP count; peak memory is rank 0's. On the CPU only `one` and DDP run (2 gloo
+processes via accelerate's --multi_gpu launcher); FSDP and DeepSpeed need GPUs.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def run_setup(setup: str, config_path: str, data: Path, work: Path, args, port: 
     total = 1 + args.warmup + args.steps
     options = ["--model", config_path, "--cache", str(data), "--path", str(run), "--batch", str(args.batch),
                "--context", str(args.context), "--steps", str(total), "--logging", str(1 + args.warmup),
-               "--save", str(10**9), "--limit", "1", "--lr", "3e-4", "--warmup", "0", "--seed", str(SEED)]  # fmt: skip
+               "--save", str(10**9), "--limit", "1", "--lr", "3e-4", "--warmup", "0", "--seed", str(SEED),
+               "--no-cuda-graphs"]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(REPO), "NCCL_NVLS_ENABLE": "0", "FLAME_QUIET": "1", "WANDB_MODE": "offline"}
     if setup == "one" and args.device == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]

@@ -28,8 +28,8 @@ model (built by flame.models.build_model from the same config and seed, fp32 wei
               capture and one replay; so it trains 3 updates more than the others, which only the losses show
   flame       flame.engine.train on a prepared dataset of random tokens (a log record every 1 + --warmup steps and at
               the end, no checkpoint until the end); like hf, it reads losses back only for a log record. With
-              autocast's own casts (--no-share-casts), the settings of the other engines; flame:share-casts is
-              `flame train` as it runs by default
+              autocast's own casts (--no-share-casts) and no CUDA graphs (--no-cuda-graphs), the settings of the
+              other engines; flame:share-casts:cuda-graphs is `flame train` as it runs by default on one GPU
               flame:cuda-graphs is `flame train --cuda-graphs` (GPU only): its update 4 is captured (the last
               warm-up step), the timed steps are replays
   hf          transformers.Trainer on the same random tokens; keeps its loss on the GPU until a logging step

@@ -29,9 +29,14 @@ from flame.errors import TrainingError, first_line
 WARMUP = 3
 
 
+def _clashing(cfg) -> list[str]:
+    """The run's options that rule out a capture (they change shapes or compile)."""
+    return [f"--{name}" for name in ("varlen", "compile", "checkpointing") if getattr(cfg, name)]
+
+
 def clash(cfg) -> str | None:
-    """Which of the run's options rule out a capture (they change shapes or compile), or None."""
-    names = [f"--{name}" for name in ("varlen", "compile", "checkpointing") if getattr(cfg, name)]
+    """Why the run's options rule out a capture, or None."""
+    names = _clashing(cfg)
     return f"--cuda-graphs cannot be combined with {' or '.join(names)}" if names else None
 
 
@@ -39,6 +44,18 @@ def refusal(cfg) -> str | None:
     """Why the options of a run that asks for --cuda-graphs rule it out, or None (also when not asked: by default
     such a run trains eagerly)."""
     return clash(cfg) if cfg.cuda_graphs else None
+
+
+def described(cfg, processes: int) -> str:
+    """Whether and when the run captures its update, in a few words, for --dry-run (which may run where no GPU
+    is)."""
+    if cfg.cuda_graphs is False:
+        return "off (--no-cuda-graphs)"
+    if names := _clashing(cfg):
+        return f"off with {' and '.join(names)}"
+    if processes > 1:
+        return f"off on {processes} processes"
+    return f"on a CUDA GPU: captured at update {WARMUP + 1}"
 
 
 def wanted(cfg, device: torch.device, processes: int, fused_optimizer) -> bool:

@@ -251,3 +251,22 @@ def test_by_default_an_update_that_cannot_be_captured_trains_on_eagerly(files, t
     wa, wb = _weights(tmp_path / "eager", STEPS), _weights(tmp_path / "r", STEPS)
     for name in wa:  # every update applied, once: the micro-batch count was put back after the failed capture
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-7)
+
+
+def test_the_dry_run_says_whether_the_update_will_be_captured(files, tmp_path, monkeypatch):
+    args = ["train", "--model", str(files / "gla.json"), "--cache", str(files / "ds"), "--context", "32"]
+    args += ["--warmup", "1", "--dry-run", "--path", str(tmp_path / "dry")]
+
+    def row(*extra) -> str:
+        result = CliRunner().invoke(app, [*args, *extra])
+        assert result.exit_code == 0, result.output
+        return re.search(r"^CUDA graphs +(.*?)\s*$", result.output, re.M).group(1)
+
+    assert row() == "on a CUDA GPU: captured at update 4"
+    assert row("--no-cuda-graphs") == "off (--no-cuda-graphs)"
+    assert row("--varlen") == "off with --varlen"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert row() == "off on 2 processes"
+    result = CliRunner().invoke(app, [*args, "--cuda-graphs"])
+    assert result.exit_code == 1
+    assert "--cuda-graphs runs on one process, this run has 2: drop --cuda-graphs" in result.output

@@ -141,6 +141,9 @@ def _render_plan(p) -> None:
     if p.validation is not None:
         held_out = f"{p.eval_windows} windows of {p.cfg.context} held out"
         rows.append(("validation", f"every {p.cfg.eval} updates: {held_out}"))
+    from flame import graphs
+
+    rows.append(("CUDA graphs", graphs.described(p.cfg, p.world)))
     options = changed_switches(dataclasses.asdict(p.cfg), SWITCHES)
     if options:
         rows.append(("options", ", ".join(options)))

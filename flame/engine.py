@@ -258,7 +258,10 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
     if clash := graphs.refusal(cfg):
         problems.append(f"{clash}: drop one of them")
     if cfg.cuda_graphs and world > 1:  # the device and optimizer are checked once the Accelerator has them
-        problems.append(f"--cuda-graphs runs on one process, this run has {world}: drop --cuda-graphs")
+        problems.append(
+            f"--cuda-graphs runs on one process, this run has {world}: drop --cuda-graphs (flame resume: "
+            "--no-cuda-graphs)"
+        )
     if cfg.varlen and not is_fla:
         problems.append(f"--varlen needs an FLA model (cu_seqlens), {config.model_type} has none: drop --varlen")
     problems += [

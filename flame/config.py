@@ -125,9 +125,13 @@ class TrainConfig:
     limit: int = 2
     """Keep the newest this many checkpoints (0: keep all)."""
     logging: int = 32
-    """Log every this many updates (console, metrics.jsonl, wandb)."""
+    """Log every this many updates (console, metrics.jsonl, wandb, TensorBoard)."""
     project: str = ""
     """wandb project; empty: no wandb. WANDB_MODE=offline logs locally."""
+    tensorboard: bool = False
+    """Also write every log record to RUN/tensorboard/ (`tensorboard --logdir RUN/tensorboard`); needs the
+    tensorboard package (pip install tensorboard). A resumed run hides the records logged after its checkpoint
+    there too."""
     seed: int = 42
     """Seed for model init, data order and every process's RNG."""
     max_bad_steps: int = 8

@@ -31,7 +31,7 @@ from flame.config import TrainConfig
 from flame.data import loader as data_loader
 from flame.errors import CheckpointError, ConfigError, ModelError, OutputExistsError, TrainingError
 from flame.firststep import FirstStep, triton_cache_dir
-from flame.logging import RunLogger
+from flame.logging import RunLogger, tensorboard_installed
 from flame.metrics import Throughput, eta, mfu, peak_flops, peak_memory_gib, reset_peak_memory
 from flame.optim import build_optimizer, fill_state, schedule
 
@@ -257,6 +257,8 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
         problems.append("--eval must be 0 (never) or more and --eval-windows at least 1")
     if clash := graphs.refusal(cfg):
         problems.append(f"{clash}: drop one of them")
+    if cfg.tensorboard and not tensorboard_installed():
+        problems.append("--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard")
     if cfg.cuda_graphs and world > 1:  # the device and optimizer are checked once the Accelerator has them
         problems.append(
             f"--cuda-graphs runs on one process, this run has {world}: drop --cuda-graphs (flame resume: "
@@ -895,7 +897,8 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
 #: update is replayed from a CUDA graph (the same updates either way), never what is trained (model, data, context,
 #: batch, optimizer and seed stay as the run was started, so the continuation is exact).
 RESUME_OVERRIDES = (
-    "steps", "logging", "save", "limit", "project", "max_bad_steps", "eval", "eval_windows", "cuda_graphs"
+    "steps", "logging", "save", "limit", "project", "tensorboard", "max_bad_steps", "eval", "eval_windows",
+    "cuda_graphs",
 )  # fmt: skip
 
 

@@ -10,10 +10,15 @@
   one uninterrupted run.
 - wandb, only with --project: run name = --type, the run id is kept in RUN/wandb-id so a resumed run continues the
   same wandb run. WANDB_MODE=offline logs locally.
+- TensorBoard, only with --tensorboard: RUN/tensorboard/, each record's numbers as scalars under their
+  metrics.jsonl names at their step. A resumed run purges (hides) the events past its checkpoint, as it drops the
+  records of metrics.jsonl.
 """
 
+import importlib.util
 import json
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -25,6 +30,11 @@ from flame.errors import ConfigError
 
 METRICS = "metrics.jsonl"
 WANDB_ID = "wandb-id"
+TENSORBOARD = "tensorboard"
+
+
+def tensorboard_installed() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None
 
 
 def _parse(line: str) -> dict | None:
@@ -56,7 +66,7 @@ class RunLogger:
     def __init__(self, cfg: TrainConfig, run_dir: Path, *, total_steps: int, start_step: int, enabled: bool):
         self.cfg, self.run_dir, self.enabled = cfg, Path(run_dir), enabled
         self.total_steps, self.start_step = total_steps, start_step
-        self.wandb_run, self.wandb_id, self.progress, self.file = None, None, None, None
+        self.wandb_run, self.wandb_id, self.progress, self.file, self.tensorboard = None, None, None, None, None
         self.last: dict | None = None
 
     def __enter__(self):
@@ -66,12 +76,19 @@ class RunLogger:
         path = self.run_dir / METRICS
         self._truncate(path)
         self.file = path.open("a")
-        if self.cfg.project:
-            try:
+        try:
+            if self.cfg.project:
                 self._start_wandb()
-            except BaseException:
-                self.file.close()
-                raise
+            if self.cfg.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                # purge_step: events from it on, which the interrupted run logged after its checkpoint, are hidden
+                self.tensorboard = SummaryWriter(
+                    str(self.run_dir / TENSORBOARD), purge_step=self.start_step + 1 if self.start_step else None
+                )
+        except BaseException:
+            self.__exit__(*sys.exc_info())  # what was opened is closed (wandb told the run failed)
+            raise
         if ui.interactive():
             self.progress = ui.progress(TextColumn("{task.fields[line]}"))
             self.progress.start()
@@ -124,6 +141,11 @@ class RunLogger:
         self.file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+        if self.tensorboard is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tensorboard.add_scalar(k, v, record["step"])
+            self.tensorboard.flush()  # a killed run keeps what it logged, as metrics.jsonl does
         if self.progress is not None:
             self.progress.update(self.task, completed=record["step"], line=_fmt(record))
         else:
@@ -140,6 +162,8 @@ class RunLogger:
             self.progress.stop()
         if self.file is not None:
             self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=1 if exc[0] else 0)
         return False

@@ -20,6 +20,14 @@ def resume(
     save: Annotated[int | None, typer.Option("--save", help=DOCS["save"])] = None,
     limit: Annotated[int | None, typer.Option("--limit", help=DOCS["limit"])] = None,
     project: Annotated[str | None, typer.Option("--project", help=DOCS["project"])] = None,
+    tensorboard: Annotated[
+        bool | None,
+        typer.Option(
+            "--tensorboard/--no-tensorboard",
+            help=f"{DOCS['tensorboard']} Default: as the run was started.",
+            show_default=False,
+        ),
+    ] = None,
     max_bad_steps: Annotated[int | None, typer.Option("--max-bad-steps", help=DOCS["max_bad_steps"])] = None,
     eval: Annotated[int | None, typer.Option("--eval", help=DOCS["eval"])] = None,
     eval_windows: Annotated[int | None, typer.Option("--eval-windows", help=DOCS["eval_windows"])] = None,
@@ -46,7 +54,7 @@ def resume(
     from flame import engine
 
     overrides = dict(steps=steps, logging=logging, save=save, limit=limit, project=project, max_bad_steps=max_bad_steps)
-    overrides |= dict(eval=eval, eval_windows=eval_windows, cuda_graphs=cuda_graphs)
+    overrides |= dict(eval=eval, eval_windows=eval_windows, cuda_graphs=cuda_graphs, tensorboard=tensorboard)
     result = engine.resume(run_dir, overrides, force=force)
     if ui.is_main_process():
         _render_result(result)

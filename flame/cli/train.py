@@ -69,6 +69,7 @@ def train(
     limit: Annotated[int, _opt("limit", rich_help_panel="Checkpoints and logging")] = DEFAULTS.limit,
     logging: Annotated[int, _opt("logging", rich_help_panel="Checkpoints and logging")] = DEFAULTS.logging,
     project: Annotated[str, _opt("project", rich_help_panel="Checkpoints and logging")] = DEFAULTS.project,
+    tensorboard: Annotated[bool, _opt("tensorboard", rich_help_panel="Checkpoints and logging")] = DEFAULTS.tensorboard,
     seed: Annotated[int, _opt("seed", rich_help_panel="Checkpoints and logging")] = DEFAULTS.seed,
     max_bad_steps: Annotated[
         int, _opt("max_bad_steps", rich_help_panel="Checkpoints and logging")

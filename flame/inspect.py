@@ -29,7 +29,7 @@ from flame.config import CONFIG_FILE as RUN_CONFIG
 from flame.config import SAVED_BEFORE, TrainConfig, field_docs
 from flame.data import MANIFEST, TOKENIZER_DIR, TOKENS_COLUMN
 from flame.errors import CheckpointError, ConfigError, DataError, ModelError
-from flame.logging import METRICS
+from flame.logging import METRICS, TENSORBOARD, WANDB_ID
 
 KINDS_FIX = (
     "give a model config JSON, a model dir (config.json + *.safetensors), a prepared dataset (manifest.json), "
@@ -199,6 +199,8 @@ class RunFacts:
     # the latest first step (a resumed run times its own): seconds, and on a GPU what its autotuning cost
     first_step: dict | None = None
     tuning_results: int = 0  # FLA autotune results kept in RUN/tuning/ for a resume elsewhere (flame.autotune)
+    # where else the records went: "wandb" (its run id, from RUN/wandb-id), "tensorboard" (RUN/tensorboard/)
+    logged_to: dict = dataclasses.field(default_factory=dict)
 
 
 Facts = ModelFacts | DatasetFacts | CheckpointFacts | RunFacts
@@ -754,7 +756,18 @@ def inspect_run(path: str | os.PathLike, options: InspectOptions) -> RunFacts:
         val_loss_step=vals[-1]["step"] if vals else None,
         first_step=first_step,
         tuning_results=sum(1 for _ in (root / autotune.DIR).rglob("*" + autotune.SUFFIX)),
+        logged_to=_logged_to(root),
     )
+
+
+def _logged_to(root: Path) -> dict:
+    """The sinks besides metrics.jsonl that the run (or a resume of it) wrote to, as the run dir shows them."""
+    sinks = {}
+    if (root / WANDB_ID).is_file():
+        sinks["wandb"] = (root / WANDB_ID).read_text().strip()
+    if (root / TENSORBOARD).is_dir():
+        sinks["tensorboard"] = str(root / TENSORBOARD)
+    return sinks
 
 
 def plot_run(facts: RunFacts, output: str | os.PathLike):

@@ -12,6 +12,7 @@ A checkpoint that fails its integrity check or a dataset that disagrees with its
 
 import json
 import math
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -374,6 +375,15 @@ def _first_step(first: dict) -> str:
     return f"{first['seconds']:.1f} s ({tuned}not in tokens/s)"
 
 
+def _sinks(logged_to: dict) -> list[str]:
+    sinks = ["metrics.jsonl"]
+    if "wandb" in logged_to:
+        sinks.append(f"wandb (run id {logged_to['wandb']})")
+    if "tensorboard" in logged_to:
+        sinks.append(f"TensorBoard (tensorboard --logdir {shlex.quote(logged_to['tensorboard'])})")
+    return sinks
+
+
 def render_run(f: RunFacts) -> None:
     c = f.config
     pct = f" ({100 * f.step / f.steps:.1f}%)" if f.steps else ""
@@ -400,6 +410,7 @@ def render_run(f: RunFacts) -> None:
             if f.tuning_results
             else []
         ),
+        ("logged to", ", ".join(_sinks(f.logged_to))),
     ]
     if f.model:
         rows.append(

@@ -271,3 +271,16 @@ def test_tables_are_ruled_on_a_terminal_only(monkeypatch):
         with ui.console.capture() as out:
             ui.console.print(table)
         assert ("│" in out.get()) is ruled, out.get()
+
+
+def test_a_run_says_where_else_its_records_went(run, tmp_path):
+    assert "logged to metrics.jsonl" in " ".join(flame(run).output.split())
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "wandb-id").write_text("abc123def456\n")  # as --project and --tensorboard leave the run dir
+    (copy / "tensorboard").mkdir()
+    text = " ".join(flame(copy).output.split())  # the long path wraps at the test console's width: checked in JSON
+    assert "logged to metrics.jsonl, wandb (run id abc123def456), TensorBoard (tensorboard --logdir /" in text
+    assert json.loads(flame(copy, "--json").stdout)["logged_to"] == {
+        "wandb": "abc123def456", "tensorboard": str(copy / "tensorboard"),
+    }  # fmt: skip

@@ -785,6 +785,7 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
         if line:
             ui.print0(line)
     first_step_s, start_step = None, step
+    graph_note = None  # the capture (or its failure), for the next log record
     with StopFlag().installed() as stop, log, first, tuning or nullcontext():
         while step < p.steps:
             if step == start_step:
@@ -803,8 +804,10 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
                         f"CUDA graph: update {step + 1} could not be captured ({graphed.failure}); training on "
                         "eagerly (--no-cuda-graphs skips the attempt)"
                     )
+                    graph_note = {"update": step + 1, "failure": graphed.failure}
                 elif step == start_step + graphs.WARMUP:
                     ui.print0(f"CUDA graph: update {step + 1} captured in {graphed.capture_s:.1f} s, replayed since")
+                    graph_note = {"update": step + 1, "capture_s": round(graphed.capture_s, 3)}
                 updates.add(step + 1, loss_total, norm)
             else:
                 for group in optimizer.param_groups:
@@ -840,6 +843,8 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
                 if first_step and first.tuning is not None and first.tuning.tuned:
                     first_step["first_step_tuning"] = first.tuning.record()
                 first_step_s = None  # in the first record after it only
+                if graph_note:
+                    first_step["cuda_graph"], graph_note = graph_note, None
                 log.record(
                     {
                         "step": step,

@@ -198,6 +198,8 @@ class RunFacts:
     val_loss_step: int | None = None
     # the latest first step (a resumed run times its own): seconds, and on a GPU what its autotuning cost
     first_step: dict | None = None
+    # the latest CUDA graph capture (a resumed run captures anew): the update, and capture_s or failure
+    cuda_graph: dict | None = None
     tuning_results: int = 0  # FLA autotune results kept in RUN/tuning/ for a resume elsewhere (flame.autotune)
     # where else the records went: "wandb" (its run id, from RUN/wandb-id), "tensorboard" (RUN/tensorboard/)
     logged_to: dict = dataclasses.field(default_factory=dict)
@@ -755,6 +757,7 @@ def inspect_run(path: str | os.PathLike, options: InspectOptions) -> RunFacts:
         val_loss=vals[-1]["val_loss"] if vals else None,
         val_loss_step=vals[-1]["step"] if vals else None,
         first_step=first_step,
+        cuda_graph=next((r["cuda_graph"] for r in reversed(records) if isinstance(r.get("cuda_graph"), dict)), None),
         tuning_results=sum(1 for _ in (root / autotune.DIR).rglob("*" + autotune.SUFFIX)),
         logged_to=_logged_to(root),
     )

@@ -16,6 +16,7 @@ from flame import engine, graphs
 from flame.cli.app import app
 from flame.config import TrainConfig
 from flame.errors import ConfigError
+from flame.inspect import inspect
 from tests.prepared import counting_docs, gla_config, make_prepared
 
 STEPS = 8
@@ -85,6 +86,13 @@ def test_graphed_updates_train_what_the_eager_loop_trains(files, tmp_path, stand
     assert stand_in.grads_at_capture and all(g is None for g in stand_in.grads_at_capture)
     a, b = _records(tmp_path / "eager"), _records(tmp_path / "graphed")
     assert [r["step"] for r in b] == [1, 4, 8]
+    # the record after the capture says when, and `flame inspect RUN` shows it
+    assert [sorted(r.get("cuda_graph", {})) for r in b] == [[], ["capture_s", "update"], []]
+    assert b[1]["cuda_graph"]["update"] == 4 and not any("cuda_graph" in r for r in a)
+    assert inspect(tmp_path / "graphed").cuda_graph == b[1]["cuda_graph"]
+    assert inspect(tmp_path / "eager").cuda_graph is None
+    shown = " ".join(CliRunner().invoke(app, ["inspect", str(tmp_path / "graphed")]).output.split())
+    assert "CUDA graph update 4 captured in 0.0 s, replayed since" in shown
     # the record at 8 averages the losses of updates 5-8, all replays: each its own loss, not the last one 4 times
     for key in ("loss", "grad_norm", "lr"):
         assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-6), key
@@ -246,6 +254,10 @@ def test_by_default_an_update_that_cannot_be_captured_trains_on_eagerly(files, t
     ], result.output
     a, b = _records(tmp_path / "eager"), _records(tmp_path / "r")
     assert [r["step"] for r in b] == [1, 4, 8]
+    failure = "operation not permitted when stream is capturing"
+    assert b[1]["cuda_graph"] == {"update": 4, "failure": failure}
+    shown = " ".join(CliRunner().invoke(app, ["inspect", str(tmp_path / "r")]).output.split())
+    assert f"CUDA graph update 4 could not be captured ({failure}): trained eagerly" in shown
     for key in ("loss", "grad_norm", "lr"):
         assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-6), key
     wa, wb = _weights(tmp_path / "eager", STEPS), _weights(tmp_path / "r", STEPS)

@@ -375,6 +375,12 @@ def _first_step(first: dict) -> str:
     return f"{first['seconds']:.1f} s ({tuned}not in tokens/s)"
 
 
+def _cuda_graph(graph: dict) -> str:
+    if "failure" in graph:
+        return f"update {graph.get('update')} could not be captured ({graph['failure']}): trained eagerly"
+    return f"update {graph.get('update')} captured in {graph.get('capture_s', 0):.1f} s, replayed since"
+
+
 def _sinks(logged_to: dict) -> list[str]:
     sinks = ["metrics.jsonl"]
     if "wandb" in logged_to:
@@ -405,6 +411,7 @@ def render_run(f: RunFacts) -> None:
         ("memory", f"{_num(f.memory_gib, '.2f')} GiB peak"),
         ("time", _duration(f.elapsed_s)),
         *([("first step", _first_step(f.first_step))] if f.first_step else []),
+        *([("CUDA graph", _cuda_graph(f.cuda_graph))] if f.cuda_graph else []),
         *(
             [("kernel tuning", f"{f.tuning_results} FLA autotune results in tuning/ (a resume elsewhere reuses them)")]
             if f.tuning_results

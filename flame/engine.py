@@ -255,15 +255,9 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
         )
     if cfg.eval < 0 or cfg.eval_windows < 1:
         problems.append("--eval must be 0 (never) or more and --eval-windows at least 1")
-    if clash := graphs.refusal(cfg):
-        problems.append(f"{clash}: drop one of them")
+    problems += graphs.refusals(cfg, world)
     if cfg.tensorboard and not tensorboard_installed():
         problems.append("--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard")
-    if cfg.cuda_graphs and world > 1:  # the device and optimizer are checked once the Accelerator has them
-        problems.append(
-            f"--cuda-graphs runs on one process, this run has {world}: drop --cuda-graphs (flame resume: "
-            "--no-cuda-graphs)"
-        )
     if cfg.varlen and not is_fla:
         problems.append(f"--varlen needs an FLA model (cu_seqlens), {config.model_type} has none: drop --varlen")
     problems += [
@@ -603,7 +597,7 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
     if cfg.cuda_graphs:  # before anything is written to the run dir
         why = graphs.unsupported(accelerator.device, world, skips_on_device(optimizer))
         if why:
-            raise ConfigError(why, "drop --cuda-graphs (flame resume: --no-cuda-graphs)")
+            raise ConfigError(why, graphs.FIX)
     lr_of = schedule(cfg, p.steps)
     loader = data_loader.PackedLoader(
         p.sources, context=cfg.context, batch=cfg.batch, seed=cfg.seed, rank=rank, world=world, varlen=cfg.varlen
@@ -839,12 +833,12 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
             if logging:
                 tps = meter.tokens_per_s
                 val = {"val_loss": evaluate()} if evaluating else {}
-                first_step = {"first_step_s": first_step_s} if first_step_s is not None else {}
-                if first_step and first.tuning is not None and first.tuning.tuned:
-                    first_step["first_step_tuning"] = first.tuning.record()
+                once = {"first_step_s": first_step_s} if first_step_s is not None else {}  # fields of one record
+                if once and first.tuning is not None and first.tuning.tuned:
+                    once["first_step_tuning"] = first.tuning.record()
                 first_step_s = None  # in the first record after it only
                 if graph_note:
-                    first_step["cuda_graph"], graph_note = graph_note, None
+                    once["cuda_graph"], graph_note = graph_note, None
                 log.record(
                     {
                         "step": step,
@@ -860,7 +854,7 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
                         "eta_s": eta(step, p.steps, meter.seconds_per_step),
                         "epoch": loader.epoch(),
                         "skipped": updates.skipped,
-                        **first_step,
+                        **once,
                         **val,
                     }
                 )

@@ -14,7 +14,7 @@ What a capture needs, and how the engine provides it:
   compile, the optimizer creates its state, the allocator warms up) and are real updates of the run;
 - the gradients None at the capture, so that the graph's backward writes them afresh each replay.
 The capture records and does not run, so the updates are those of the eager loop: the same losses (on an H200 bit
-for bit). `refusal` and `unsupported` say which runs cannot be captured, `wanted` which are: by default every run
+for bit). `refusals` and `unsupported` say which runs cannot be captured, `wanted` which are: by default every run
 that can be, falling back to the eager loop where a model's update cannot be captured.
 """
 
@@ -27,6 +27,8 @@ from flame.errors import TrainingError, first_line
 
 #: Eager updates before the capture.
 WARMUP = 3
+#: The fix for a run that asked for --cuda-graphs and cannot have them.
+FIX = "drop --cuda-graphs (flame resume: --no-cuda-graphs)"
 
 
 def _clashing(cfg) -> list[str]:
@@ -40,10 +42,20 @@ def clash(cfg) -> str | None:
     return f"--cuda-graphs cannot be combined with {' or '.join(names)}" if names else None
 
 
-def refusal(cfg) -> str | None:
-    """Why the options of a run that asks for --cuda-graphs rule it out, or None (also when not asked: by default
-    such a run trains eagerly)."""
-    return clash(cfg) if cfg.cuda_graphs else None
+def refusals(cfg, processes: int) -> list[str]:
+    """Why a run that asks for --cuda-graphs cannot have them, as far as its options and process count tell before
+    the Accelerator exists (`unsupported` checks the device and optimizer after), each with its fix; none when the
+    run does not ask (by default such a run trains eagerly)."""
+    if not cfg.cuda_graphs:
+        return []
+    problems = [f"{why}: drop one of them"] if (why := clash(cfg)) else []
+    if processes > 1:
+        problems.append(f"{_one_process(processes)}: {FIX}")
+    return problems
+
+
+def _one_process(processes: int) -> str:
+    return f"--cuda-graphs runs on one process, this run has {processes}"
 
 
 def described(cfg, processes: int) -> str:
@@ -71,7 +83,7 @@ def unsupported(device: torch.device, processes: int, fused_optimizer) -> str | 
     if device.type != "cuda":
         return f"--cuda-graphs needs a CUDA GPU, this run is on {device.type}"
     if processes > 1:
-        return f"--cuda-graphs runs on one process, this run has {processes}"
+        return _one_process(processes)
     if fused_optimizer is None:
         return "--cuda-graphs needs flame's fused AdamW (not DeepSpeed's optimizer or a grad scaler)"
     return None
@@ -133,7 +145,7 @@ class GraphedUpdate:
                     raise TrainingError(
                         f"--cuda-graphs: the update could not be captured in a CUDA graph ({first_line(e)}); the "
                         "model may read a value back to the host during its update",
-                        "drop --cuda-graphs (flame resume: --no-cuda-graphs)",
+                        FIX,
                     ) from e
                 self.failure = first_line(e)
             if self.failure:  # out of the except block, so that the exception no longer holds the capture's tensors

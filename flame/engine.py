@@ -18,7 +18,7 @@ import math
 import os
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,7 +255,7 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
         )
     if cfg.eval < 0 or cfg.eval_windows < 1:
         problems.append("--eval must be 0 (never) or more and --eval-windows at least 1")
-    problems += graphs.refusals(cfg, world)
+    problems += graphs.refusals(cfg, sharding)
     if cfg.tensorboard and not tensorboard_installed():
         problems.append("--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard")
     if cfg.varlen and not is_fla:
@@ -298,6 +298,7 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
             shared_casts=cfg.share_casts,
             # FSDP's bf16 parameters make the embedding's output, so the residual stream, bf16 (as --bf16-residual)
             bf16_residual=cfg.bf16_residual or (precision == "bf16" and sharding.startswith("FSDP")),
+            ddp_buckets=not graphs.planned(cfg, sharding),  # a captured DDP update has none (flame.graphs)
         ),
         dataset_tokens=sum(s.tokens for s in sources),
         windows_per_epoch=per_epoch,
@@ -589,15 +590,23 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         if note := fill_deepspeed_config(accelerator.state.deepspeed_plugin, cfg.batch, cfg.norm):
             ui.warn(note)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    fused = skips_on_device(optimizer) if accelerator.scaler is None else None  # as prepare() will hand it back
+    if cfg.cuda_graphs and (why := graphs.unsupported(accelerator.device, p.sharding, fused)):
+        raise ConfigError(why, graphs.FIX)  # before anything is written to the run dir
+    capturing = graphs.wanted(cfg, accelerator.device, p.sharding, fused)  # by default, and with --cuda-graphs
+    if capturing and world > 1:
+        # DDP without DDP's wrapper: its all-reduce starts from hooks inside the backward, and the gradient
+        # accumulators it keeps from before the capture would sync the capture with the default stream.
+        # graphs.average_gradients averages them as DDP would, inside the graph, after the backward.
+        model = accelerator.prepare_model(model, evaluation_mode=True)
+        graphs.same_weights(model)
+        optimizer = accelerator.prepare_optimizer(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     # accelerate's bf16 wraps the model's forward in autocast AND casts every output to float32: for a 32K vocabulary
     # at 8 x 2048 that is a 2 GiB float32 copy of the logits at the peak of the forward, which only the loss is
     # read from. Keep autocast (entered around each forward below), drop the copy: unwrap_model strips both wrappers.
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    if cfg.cuda_graphs:  # before anything is written to the run dir
-        why = graphs.unsupported(accelerator.device, world, skips_on_device(optimizer))
-        if why:
-            raise ConfigError(why, graphs.FIX)
     lr_of = schedule(cfg, p.steps)
     loader = data_loader.PackedLoader(
         p.sources, context=cfg.context, batch=cfg.batch, seed=cfg.seed, rank=rank, world=world, varlen=cfg.varlen
@@ -723,6 +732,7 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
     vote = StopVote(accelerator.device, accelerator.reduce) if several else None  # one process alone: its own flag
     stopped = "done"
     max_norm = cfg.norm if cfg.norm > 0 else float("inf")
+    averages = capturing and world > 1  # a captured DDP update (above)
 
     def forward_backward(batches: list[dict]):
         """Forward and backward of the update's micro-batches (on the device), then clipping: (loss, grad norm)."""
@@ -735,6 +745,8 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
                 # that of the summed token loss over num_items.
                 accelerator.backward(loss * update * world)
             loss_sum += loss.detach().float()
+        if averages:
+            graphs.average_gradients(model.parameters(), world)
         loss_total = accelerator.reduce(loss_sum, reduction="sum")
         return loss_total, accelerator.clip_grad_norm_(model.parameters(), max_norm)
 
@@ -762,7 +774,7 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
         return put_back
 
     graphed = None
-    if graphs.wanted(cfg, accelerator.device, world, on_device):  # by default, and with --cuda-graphs
+    if capturing:
         fallback = cfg.cuda_graphs is None  # not asked for: a model that cannot be captured trains eagerly
         graphed = graphs.GraphedUpdate(whole_update, on_device, accelerator.device, fallback, keep_micro_batch_count)
     model.train()
@@ -780,7 +792,13 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
             ui.print0(line)
     first_step_s, start_step = None, step
     graph_note = None  # the capture (or its failure), for the next log record
-    with StopFlag().installed() as stop, log, first, tuning or nullcontext():
+    with (
+        StopFlag().installed() as stop,
+        log,
+        first,
+        tuning or nullcontext(),
+        closing(graphed) if graphed is not None else nullcontext(),
+    ):
         while step < p.steps:
             if step == start_step:
                 first.begin()

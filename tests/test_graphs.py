@@ -4,8 +4,11 @@ the capture itself replaced by a stand-in that replays by running the captured u
 The capture on a GPU: tests/test_gpu_graphs.py."""
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from flame.config import TrainConfig
 from flame.errors import ConfigError
 from flame.inspect import inspect
 from tests.prepared import counting_docs, gla_config, make_prepared
+from tests.stand_in import install
 
 STEPS = 8
 
@@ -30,34 +34,10 @@ def files(tmp_path_factory):
     return root
 
 
-class Recorded:
-    """What the stand-in capture saw."""
-
-    def __init__(self):
-        self.captures, self.grads_at_capture = 0, []
-
-
 @pytest.fixture
 def stand_in(monkeypatch):
-    """GraphedUpdate's capture replaced: recording runs nothing (as a CUDA capture runs no kernel) and returns
-    outputs that each replay overwrites in place, by running the update again; the CPU counts as a CUDA device."""
-    seen = Recorded()
-    unsupported = graphs.unsupported
-
-    def record(self, body):
-        seen.captures += 1
-        seen.grads_at_capture = [p.grad for group in self.optimizer.param_groups for p in group["params"]]
-        outputs = (torch.full((), float("nan")), torch.full((), float("nan")))
-
-        def replay():
-            for static, value in zip(outputs, body(), strict=True):
-                static.copy_(value)
-
-        return replay, outputs
-
-    monkeypatch.setattr(graphs.GraphedUpdate, "_record", record)
-    monkeypatch.setattr(graphs, "unsupported", lambda device, *a: unsupported(torch.device("cuda"), *a))
-    return seen
+    """GraphedUpdate's capture replaced by tests/stand_in.py's, for this test."""
+    return install(monkeypatch.setattr)
 
 
 def _cfg(files, run: Path, **kw) -> TrainConfig:
@@ -151,12 +131,18 @@ def test_options_that_change_shapes_or_compile_are_refused(files, tmp_path):
             engine.plan(_cfg(files, tmp_path, cuda_graphs=True, **{option: True}))
 
 
-def test_graphs_need_one_cuda_process_with_the_fused_adamw():
+def test_graphs_need_cuda_one_process_or_ddp_and_the_fused_adamw():
     adamw = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=True)
-    assert graphs.unsupported(torch.device("cuda"), 1, adamw) is None
-    assert graphs.unsupported(torch.device("cpu"), 1, adamw) == "--cuda-graphs needs a CUDA GPU, this run is on cpu"
-    assert graphs.unsupported(torch.device("cuda"), 2, adamw) == "--cuda-graphs runs on one process, this run has 2"
-    assert "fused AdamW" in graphs.unsupported(torch.device("cuda"), 1, None)
+    cuda = torch.device("cuda")
+    assert graphs.unsupported(cuda, "one process", adamw) is None
+    assert graphs.unsupported(cuda, "DDP", adamw) is None
+    assert graphs.unsupported(torch.device("cpu"), "one process", adamw) == (
+        "--cuda-graphs needs a CUDA GPU, this run is on cpu"
+    )
+    assert graphs.unsupported(cuda, "FSDP, full shard", adamw) == (
+        "--cuda-graphs runs on one process or under DDP, this run is FSDP, full shard"
+    )
+    assert "fused AdamW" in graphs.unsupported(cuda, "DDP", None)
 
 
 def test_the_cli_option_reaches_the_engine_and_a_cpu_run_gets_one_clear_error(files, tmp_path):
@@ -204,14 +190,15 @@ def test_by_default_a_run_that_allows_it_is_captured_and_one_that_does_not_train
     assert "CUDA graph" not in capsys.readouterr().out and stand_in.captures == 1
 
 
-def test_by_default_graphs_are_wanted_on_one_cuda_process_with_the_fused_adamw(files, tmp_path):
+def test_by_default_graphs_are_wanted_on_cuda_one_process_or_ddp_with_the_fused_adamw(files, tmp_path):
     adamw = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=True)
-    cfg = _cfg(files, tmp_path, cuda_graphs=None)
-    assert graphs.wanted(cfg, torch.device("cuda"), 1, adamw) is True
-    assert graphs.wanted(cfg, torch.device("cpu"), 1, adamw) is False
-    assert graphs.wanted(cfg, torch.device("cuda"), 2, adamw) is False
-    assert graphs.wanted(cfg, torch.device("cuda"), 1, None) is False
-    assert graphs.wanted(_cfg(files, tmp_path, cuda_graphs=False), torch.device("cuda"), 1, adamw) is False
+    cfg, cuda = _cfg(files, tmp_path, cuda_graphs=None), torch.device("cuda")
+    assert graphs.wanted(cfg, cuda, "one process", adamw) is True
+    assert graphs.wanted(cfg, cuda, "DDP", adamw) is True
+    assert graphs.wanted(cfg, torch.device("cpu"), "one process", adamw) is False
+    assert graphs.wanted(cfg, cuda, "FSDP2, full shard", adamw) is False
+    assert graphs.wanted(cfg, cuda, "one process", None) is False
+    assert graphs.wanted(_cfg(files, tmp_path, cuda_graphs=False), cuda, "one process", adamw) is False
 
 
 def test_a_cpu_run_trains_eagerly_by_default(files, tmp_path, capsys):
@@ -278,7 +265,72 @@ def test_the_dry_run_says_whether_the_update_will_be_captured(files, tmp_path, m
     assert row("--no-cuda-graphs") == "off (--no-cuda-graphs)"
     assert row("--varlen") == "off with --varlen"
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert row() == "off on 2 processes"
+    assert row() == "on a CUDA GPU: captured at update 4"  # DDP
+
+    # DDP's buckets hold every gradient through the backward; a captured update has none (with --update 1)
+    captured, eager = (engine.plan(_cfg(files, tmp_path, cuda_graphs=g, update=1), world=2) for g in (None, False))
+    one = engine.plan(_cfg(files, tmp_path, update=1)).memory_gib["grads"]
+    assert eager.memory_gib["grads"] > captured.memory_gib["grads"] == one
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert row() == "off under FSDP, full shard"
     result = CliRunner().invoke(app, [*args, "--cuda-graphs"])
     assert result.exit_code == 1
-    assert "--cuda-graphs runs on one process, this run has 2: drop --cuda-graphs" in result.output
+    assert "--cuda-graphs runs on one process or under DDP, this run is FSDP, full shard: drop --cuda-graphs" in (
+        result.output
+    )
+
+
+def test_a_graphed_ddp_update_averages_the_gradients_itself_and_trains_what_one_process_does(files, tmp_path):
+    """Two CPU processes (gloo) under `accelerate launch` with the stand-in capture: the captured update trains the
+    model without DDP's wrapper, and graphs.average_gradients averages the gradients. The losses are those of one
+    process with twice the accumulation (without the average each process would train on its own gradients), so
+    are the weights; and DDP's eager loop, wrapper and all, continues the run from its checkpoint exactly."""
+    common = ["--model", str(files / "gla.json"), "--cache", str(files / "ds"), "--context", "32", "--batch", "2",
+              "--steps", "6", "--logging", "1", "--lr", "3e-3", "--warmup", "2", "--seed", "0", "--save", "3",
+              "--limit", "0"]  # fmt: skip
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              "29541", "-m", "tests.stand_in"]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "FLAME_QUIET": "1"}
+
+    def launched(*args: str) -> str:
+        done = subprocess.run([*launch, *args], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    assert "CUDA graph: update 4 captured in " in launched("train", *common, "--path", str(tmp_path / "ddp"))
+    engine.train(_cfg(files, tmp_path / "one", batch=2, update=2, steps=6, lr=3e-3, warmup=2, logging=1, save=6))
+    ddp, one = _records(tmp_path / "ddp"), _records(tmp_path / "one")
+    assert [r["step"] for r in ddp] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in ddp] == pytest.approx([r[key] for r in one], rel=1e-5), key
+    wa, wb = _weights(tmp_path / "one", 6), _weights(tmp_path / "ddp", 6)
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-7)
+
+    half = tmp_path / "half"
+    shutil.copytree(tmp_path / "ddp", half)
+    shutil.rmtree(half / "checkpoints" / "step-00000006")
+    assert "CUDA graph" not in launched("resume", str(half), "--no-cuda-graphs")
+    resumed = _records(half)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in ddp], rel=1e-5)
+
+
+def test_the_graph_is_let_go_before_the_process_group_is_destroyed(files, tmp_path, stand_in, monkeypatch):
+    """A graph holding NCCL's collectives (DDP's) alive at end_training made it wait forever on 2 H200s."""
+    from accelerate import Accelerator
+
+    seen = []
+    close, end = graphs.GraphedUpdate.close, Accelerator.end_training
+    monkeypatch.setattr(graphs.GraphedUpdate, "close", lambda self: (seen.append("close"), close(self))[1])
+    monkeypatch.setattr(Accelerator, "end_training", lambda self: (seen.append("end"), end(self))[1])
+    engine.train(_cfg(files, tmp_path / "r", cuda_graphs=None, steps=5))
+    assert stand_in.captures == 1 and seen == ["close", "end"]
+
+
+def test_gradients_are_averaged_in_buckets_of_one_dtype_and_at_most_the_bucket_size(monkeypatch):
+    monkeypatch.setattr(graphs, "BUCKET_BYTES", 64)
+    sizes = [4, 8, 20, 2, 2]  # float32: 16, 32, 80 (alone, larger than a bucket), 8 bytes; then a bfloat16
+    grads = [torch.zeros(n) for n in sizes[:-1]] + [torch.zeros(2, dtype=torch.bfloat16)]
+    assert [[g.numel() for g in b] for b in graphs._buckets(grads)] == [[4, 8], [20], [2], [2]]

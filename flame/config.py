@@ -109,9 +109,9 @@ class TrainConfig:
     step (small batches). On an H200, GLA-340M: 1.45x the tokens/s at batch 8 (151.0K), 1.03x at 16, level at 32,
     ~0.2 GiB more memory; DDP on 2 H200s at batch 8: 1.71x; captured for GLA, DeltaNet, Mamba2, RWKV7 and Llama
     (benchmarks/RESULTS.md). The same updates. Default: on wherever the run allows it (CUDA GPUs, one process or
-    DDP, not FSDP or DeepSpeed; fixed shapes: not with --varlen, --compile or --checkpointing), and a model that
-    cannot be captured trains on eagerly after a warning; --cuda-graphs refuses a run that cannot have it,
-    --no-cuda-graphs never captures."""
+    DDP on one machine, not FSDP or DeepSpeed; fixed shapes: not with --varlen, --compile or --checkpointing), and
+    a model that cannot be captured trains on eagerly after a warning; --cuda-graphs refuses a run that cannot
+    have it, --no-cuda-graphs never captures."""
 
     # Validation
     eval: int = 0

@@ -55,6 +55,7 @@ class Plan:
     vocab_size: int | None
     zero_stage: int = 0  # how the launcher shards weights, gradients and AdamW over the world (launcher_sharding)
     sharding: str = ""  # the launcher's setup in words, for --dry-run
+    machines: int = 1  # the machines the launcher's processes run on (launcher_machines)
     sources: list = field(default_factory=list, repr=False)
     validation: object = field(default=None, repr=False)  # the validation split's Source when --eval
     eval_windows: int = 0  # windows per evaluation, all processes together
@@ -202,6 +203,12 @@ def launcher_sharding(world: int) -> tuple[str, int]:
     return ("DDP" if world > 1 else "one process"), 0
 
 
+def launcher_machines(world: int) -> int:
+    """How many machines the launcher's `world` processes run on, from the processes per machine torchrun gives
+    them (LOCAL_WORLD_SIZE; one machine when it is not set)."""
+    return max(1, world // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or world)))
+
+
 def checkpoint_format(setup: str) -> str:
     """The checkpoint format a launcher setup (launcher_sharding's words) writes and reads with accelerate's
     save_state/load_state: one process and DDP the same plain files, FSDP and FSDP2 their own sharded folders,
@@ -298,7 +305,8 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
             shared_casts=cfg.share_casts,
             # FSDP's bf16 parameters make the embedding's output, so the residual stream, bf16 (as --bf16-residual)
             bf16_residual=cfg.bf16_residual or (precision == "bf16" and sharding.startswith("FSDP")),
-            ddp_buckets=not graphs.planned(cfg, sharding),  # a captured DDP update has none (flame.graphs)
+            # a captured DDP update has none (flame.graphs)
+            ddp_buckets=not graphs.planned(cfg, sharding, launcher_machines(world)),
         ),
         dataset_tokens=sum(s.tokens for s in sources),
         windows_per_epoch=per_epoch,
@@ -309,6 +317,7 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
         vocab_size=vocab,
         zero_stage=zero_stage,
         sharding=sharding,
+        machines=launcher_machines(world),
         sources=sources,
         validation=validation,
         eval_windows=eval_windows,
@@ -593,7 +602,7 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
     fused = skips_on_device(optimizer) if accelerator.scaler is None else None  # as prepare() will hand it back
     if cfg.cuda_graphs and (why := graphs.unsupported(accelerator.device, p.sharding, fused)):
         raise ConfigError(why, graphs.FIX)  # before anything is written to the run dir
-    capturing = graphs.wanted(cfg, accelerator.device, p.sharding, fused)  # by default, and with --cuda-graphs
+    capturing = graphs.wanted(cfg, accelerator.device, p.sharding, fused, p.machines)  # by default, --cuda-graphs
     if capturing and world > 1:
         # DDP without DDP's wrapper: its all-reduce starts from hooks inside the backward, and the gradient
         # accumulators it keeps from before the capture would sync the capture with the default stream.

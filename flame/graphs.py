@@ -68,13 +68,15 @@ def _not_under(setup: str) -> str:
     return f"--cuda-graphs runs on one process or under DDP, this run is {setup}"
 
 
-def planned(cfg, setup: str) -> bool:
+def planned(cfg, setup: str, machines: int = 1) -> bool:
     """Whether the run will capture its update on CUDA GPUs, as far as its options and launcher setup tell (for
     --dry-run and the memory estimate, which may run where no GPU is)."""
+    if cfg.cuda_graphs is None and machines > 1:
+        return False
     return cfg.cuda_graphs is not False and not _clashing(cfg) and setup in SETUPS
 
 
-def described(cfg, setup: str) -> str:
+def described(cfg, setup: str, machines: int = 1) -> str:
     """Whether and when the run captures its update, in a few words, for --dry-run (which may run where no GPU
     is)."""
     if cfg.cuda_graphs is False:
@@ -83,14 +85,18 @@ def described(cfg, setup: str) -> str:
         return f"off with {' and '.join(names)}"
     if setup not in SETUPS:
         return f"off under {setup}"
+    if cfg.cuda_graphs is None and machines > 1:
+        return f"off on {machines} machines (--cuda-graphs asks for them)"
     return f"on a CUDA GPU: captured at update {WARMUP + 1}"
 
 
-def wanted(cfg, device: torch.device, setup: str, fused_optimizer) -> bool:
+def wanted(cfg, device: torch.device, setup: str, fused_optimizer, machines: int = 1) -> bool:
     """Whether the run captures its update: --cuda-graphs (where `unsupported` says no, the engine refuses the run
-    first), or by default wherever it can."""
+    first), or by default wherever it can on one machine. Across machines a captured DDP update's all-reduce,
+    which no longer overlaps the backward (`average_gradients`), crosses the network: not measured, so not a
+    default."""
     if cfg.cuda_graphs is None:
-        return clash(cfg) is None and unsupported(device, setup, fused_optimizer) is None
+        return machines == 1 and clash(cfg) is None and unsupported(device, setup, fused_optimizer) is None
     return cfg.cuda_graphs
 
 

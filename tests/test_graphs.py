@@ -195,6 +195,8 @@ def test_by_default_graphs_are_wanted_on_cuda_one_process_or_ddp_with_the_fused_
     cfg, cuda = _cfg(files, tmp_path, cuda_graphs=None), torch.device("cuda")
     assert graphs.wanted(cfg, cuda, "one process", adamw) is True
     assert graphs.wanted(cfg, cuda, "DDP", adamw) is True
+    assert graphs.wanted(cfg, cuda, "DDP", adamw, machines=2) is False  # the all-reduce would cross the network
+    assert graphs.wanted(_cfg(files, tmp_path, cuda_graphs=True), cuda, "DDP", adamw, machines=2) is True
     assert graphs.wanted(cfg, torch.device("cpu"), "one process", adamw) is False
     assert graphs.wanted(cfg, cuda, "FSDP2, full shard", adamw) is False
     assert graphs.wanted(cfg, cuda, "one process", None) is False
@@ -266,6 +268,10 @@ def test_the_dry_run_says_whether_the_update_will_be_captured(files, tmp_path, m
     assert row("--varlen") == "off with --varlen"
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert row() == "on a CUDA GPU: captured at update 4"  # DDP
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert row() == "off on 2 machines (--cuda-graphs asks for them)"
+    assert row("--cuda-graphs") == "on a CUDA GPU: captured at update 4"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
 
     # DDP's buckets hold every gradient through the backward; a captured update has none (with --update 1)
     captured, eager = (engine.plan(_cfg(files, tmp_path, cuda_graphs=g, update=1), world=2) for g in (None, False))

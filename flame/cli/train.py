@@ -144,7 +144,7 @@ def _render_plan(p) -> None:
         rows.append(("validation", f"every {p.cfg.eval} updates: {held_out}"))
     from flame import graphs
 
-    rows.append(("CUDA graphs", graphs.described(p.cfg, p.sharding)))
+    rows.append(("CUDA graphs", graphs.described(p.cfg, p.sharding, p.machines)))
     options = changed_switches(dataclasses.asdict(p.cfg), SWITCHES)
     if options:
         rows.append(("options", ", ".join(options)))

@@ -29,7 +29,7 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("graphs")
-    make_prepared(root / "ds", counting_docs(300, 64), 64)
+    make_prepared(root / "ds", counting_docs(300, 64), 64, val_docs=counting_docs(20, 64, seed=1))
     gla_config(root / "gla.json")
     return root
 
@@ -290,11 +290,11 @@ def test_a_graphed_ddp_update_averages_the_gradients_itself_and_trains_what_one_
     """Two CPU processes (gloo) under `accelerate launch` with the stand-in capture: the captured update trains the
     model without DDP's wrapper, and graphs.average_gradients averages the gradients. The losses are those of one
     process with twice the accumulation (without the average each process would train on its own gradients), so
-    are the weights, with 2 micro-batches per update on each; and DDP's eager loop, wrapper and all, continues the
-    run from its checkpoint exactly."""
+    are the weights and the validation losses, with 2 micro-batches per update on each; and DDP's eager loop,
+    wrapper and all, continues the run from its checkpoint exactly."""
     common = ["--model", str(files / "gla.json"), "--cache", str(files / "ds"), "--context", "32", "--batch", "2",
               "--update", "2", "--steps", "6", "--logging", "1", "--lr", "3e-3", "--warmup", "2", "--seed", "0",
-              "--save", "3", "--limit", "0"]  # fmt: skip
+              "--save", "3", "--limit", "0", "--eval", "3"]  # fmt: skip
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
               "29541", "-m", "tests.stand_in"]  # fmt: skip
@@ -306,11 +306,15 @@ def test_a_graphed_ddp_update_averages_the_gradients_itself_and_trains_what_one_
         return done.stdout
 
     assert "CUDA graph: update 4 captured in " in launched("train", *common, "--path", str(tmp_path / "ddp"))
-    engine.train(_cfg(files, tmp_path / "one", batch=2, update=4, steps=6, lr=3e-3, warmup=2, logging=1, save=6))
+    one = _cfg(files, tmp_path / "one", batch=2, update=4, steps=6, lr=3e-3, warmup=2, logging=1, save=6, eval=3)
+    engine.train(one)
     ddp, one = _records(tmp_path / "ddp"), _records(tmp_path / "one")
     assert [r["step"] for r in ddp] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in ddp] == pytest.approx([r[key] for r in one], rel=1e-5), key
+    assert [r["step"] for r in ddp if "val_loss" in r] == [r["step"] for r in one if "val_loss" in r] == [3, 6]
+    val = [r["val_loss"] for r in ddp if "val_loss" in r]
+    assert val == pytest.approx([r["val_loss"] for r in one if "val_loss" in r], rel=1e-5)
     wa, wb = _weights(tmp_path / "one", 6), _weights(tmp_path / "ddp", 6)
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-7)

@@ -772,6 +772,11 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
         step_on_device(loss_total, norm)
         return loss_total, norm
 
+    def any_process(failed: bool) -> bool:
+        """Whether any process's capture failed (every process asks, once, after its own)."""
+        flag = torch.tensor(float(failed), device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum") > 0)
+
     def keep_micro_batch_count():
         """accelerate's micro-batch count, which decides when the gradients sync and the optimizer steps: a capture
         that fails has advanced it (the eager update after it must start where the capture did)."""
@@ -785,7 +790,14 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
     graphed = None
     if capturing:
         fallback = cfg.cuda_graphs is None  # not asked for: a model that cannot be captured trains eagerly
-        graphed = graphs.GraphedUpdate(whole_update, on_device, accelerator.device, fallback, keep_micro_batch_count)
+        graphed = graphs.GraphedUpdate(
+            whole_update,
+            on_device,
+            accelerator.device,
+            fallback,
+            keep_micro_batch_count,
+            any_process if several else None,
+        )
     model.train()
     # The first step compiles and autotunes FLA's kernels on a GPU: announced, timed and kept out of tokens/s
     # (Throughput counts a step from the end of the previous one, so step 1 never enters its window).

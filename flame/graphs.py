@@ -161,11 +161,15 @@ class GraphedUpdate:
     A capture that fails (the model reads a value back to the host during its update, say) is an error, or with
     `fallback` the end of capturing: that update and all after it run eagerly, and `failure` says why. Python state
     that the captured code changes is put back first: `keep()`, called before the capture, returns a function that
-    restores it."""
+    restores it. Under several processes `agree(failed)` tells whether any of them failed: NCCL requires a
+    collective to be captured on every process or on none, so one process's failure sends all of them back to the
+    eager loop (or, without `fallback`, makes it an error on all of them)."""
 
-    def __init__(self, update, optimizer: torch.optim.Optimizer, device: torch.device, fallback=False, keep=None):
+    def __init__(
+        self, update, optimizer: torch.optim.Optimizer, device: torch.device, fallback=False, keep=None, agree=None
+    ):
         self.update, self.optimizer, self.device = update, optimizer, device
-        self.fallback, self.keep = fallback, keep
+        self.fallback, self.keep, self.agree = fallback, keep, agree
         self.failure: str | None = None
         self.inputs: list[dict] | None = None
         self.shapes: list[dict] | None = None  # the inputs', fixed at the first call
@@ -199,16 +203,19 @@ class GraphedUpdate:
             self.optimizer.zero_grad(set_to_none=True)
             start = time.perf_counter()
             put_back = self.keep() if self.keep else None
+            why = None
             try:
                 self.replay, self.outputs = self._record(lambda: self.update(self.inputs))
             except RuntimeError as e:  # CUDA's capture errors included (torch.AcceleratorError)
-                if not self.fallback:
-                    raise TrainingError(
-                        f"--cuda-graphs: the update could not be captured in a CUDA graph ({first_line(e)}); the "
-                        "model may read a value back to the host during its update",
-                        FIX,
-                    ) from e
-                self.failure = first_line(e)
+                if not self.fallback and self.agree is None:
+                    raise _not_captured(first_line(e)) from e
+                why = first_line(e)  # not the exception itself: it would hold the capture's tensors
+            if self.agree is not None and self.agree(why is not None) and why is None:
+                why = "on another process"
+                self.replay = self.outputs = None
+            if why is not None and not self.fallback:
+                raise _not_captured(why)
+            self.failure = why
             if self.failure:  # out of the except block, so that the exception no longer holds the capture's tensors
                 self.optimizer.zero_grad(set_to_none=True)  # whatever the capture left in .grad
                 if put_back:
@@ -244,6 +251,14 @@ class GraphedUpdate:
         with torch.cuda.graph(graph):
             outputs = body()
         return graph.replay, outputs
+
+
+def _not_captured(why: str) -> TrainingError:
+    return TrainingError(
+        f"--cuda-graphs: the update could not be captured in a CUDA graph ({why}); the model may read a value back "
+        "to the host during its update",
+        FIX,
+    )
 
 
 def _shapes(batches: list[dict]) -> list[dict]:

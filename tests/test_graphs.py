@@ -286,6 +286,18 @@ def test_the_dry_run_says_whether_the_update_will_be_captured(files, tmp_path, m
     )
 
 
+def launched(*args: str, **env: str) -> str:
+    """`flame ARGS` with tests/stand_in.py's capture on 2 CPU processes (gloo) under `accelerate launch`: what it
+    printed (stdout, then stderr)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              "29541", "-m", "tests.stand_in"]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "FLAME_QUIET": "1"} | env
+    done = subprocess.run([*launch, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
 def test_a_graphed_ddp_update_averages_the_gradients_itself_and_trains_what_one_process_does(files, tmp_path):
     """Two CPU processes (gloo) under `accelerate launch` with the stand-in capture: the captured update trains the
     model without DDP's wrapper, and graphs.average_gradients averages the gradients. The losses are those of one
@@ -295,16 +307,6 @@ def test_a_graphed_ddp_update_averages_the_gradients_itself_and_trains_what_one_
     common = ["--model", str(files / "gla.json"), "--cache", str(files / "ds"), "--context", "32", "--batch", "2",
               "--update", "2", "--steps", "6", "--logging", "1", "--lr", "3e-3", "--warmup", "2", "--seed", "0",
               "--save", "3", "--limit", "0", "--eval", "3"]  # fmt: skip
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-              "29541", "-m", "tests.stand_in"]  # fmt: skip
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "FLAME_QUIET": "1"}
-
-    def launched(*args: str) -> str:
-        done = subprocess.run([*launch, *args], env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
-
     assert "CUDA graph: update 4 captured in " in launched("train", *common, "--path", str(tmp_path / "ddp"))
     one = _cfg(files, tmp_path / "one", batch=2, update=4, steps=6, lr=3e-3, warmup=2, logging=1, save=6, eval=3)
     engine.train(one)
@@ -345,3 +347,18 @@ def test_gradients_are_averaged_in_buckets_of_one_dtype_and_at_most_the_bucket_s
     sizes = [4, 8, 20, 2, 2]  # float32: 16, 32, 80 (alone, larger than a bucket), 8 bytes; then a bfloat16
     grads = [torch.zeros(n) for n in sizes[:-1]] + [torch.zeros(2, dtype=torch.bfloat16)]
     assert [[g.numel() for g in b] for b in graphs._buckets(grads)] == [[4, 8], [20], [2], [2]]
+
+
+def test_when_one_process_cannot_capture_its_update_every_process_trains_eagerly(files, tmp_path):
+    """NCCL needs a collective captured on every process or on none: rank 1's capture fails, so rank 0 (which
+    prints) drops its own graph too and says so; the run trains on eagerly with one process's losses."""
+    args = ["--model", str(files / "gla.json"), "--cache", str(files / "ds"), "--context", "32", "--batch", "2",
+            "--steps", "6", "--logging", "1", "--lr", "3e-3", "--warmup", "2", "--seed", "0", "--save", "6",
+            "--path", str(tmp_path / "ddp")]  # fmt: skip
+    out = launched("train", *args, STAND_IN_FAILS="1")
+    assert "CUDA graph: update 4 could not be captured (on another process); training on eagerly" in out, out
+    assert "captured in" not in out
+    engine.train(_cfg(files, tmp_path / "one", batch=2, update=2, steps=6, lr=3e-3, warmup=2, logging=1, save=6))
+    ddp, one = _records(tmp_path / "ddp"), _records(tmp_path / "one")
+    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    assert ddp[3]["cuda_graph"] == {"update": 4, "failure": "on another process"}

@@ -134,7 +134,8 @@ def average_gradients(parameters, world: int) -> None:
     for bucket in _buckets([p.grad for p in params]):
         flat = torch.cat([g.reshape(-1) for g in bucket]).mul_(1.0 / world)
         torch.distributed.all_reduce(flat)
-        torch._foreach_copy_(bucket, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in bucket]), bucket)])
+        for g, v in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
+            g.copy_(v.view_as(g))
 
 
 def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:

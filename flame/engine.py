@@ -253,6 +253,7 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
             "lower --context or raise max_position_embeddings in the model config"
         )
     sharding, zero_stage = launcher_sharding(world)
+    machines = launcher_machines(world)
     saved = _saved_setup(cfg.checkpoint) if cfg.checkpoint else None
     if saved and checkpoint_format(saved) != checkpoint_format(sharding):
         problems.append(
@@ -306,7 +307,7 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
             # FSDP's bf16 parameters make the embedding's output, so the residual stream, bf16 (as --bf16-residual)
             bf16_residual=cfg.bf16_residual or (precision == "bf16" and sharding.startswith("FSDP")),
             # a captured DDP update has none (flame.graphs)
-            ddp_buckets=not graphs.planned(cfg, sharding, launcher_machines(world)),
+            ddp_buckets=not graphs.planned(cfg, sharding, machines),
         ),
         dataset_tokens=sum(s.tokens for s in sources),
         windows_per_epoch=per_epoch,
@@ -317,7 +318,7 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
         vocab_size=vocab,
         zero_stage=zero_stage,
         sharding=sharding,
-        machines=launcher_machines(world),
+        machines=machines,
         sources=sources,
         validation=validation,
         eval_windows=eval_windows,
@@ -603,7 +604,8 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
     if cfg.cuda_graphs and (why := graphs.unsupported(accelerator.device, p.sharding, fused)):
         raise ConfigError(why, graphs.FIX)  # before anything is written to the run dir
     capturing = graphs.wanted(cfg, accelerator.device, p.sharding, fused, p.machines)  # by default, --cuda-graphs
-    if capturing and world > 1:
+    averages = capturing and world > 1  # a captured DDP update
+    if averages:
         # DDP without DDP's wrapper: its all-reduce starts from hooks inside the backward, and the gradient
         # accumulators it keeps from before the capture would sync the capture with the default stream.
         # graphs.average_gradients averages them as DDP would, inside the graph, after the backward.
@@ -741,7 +743,6 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
     vote = StopVote(accelerator.device, accelerator.reduce) if several else None  # one process alone: its own flag
     stopped = "done"
     max_norm = cfg.norm if cfg.norm > 0 else float("inf")
-    averages = capturing and world > 1  # a captured DDP update (above)
 
     def forward_backward(batches: list[dict]):
         """Forward and backward of the update's micro-batches (on the device), then clipping: (loss, grad norm)."""

@@ -12,8 +12,8 @@ for FSDP and DeepSpeed); a setup written SETUP:eager runs with --no-cuda-graphs 
 replayed). Each run logs at step 1 + --warmup and at its last step; tokens/s is the tokens between the two over the
 time between them (the engine logs after waiting for the GPU), so step 1 (compilation, autotuning) and the warm-up
 stay out. Per process, that is against the one-process row ("scaling"); MFU on flame's FLOP count; peak memory is
-rank 0's. On the CPU only `one` and DDP run (2 gloo
-processes via accelerate's --multi_gpu launcher); FSDP and DeepSpeed need GPUs.
+rank 0's. On the CPU only `one` and DDP run (2 gloo processes via accelerate's --multi_gpu launcher); FSDP and
+DeepSpeed need GPUs.
 """
 
 from __future__ import annotations
@@ -51,8 +51,7 @@ def _data(folder: Path, config_path: str, args) -> Path:
 
 def _parse(setup: str) -> tuple[str, bool]:
     """(the setup, eager or not) of a --setups entry: SETUP or SETUP:eager."""
-    name, _, how = setup.partition(":")
-    return name, how == "eager"
+    return setup.removesuffix(":eager"), setup.endswith(":eager")
 
 
 def _command(setup: str, args, port: int) -> list[str]:
@@ -80,7 +79,7 @@ def run_setup(setup: str, config_path: str, data: Path, work: Path, args, port: 
     if name == "one" and args.device == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     done = subprocess.run(_command(name, args, port) + options, env=env, capture_output=True, text=True)
-    (run.parent / f"{run.name}.log").write_text(done.stdout + done.stderr)
+    (work / f"{run.name}.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
         return {"setup": setup, "error": " | ".join(tail)}
@@ -140,7 +139,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     setups = [s for s in args.setups.split(",") if s]
-    unknown = [s for s in setups if _parse(s)[0] not in SETUPS or s.count(":") > 1 or ":" in s and not _parse(s)[1]]
+    unknown = [s for s in setups if _parse(s)[0] not in SETUPS]
     if unknown:
         parser.error(f"unknown setup(s) {', '.join(unknown)}; choose from {', '.join(SETUPS)}")
     if args.device == "cpu" and (gpu := [s for s in setups if _parse(s)[0] in GPU_ONLY]):

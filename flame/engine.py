@@ -306,8 +306,6 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
             shared_casts=cfg.share_casts,
             # FSDP's bf16 parameters make the embedding's output, so the residual stream, bf16 (as --bf16-residual)
             bf16_residual=cfg.bf16_residual or (precision == "bf16" and sharding.startswith("FSDP")),
-            # a captured DDP update has none (flame.graphs)
-            ddp_buckets=not graphs.planned(cfg, sharding, machines),
         ),
         dataset_tokens=sum(s.tokens for s in sources),
         windows_per_epoch=per_epoch,
@@ -604,15 +602,10 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
     if cfg.cuda_graphs and (why := graphs.unsupported(accelerator.device, p.sharding, fused)):
         raise ConfigError(why, graphs.FIX)  # before anything is written to the run dir
     capturing = graphs.wanted(cfg, accelerator.device, p.sharding, fused, p.machines)  # by default, --cuda-graphs
-    averages = capturing and world > 1  # a captured DDP update
-    if averages:
-        # DDP without DDP's wrapper: its all-reduce starts from hooks inside the backward, and the gradient
-        # accumulators it keeps from before the capture would sync the capture with the default stream.
-        # graphs.average_gradients averages them as DDP would, inside the graph, after the backward.
-        model = accelerator.prepare_model(model, evaluation_mode=True)
-        graphs.same_weights(model)
-        optimizer = accelerator.prepare_optimizer(optimizer)
-    else:
+    # A capture's stream, on which the model is prepared (DDP keeps gradient accumulators made when it is built, and
+    # the captured backward's must be on the capturing stream), warmed up and captured.
+    stream = torch.cuda.Stream(accelerator.device) if capturing and accelerator.device.type == "cuda" else None
+    with graphs.on_stream(stream):
         model, optimizer = accelerator.prepare(model, optimizer)
     # accelerate's bf16 wraps the model's forward in autocast AND casts every output to float32: for a 32K vocabulary
     # at 8 x 2048 that is a 2 GiB float32 copy of the logits at the peak of the forward, which only the loss is
@@ -755,8 +748,6 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
                 # that of the summed token loss over num_items.
                 accelerator.backward(loss * update * world)
             loss_sum += loss.detach().float()
-        if averages:
-            graphs.average_gradients(model.parameters(), world)
         loss_total = accelerator.reduce(loss_sum, reduction="sum")
         return loss_total, accelerator.clip_grad_norm_(model.parameters(), max_norm)
 
@@ -795,6 +786,8 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
             whole_update,
             on_device,
             accelerator.device,
+            stream,
+            graphs.warmup(p.sharding),
             fallback,
             keep_micro_batch_count,
             any_process if several else None,
@@ -833,13 +826,13 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
                 items_local = local
             if graphed is not None:
                 loss_total, norm = graphed(batches, lr)
-                if step == start_step + graphs.WARMUP and graphed.failure:  # this call tried to capture the update
+                if step == start_step + graphed.warmup and graphed.failure:  # this call tried to capture the update
                     ui.warn(
                         f"CUDA graph: update {step + 1} could not be captured ({graphed.failure}); training on "
                         "eagerly (--no-cuda-graphs skips the attempt)"
                     )
                     graph_note = {"update": step + 1, "failure": graphed.failure}
-                elif step == start_step + graphs.WARMUP:
+                elif step == start_step + graphed.warmup:
                     ui.print0(f"CUDA graph: update {step + 1} captured in {graphed.capture_s:.1f} s, replayed since")
                     graph_note = {"update": step + 1, "capture_s": round(graphed.capture_s, 3)}
                 updates.add(step + 1, loss_total, norm)

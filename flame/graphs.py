@@ -10,14 +10,16 @@ What a capture needs, and how the engine provides it:
   fused AdamW, which skips a non-finite update itself (`found_inf`) and, with `capturable=True`, keeps its step
   count on the device;
 - a learning rate the graph reads from the device: a 0-d tensor in every param group, set before each replay;
-- the warm-up before the capture: the first WARMUP updates run eagerly on a side stream (FLA's kernels tune and
-  compile, the optimizer creates its state, the allocator warms up) and are real updates of the run;
+- the warm-up before the capture: the first WARMUP updates (DDP_WARMUP under DDP) run eagerly on the stream that
+  then captures (FLA's kernels tune and compile, the optimizer creates its state, the allocator warms up) and are
+  real updates of the run;
 - the gradients None at the capture, so that the graph's backward writes them afresh each replay;
-- under DDP, a model without DDP's wrapper (the engine prepares it so): DDP all-reduces from hooks inside the
-  backward and keeps the gradient accumulators of its first iteration, whose stream the capture cannot wait on;
-  `average_gradients` averages the gradients as DDP does, inside the graph (NCCL's collectives can be captured),
-  and `close` lets the graph go before the process group does. On 2 H200s, GLA-340M at batch 8 per GPU: 266.3K
-  tokens/s against DDP's eager 155.9K, the same losses.
+- under DDP, accelerate's DDP as it is, prepared on that same stream: DDP keeps the gradient accumulators it makes
+  when it is built, and the backward's must be on the capturing stream (built on the default stream, the capture
+  failed on 2 H200s). Its all-reduce, started from hooks inside the backward, is captured with it and overlaps it as
+  eagerly (NCCL's collectives can be captured, on every process or on none: the processes agree after the capture);
+  `close` lets the graph go before the process group does. On 2 H200s, GLA-340M at batch 8 per GPU: 266.0K
+  tokens/s against DDP's eager 158.3K, the same losses.
 The capture records and does not run, so the updates are those of the eager loop: the same losses (on an H200 bit
 for bit). `refusals` and `unsupported` say which runs cannot be captured, `wanted` which are: by default every run
 that can be, falling back to the eager loop where a model's update cannot be captured.
@@ -32,6 +34,9 @@ from flame.errors import TrainingError, first_line
 
 #: Eager updates before the capture.
 WARMUP = 3
+#: Under DDP: its logger times the first 10 synced iterations with CUDA events that it waits for on the host, which
+#: a capture cannot hold (torch's docs on CUDA graphs: at least 11 eager DDP iterations before the capture).
+DDP_WARMUP = 11
 #: The fix for a run that asked for --cuda-graphs and cannot have them.
 FIX = "drop --cuda-graphs (flame resume: --no-cuda-graphs)"
 
@@ -59,8 +64,8 @@ def refusals(cfg, setup: str) -> list[str]:
     return problems
 
 
-#: The launcher setups whose update can be captured: the whole update of one process, or of each DDP process with
-#: the gradients averaged by `average_gradients` inside the graph (FSDP and DeepSpeed gather and shard from hooks).
+#: The launcher setups whose update can be captured: the whole update of one process, or of each DDP process, its
+#: all-reduce included (FSDP and DeepSpeed gather and shard from hooks that the capture cannot hold).
 SETUPS = ("one process", "DDP")
 
 
@@ -87,14 +92,13 @@ def described(cfg, setup: str, machines: int = 1) -> str:
         return f"off under {setup}"
     if cfg.cuda_graphs is None and machines > 1:
         return f"off on {machines} machines (--cuda-graphs asks for them)"
-    return f"on a CUDA GPU: captured at update {WARMUP + 1}"
+    return f"on a CUDA GPU: captured at update {warmup(setup) + 1}"
 
 
 def wanted(cfg, device: torch.device, setup: str, fused_optimizer, machines: int = 1) -> bool:
     """Whether the run captures its update: --cuda-graphs (where `unsupported` says no, the engine refuses the run
-    first), or by default wherever it can on one machine. Across machines a captured DDP update's all-reduce,
-    which no longer overlaps the backward (`average_gradients`), crosses the network: not measured, so not a
-    default."""
+    first), or by default wherever it can on one machine. Across machines a captured DDP update's all-reduce
+    crosses the network: not measured, so not a default."""
     if cfg.cuda_graphs is None:
         return machines == 1 and clash(cfg) is None and unsupported(device, setup, fused_optimizer) is None
     return cfg.cuda_graphs
@@ -112,48 +116,29 @@ def unsupported(device: torch.device, setup: str, fused_optimizer) -> str | None
     return None
 
 
-def same_weights(model: torch.nn.Module) -> None:
-    """Every process's weights and buffers as the first process's, as DDP's wrapper makes them when it is built."""
-    for t in [*model.parameters(), *model.buffers()]:
-        torch.distributed.broadcast(t.data, src=0)
+def warmup(setup: str) -> int:
+    """The eager updates before the capture under `setup` (one of SETUPS)."""
+    return DDP_WARMUP if setup == "DDP" else WARMUP
 
 
-#: The most bytes `average_gradients` copies into one flat buffer (and so the most memory it adds).
-BUCKET_BYTES = 256 << 20
-
-
-def average_gradients(parameters, world: int) -> None:
-    """Average the gradients over the `world` processes as DDP does (each scaled by 1/world, then summed by one
-    all-reduce per flat bucket: the same values, on 2 processes bit for bit), for a captured DDP update, which
-    trains the model without DDP's wrapper and calls this after the backward, inside the graph. Gradients a process
-    left None are zeros, so that every process reduces the same buckets."""
-    params = [p for p in parameters if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    for bucket in _buckets([p.grad for p in params]):
-        flat = torch.cat([g.reshape(-1) for g in bucket]).mul_(1.0 / world)
-        torch.distributed.all_reduce(flat)
-        for g, v in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
-            g.copy_(v.view_as(g))
-
-
-def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """`grads` in order, in runs of one dtype and at most BUCKET_BYTES (or one tensor, if larger)."""
-    buckets, size = [], 0
-    for g in grads:
-        nbytes = g.numel() * g.element_size()
-        if not buckets or buckets[-1][0].dtype != g.dtype or size + nbytes > BUCKET_BYTES:
-            buckets.append([])
-            size = 0
-        buckets[-1].append(g)
-        size += nbytes
-    return buckets
+@contextmanager
+def on_stream(stream):
+    """Run the body on CUDA `stream`, the current stream waiting for it after (as torch's docs have it for a
+    capture's warm-up); with None, as it is (off CUDA)."""
+    if stream is None:
+        yield
+        return
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        yield
+    current.wait_stream(stream)
 
 
 class GraphedUpdate:
     """Runs `update(inputs)` (forward, backward, clipping and the optimizer step of one update, returning the
-    loss and gradient norm on the device) eagerly WARMUP times, then captures it once and replays it.
+    loss and gradient norm on the device) eagerly `warmup` times, then captures it once and replays it, all on
+    CUDA `stream` (under DDP the stream the model was prepared on: `on_stream`).
 
     `inputs` are static device buffers shaped like the first call's micro-batches; each call copies its batches
     into them. The loss and norm of a replay are copied out of the graph's own outputs, which the next replay
@@ -167,15 +152,23 @@ class GraphedUpdate:
     eager loop (or, without `fallback`, makes it an error on all of them)."""
 
     def __init__(
-        self, update, optimizer: torch.optim.Optimizer, device: torch.device, fallback=False, keep=None, agree=None
+        self,
+        update,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        stream: torch.cuda.Stream | None,
+        warmup: int = WARMUP,
+        fallback=False,
+        keep=None,
+        agree=None,
     ):
-        self.update, self.optimizer, self.device = update, optimizer, device
-        self.fallback, self.keep, self.agree = fallback, keep, agree
+        self.update, self.optimizer, self.device, self.stream = update, optimizer, device, stream
+        self.warmup, self.fallback, self.keep, self.agree = warmup, fallback, keep, agree
         self.failure: str | None = None
         self.inputs: list[dict] | None = None
         self.shapes: list[dict] | None = None  # the inputs', fixed at the first call
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
-        self.eager_left = WARMUP
+        self.eager_left = warmup
         self.replay, self.outputs = None, None
         self.capture_s: float | None = None
 
@@ -198,7 +191,7 @@ class GraphedUpdate:
                 static[k].copy_(v.pin_memory() if self.device.type == "cuda" else v, non_blocking=True)
         if self.eager_left or self.failure:
             self.eager_left = max(self.eager_left - 1, 0)
-            with self.eager():
+            with on_stream(self.stream):
                 return self.update(self.inputs)
         if self.replay is None:
             self.optimizer.zero_grad(set_to_none=True)
@@ -221,25 +214,11 @@ class GraphedUpdate:
                 self.optimizer.zero_grad(set_to_none=True)  # whatever the capture left in .grad
                 if put_back:
                     put_back()
-                with self.eager():
+                with on_stream(self.stream):
                     return self.update(self.inputs)
             self.capture_s = time.perf_counter() - start
         self.replay()
         return tuple(None if t is None else t.clone() for t in self.outputs)
-
-    @contextmanager
-    def eager(self):
-        """Where the warm-up updates run: a side stream that the current one waits for after (as torch's docs have
-        it for a capture), or as they are off CUDA."""
-        if self.device.type != "cuda":
-            yield
-            return
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            yield
-        current.wait_stream(side)
 
     def close(self) -> None:
         """Let the graph go. One that holds NCCL's collectives (a DDP update's) must be gone before the process
@@ -249,7 +228,7 @@ class GraphedUpdate:
     def _record(self, body):
         """Capture `body` in a CUDA graph: (replay, body's outputs, which each replay writes)."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=self.stream):
             outputs = body()
         return graph.replay, outputs
 

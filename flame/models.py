@@ -603,7 +603,6 @@ def estimate_memory(
     accumulation: int = 1,
     shared_casts: bool = False,
     bf16_residual: bool = False,
-    ddp_buckets: bool = True,
 ) -> dict[str, float]:
     """Estimated peak training memory per device in GiB (what torch.cuda.max_memory_allocated reports).
 
@@ -615,9 +614,6 @@ def estimate_memory(
         the backward. grads: the fp32 gradients alive at the peak: all of them when they stay allocated through
         the backward (DDP's gradient buckets when world_size > 1, ZeRO partitions, accumulation > 1), else only
         the LM head's (the peak is at the start of the backward; zero_grad(set_to_none=True) freed the rest).
-        ddp_buckets False: a DDP run without DDP's buckets (a captured update averages the gradients itself after
-        the backward, flame.graphs), so without them at the peak (on 2 H200s, GLA-340M: 19.81 GiB per GPU, as on
-        one, against DDP's 21.06).
     optimizer: AdamW's two fp32 moments. activations: activation_breakdown() for batch x context tokens, plus
         one layer's worth for the gradients its backward creates. total: the larger of the backward peak
         (all of the above) and the optimizer-step peak (weights + all grads + moments).
@@ -635,7 +631,7 @@ def estimate_memory(
     master = 4.0 * params / w_shard
     copies = 2.0 * n_matmul / w_shard if precision == "bf16" else 0.0
     all_grads = 4.0 * params / g_shard
-    resident = (world_size > 1 and ddp_buckets) or zero_stage > 0 or accumulation > 1
+    resident = world_size > 1 or zero_stage > 0 or accumulation > 1
     head = model.get_output_embeddings()
     grads = all_grads if resident else 4.0 * (head.weight.numel() if head is not None else 0)
     optimizer = 8.0 * params / (shard if zero_stage >= 1 else 1)

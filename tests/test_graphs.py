@@ -267,16 +267,11 @@ def test_the_dry_run_says_whether_the_update_will_be_captured(files, tmp_path, m
     assert row("--no-cuda-graphs") == "off (--no-cuda-graphs)"
     assert row("--varlen") == "off with --varlen"
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert row() == "on a CUDA GPU: captured at update 4"  # DDP
+    assert row() == "on a CUDA GPU: captured at update 12"  # DDP: after its 11 eager updates
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert row() == "off on 2 machines (--cuda-graphs asks for them)"
-    assert row("--cuda-graphs") == "on a CUDA GPU: captured at update 4"
+    assert row("--cuda-graphs") == "on a CUDA GPU: captured at update 12"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-
-    # DDP's buckets hold every gradient through the backward; a captured update has none (with --update 1)
-    captured, eager = (engine.plan(_cfg(files, tmp_path, cuda_graphs=g, update=1), world=2) for g in (None, False))
-    one = engine.plan(_cfg(files, tmp_path, update=1)).memory_gib["grads"]
-    assert eager.memory_gib["grads"] > captured.memory_gib["grads"] == one
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert row() == "off under FSDP, full shard"
     result = CliRunner().invoke(app, [*args, "--cuda-graphs"])
@@ -298,35 +293,34 @@ def launched(*args: str, **env: str) -> str:
     return done.stdout + done.stderr
 
 
-def test_a_graphed_ddp_update_averages_the_gradients_itself_and_trains_what_one_process_does(files, tmp_path):
-    """Two CPU processes (gloo) under `accelerate launch` with the stand-in capture: the captured update trains the
-    model without DDP's wrapper, and graphs.average_gradients averages the gradients. The losses are those of one
-    process with twice the accumulation (without the average each process would train on its own gradients), so
-    are the weights and the validation losses, with 2 micro-batches per update on each; and DDP's eager loop,
-    wrapper and all, continues the run from its checkpoint exactly."""
+def test_a_graphed_ddp_update_trains_what_one_process_does(files, tmp_path):
+    """Two CPU processes (gloo) under `accelerate launch` with the stand-in capture, which replays by running DDP's
+    update again: captured at update 12, after DDP's 11 eager ones. The losses are those of one process with twice
+    the accumulation, so are the weights and the validation losses, with 2 micro-batches per update on each; and
+    DDP's eager loop continues the run from its checkpoint exactly."""
     common = ["--model", str(files / "gla.json"), "--cache", str(files / "ds"), "--context", "32", "--batch", "2",
-              "--update", "2", "--steps", "6", "--logging", "1", "--lr", "3e-3", "--warmup", "2", "--seed", "0",
-              "--save", "3", "--limit", "0", "--eval", "3"]  # fmt: skip
-    assert "CUDA graph: update 4 captured in " in launched("train", *common, "--path", str(tmp_path / "ddp"))
-    one = _cfg(files, tmp_path / "one", batch=2, update=4, steps=6, lr=3e-3, warmup=2, logging=1, save=6, eval=3)
+              "--update", "2", "--steps", "14", "--logging", "1", "--lr", "3e-3", "--warmup", "2", "--seed", "0",
+              "--save", "7", "--limit", "0", "--eval", "7"]  # fmt: skip
+    assert "CUDA graph: update 12 captured in " in launched("train", *common, "--path", str(tmp_path / "ddp"))
+    one = _cfg(files, tmp_path / "one", batch=2, update=4, steps=14, lr=3e-3, warmup=2, logging=1, save=14, eval=7)
     engine.train(one)
     ddp, one = _records(tmp_path / "ddp"), _records(tmp_path / "one")
-    assert [r["step"] for r in ddp] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in ddp] == list(range(1, 15))
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in ddp] == pytest.approx([r[key] for r in one], rel=1e-5), key
-    assert [r["step"] for r in ddp if "val_loss" in r] == [r["step"] for r in one if "val_loss" in r] == [3, 6]
+    assert [r["step"] for r in ddp if "val_loss" in r] == [r["step"] for r in one if "val_loss" in r] == [7, 14]
     val = [r["val_loss"] for r in ddp if "val_loss" in r]
     assert val == pytest.approx([r["val_loss"] for r in one if "val_loss" in r], rel=1e-5)
-    wa, wb = _weights(tmp_path / "one", 6), _weights(tmp_path / "ddp", 6)
+    wa, wb = _weights(tmp_path / "one", 14), _weights(tmp_path / "ddp", 14)
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-7)
 
     half = tmp_path / "half"
     shutil.copytree(tmp_path / "ddp", half)
-    shutil.rmtree(half / "checkpoints" / "step-00000006")
+    shutil.rmtree(half / "checkpoints" / "step-00000014")
     assert "CUDA graph" not in launched("resume", str(half), "--no-cuda-graphs")
     resumed = _records(half)
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in resumed] == list(range(1, 15))
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in ddp], rel=1e-5)
 
 
@@ -342,23 +336,16 @@ def test_the_graph_is_let_go_before_the_process_group_is_destroyed(files, tmp_pa
     assert stand_in.captures == 1 and seen == ["close", "end"]
 
 
-def test_gradients_are_averaged_in_buckets_of_one_dtype_and_at_most_the_bucket_size(monkeypatch):
-    monkeypatch.setattr(graphs, "BUCKET_BYTES", 64)
-    sizes = [4, 8, 20, 2, 2]  # float32: 16, 32, 80 (alone, larger than a bucket), 8 bytes; then a bfloat16
-    grads = [torch.zeros(n) for n in sizes[:-1]] + [torch.zeros(2, dtype=torch.bfloat16)]
-    assert [[g.numel() for g in b] for b in graphs._buckets(grads)] == [[4, 8], [20], [2], [2]]
-
-
 def test_when_one_process_cannot_capture_its_update_every_process_trains_eagerly(files, tmp_path):
     """NCCL needs a collective captured on every process or on none: rank 1's capture fails, so rank 0 (which
     prints) drops its own graph too and says so; the run trains on eagerly with one process's losses."""
     args = ["--model", str(files / "gla.json"), "--cache", str(files / "ds"), "--context", "32", "--batch", "2",
-            "--steps", "6", "--logging", "1", "--lr", "3e-3", "--warmup", "2", "--seed", "0", "--save", "6",
+            "--steps", "12", "--logging", "1", "--lr", "3e-3", "--warmup", "2", "--seed", "0", "--save", "12",
             "--path", str(tmp_path / "ddp")]  # fmt: skip
     out = launched("train", *args, STAND_IN_FAILS="1")
-    assert "CUDA graph: update 4 could not be captured (on another process); training on eagerly" in out, out
+    assert "CUDA graph: update 12 could not be captured (on another process); training on eagerly" in out, out
     assert "captured in" not in out
-    engine.train(_cfg(files, tmp_path / "one", batch=2, update=2, steps=6, lr=3e-3, warmup=2, logging=1, save=6))
+    engine.train(_cfg(files, tmp_path / "one", batch=2, update=2, steps=12, lr=3e-3, warmup=2, logging=1, save=12))
     ddp, one = _records(tmp_path / "ddp"), _records(tmp_path / "one")
     assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in one], rel=1e-5)
-    assert ddp[3]["cuda_graph"] == {"update": 4, "failure": "on another process"}
+    assert ddp[11]["cuda_graph"] == {"update": 12, "failure": "on another process"}

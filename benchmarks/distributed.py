@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="windows per process")
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=20, help="timed steps, after the first and the warm-up")
-    parser.add_argument("--warmup", type=int, default=9, help="untimed steps after the first")
+    parser.add_argument("--warmup", type=int, default=12, help="untimed steps after the first (DDP captures at 12)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="a tiny GLA instead of --model (CPU smoke run)")
     parser.add_argument("--json", type=Path, help="also write the rows here")

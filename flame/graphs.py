@@ -73,34 +73,31 @@ def _not_under(setup: str) -> str:
     return f"--cuda-graphs runs on one process or under DDP, this run is {setup}"
 
 
-def planned(cfg, setup: str, machines: int = 1) -> bool:
-    """Whether the run will capture its update on CUDA GPUs, as far as its options and launcher setup tell (for
-    --dry-run and the memory estimate, which may run where no GPU is)."""
+def _off(cfg, setup: str, machines: int) -> str | None:
+    """Why the run trains eagerly, as far as its options and launcher setup tell (where no GPU may be), or None.
+    Across machines a captured DDP update's all-reduce crosses the network: not measured, so not a default."""
+    if cfg.cuda_graphs is False:
+        return "(--no-cuda-graphs)"
+    if names := _clashing(cfg):
+        return f"with {' and '.join(names)}"
+    if setup not in SETUPS:
+        return f"under {setup}"
     if cfg.cuda_graphs is None and machines > 1:
-        return False
-    return cfg.cuda_graphs is not False and not _clashing(cfg) and setup in SETUPS
+        return f"on {machines} machines (--cuda-graphs asks for them)"
+    return None
 
 
 def described(cfg, setup: str, machines: int = 1) -> str:
-    """Whether and when the run captures its update, in a few words, for --dry-run (which may run where no GPU
-    is)."""
-    if cfg.cuda_graphs is False:
-        return "off (--no-cuda-graphs)"
-    if names := _clashing(cfg):
-        return f"off with {' and '.join(names)}"
-    if setup not in SETUPS:
-        return f"off under {setup}"
-    if cfg.cuda_graphs is None and machines > 1:
-        return f"off on {machines} machines (--cuda-graphs asks for them)"
-    return f"on a CUDA GPU: captured at update {warmup(setup) + 1}"
+    """Whether and when the run captures its update, in a few words, for --dry-run."""
+    why = _off(cfg, setup, machines)
+    return f"off {why}" if why else f"on a CUDA GPU: captured at update {warmup(setup) + 1}"
 
 
 def wanted(cfg, device: torch.device, setup: str, fused_optimizer, machines: int = 1) -> bool:
     """Whether the run captures its update: --cuda-graphs (where `unsupported` says no, the engine refuses the run
-    first), or by default wherever it can on one machine. Across machines a captured DDP update's all-reduce
-    crosses the network: not measured, so not a default."""
+    first), or by default wherever it can (`_off`, `unsupported`)."""
     if cfg.cuda_graphs is None:
-        return machines == 1 and clash(cfg) is None and unsupported(device, setup, fused_optimizer) is None
+        return _off(cfg, setup, machines) is None and unsupported(device, setup, fused_optimizer) is None
     return cfg.cuda_graphs
 
 

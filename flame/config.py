@@ -104,14 +104,14 @@ class TrainConfig:
     (36.4% MFU) in 10% less memory, GLA-1.3B at batch 16 3.4% faster; 300 steps of GLA-340M ended at the same loss
     (benchmarks/RESULTS.md). A config with residual_in_fp32 (Mamba2's default) keeps its fp32 stream."""
     cuda_graphs: bool | None = None
-    """Capture the whole update (forward, backward, clipping, AdamW) in a CUDA graph after 3 eager updates and
-    replay it: the host launches one graph per step instead of every kernel, which pays where the host bounds the
-    step (small batches). On an H200, GLA-340M: 1.45x the tokens/s at batch 8 (151.0K), 1.03x at 16, level at 32,
-    ~0.2 GiB more memory; DDP on 2 H200s at batch 8: 1.71x; captured for GLA, DeltaNet, Mamba2, RWKV7 and Llama
-    (benchmarks/RESULTS.md). The same updates. Default: on wherever the run allows it (CUDA GPUs, one process or
-    DDP on one machine, not FSDP or DeepSpeed; fixed shapes: not with --varlen, --compile or --checkpointing), and
-    a model that cannot be captured trains on eagerly after a warning; --cuda-graphs refuses a run that cannot
-    have it, --no-cuda-graphs never captures."""
+    """Capture the whole update (forward, backward, clipping, AdamW) in a CUDA graph after 3 eager updates (11 under
+    DDP) and replay it: the host launches one graph per step instead of every kernel, which pays where the host bounds
+    the step (small batches). On an H200, GLA-340M: 1.45x the tokens/s at batch 8 (151.0K), 1.03x at 16, level at 32,
+    ~0.2 GiB more memory; DDP on 2 H200s at batch 8: 1.68x; captured for GLA, DeltaNet, Mamba2, RWKV7 and Llama
+    (benchmarks/RESULTS.md). The same updates. Default: on wherever the run allows it (CUDA GPUs, one process or DDP on
+    one machine, not FSDP or DeepSpeed; fixed shapes: not with --varlen, --compile or --checkpointing), and a model that
+    cannot be captured trains on eagerly after a warning; --cuda-graphs refuses a run that cannot have it,
+    --no-cuda-graphs never captures."""
 
     # Validation
     eval: int = 0

@@ -135,7 +135,7 @@ def on_stream(stream):
 class GraphedUpdate:
     """Runs `update(inputs)` (forward, backward, clipping and the optimizer step of one update, returning the
     loss and gradient norm on the device) eagerly `warmup` times, then captures it once and replays it, all on
-    CUDA `stream` (under DDP the stream the model was prepared on: `on_stream`).
+    CUDA `stream`, the one the engine prepared the model on (`on_stream`; DDP's capture needs that).
 
     `inputs` are static device buffers shaped like the first call's micro-batches; each call copies its batches
     into them. The loss and norm of a replay are copied out of the graph's own outputs, which the next replay

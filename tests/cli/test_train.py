@@ -297,8 +297,7 @@ def test_dry_run_estimates_memory_as_the_launcher_shards_it(files, tmp_path, mon
         monkeypatch.setenv(key, value)
     gla_340m = Path(__file__).resolve().parents[2] / "configs" / "gla_340M.json"
     args = ["train", "--model", str(gla_340m), "--cache", str(files / "ds"), "--path", str(tmp_path / "run")]
-    args += ["--batch", "8", "--context", "2048", "--precision", "bf16", "--dry-run"]
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, [*args, "--batch", "8", "--context", "2048", "--precision", "bf16", "--dry-run"])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "8 x 1 update x 2 processes" in text and said in text, text

@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/distributed.py                       # GLA-340M, 8 x 2048 per GPU, 2 GPUs, all setups
     PYTHONPATH=. python benchmarks/distributed.py --processes 4 --setups one,ddp,fsdp --batch 16
     PYTHONPATH=. python benchmarks/distributed.py --setups one,ddp,ddp:eager           # DDP with and without graphs
+    PYTHONPATH=. python benchmarks/distributed.py --setups ddp --train-options="--bf16-residual"  # any train option
     PYTHONPATH=. python benchmarks/distributed.py --device cpu --tiny --setups one,ddp   # plumbing smoke run (gloo)
 
 Each setup is `accelerate launch --config_file configs/accelerate/SETUP.yaml --num_processes N -m flame train`, the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -75,6 +77,7 @@ def run_setup(setup: str, config_path: str, data: Path, work: Path, args, port: 
                "--context", str(args.context), "--steps", str(total), "--logging", str(1 + args.warmup),
                "--save", str(10**9), "--limit", "1", "--lr", "3e-4", "--warmup", "0", "--seed", str(SEED)]  # fmt: skip
     options += ["--no-cuda-graphs"] if eager else []
+    options += shlex.split(args.train_options)
     env = os.environ | {"PYTHONPATH": str(REPO), "NCCL_NVLS_ENABLE": "0", "FLAME_QUIET": "1", "WANDB_MODE": "offline"}
     if name == "one" and args.device == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
@@ -136,6 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="a tiny GLA instead of --model (CPU smoke run)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--train-options", default="", help="more `flame train` options for every setup, one string")
     args = parser.parse_args(argv)
 
     setups = [s for s in args.setups.split(",") if s]
@@ -166,6 +170,7 @@ def main(argv=None) -> int:
     print(
         f"{Path(config_path).name if not args.tiny else 'tiny GLA'}, {args.batch} x {args.context} per process, "
         f"{args.processes} processes, {args.device}, {args.steps} timed steps after {1 + args.warmup}"
+        + (f", with {args.train_options}" if args.train_options else "")
     )
     print(table(rows))
     if args.json:

@@ -29,6 +29,15 @@ def test_one_process_and_ddp_each_give_a_row(tmp_path, capsys):
     ]
 
 
+def test_train_options_reach_every_run_after_the_benchmarks_own(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    args = ["--device", "cpu", "--tiny", "--setups", "one", "--batch", "2", "--context", "64", "--steps", "3",
+            "--warmup", "1", "--train-options=--logging 1", "--json", str(out)]  # fmt: skip
+    assert distributed.main(args) == 0
+    assert len(json.loads(out.read_text())[0]["losses"]) == 5  # every step logged, not every 2
+    assert "3 timed steps after 2, with --logging 1" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("setups", "said"),
     [("one,fsdp", "fsdp need GPUs"), ("ddp,zero9", "unknown setup(s) zero9")],

@@ -599,7 +599,7 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
         if note := fill_deepspeed_config(accelerator.state.deepspeed_plugin, cfg.batch, cfg.norm):
             ui.warn(note)
     fused = skips_on_device(optimizer) if accelerator.scaler is None else None  # as prepare() will hand it back
-    if cfg.cuda_graphs and (why := graphs.unsupported(accelerator.device, p.sharding, fused)):
+    if cfg.cuda_graphs and (why := graphs.unsupported(accelerator.device, fused)):
         raise ConfigError(why, graphs.FIX)  # before anything is written to the run dir
     capturing = graphs.wanted(cfg, accelerator.device, p.sharding, fused, p.machines)  # by default, --cuda-graphs
     # A capture's stream, on which the model is prepared (DDP keeps gradient accumulators made when it is built, and

@@ -97,17 +97,15 @@ def wanted(cfg, device: torch.device, setup: str, fused_optimizer, machines: int
     """Whether the run captures its update: --cuda-graphs (where `unsupported` says no, the engine refuses the run
     first), or by default wherever it can (`_off`, `unsupported`)."""
     if cfg.cuda_graphs is None:
-        return _off(cfg, setup, machines) is None and unsupported(device, setup, fused_optimizer) is None
+        return _off(cfg, setup, machines) is None and unsupported(device, fused_optimizer) is None
     return cfg.cuda_graphs
 
 
-def unsupported(device: torch.device, setup: str, fused_optimizer) -> str | None:
-    """Why this run's setting rules out --cuda-graphs (a CUDA device, one process or DDP, flame's fused AdamW), or
-    None."""
+def unsupported(device: torch.device, fused_optimizer) -> str | None:
+    """Why this run's device or optimizer rules out --cuda-graphs (a CUDA device, flame's fused AdamW), or None; the
+    launcher setup was decided before the Accelerator existed (`refusals`, `_off`)."""
     if device.type != "cuda":
         return f"--cuda-graphs needs a CUDA GPU, this run is on {device.type}"
-    if setup not in SETUPS:
-        return _not_under(setup)
     if fused_optimizer is None:
         return "--cuda-graphs needs flame's fused AdamW (not DeepSpeed's optimizer or a grad scaler)"
     return None

@@ -131,18 +131,12 @@ def test_options_that_change_shapes_or_compile_are_refused(files, tmp_path):
             engine.plan(_cfg(files, tmp_path, cuda_graphs=True, **{option: True}))
 
 
-def test_graphs_need_cuda_one_process_or_ddp_and_the_fused_adamw():
+def test_graphs_need_cuda_and_the_fused_adamw():
     adamw = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=True)
     cuda = torch.device("cuda")
-    assert graphs.unsupported(cuda, "one process", adamw) is None
-    assert graphs.unsupported(cuda, "DDP", adamw) is None
-    assert graphs.unsupported(torch.device("cpu"), "one process", adamw) == (
-        "--cuda-graphs needs a CUDA GPU, this run is on cpu"
-    )
-    assert graphs.unsupported(cuda, "FSDP, full shard", adamw) == (
-        "--cuda-graphs runs on one process or under DDP, this run is FSDP, full shard"
-    )
-    assert "fused AdamW" in graphs.unsupported(cuda, "DDP", None)
+    assert graphs.unsupported(cuda, adamw) is None
+    assert graphs.unsupported(torch.device("cpu"), adamw) == "--cuda-graphs needs a CUDA GPU, this run is on cpu"
+    assert "fused AdamW" in graphs.unsupported(cuda, None)
 
 
 def test_the_cli_option_reaches_the_engine_and_a_cpu_run_gets_one_clear_error(files, tmp_path):

@@ -306,6 +306,7 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
             shared_casts=cfg.share_casts,
             # FSDP's bf16 parameters make the embedding's output, so the residual stream, bf16 (as --bf16-residual)
             bf16_residual=cfg.bf16_residual or (precision == "bf16" and sharding.startswith("FSDP")),
+            deepspeed=sharding.startswith("DeepSpeed"),  # its bf16 weights and fp32 master copy, not autocast's
         ),
         dataset_tokens=sum(s.tokens for s in sources),
         windows_per_epoch=per_epoch,

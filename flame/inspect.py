@@ -61,6 +61,9 @@ class InspectOptions:
     default as the run or checkpoint was trained, and for a model as `flame train` trains it (with)."""
     bf16_residual: bool = False
     """Memory estimate with the residual stream in bf16 (a run or checkpoint trained with it always is)."""
+    deepspeed: bool = False
+    """Memory estimate as DeepSpeed trains under bf16: bf16 weights, its fp32 master copy sharded with the AdamW
+    moments, a bf16 residual stream (with --zero-stage; what `flame train --dry-run` does under its launcher)."""
     sample: int = 0
     """Dataset: index of the train document to decode and show."""
     sample_chars: int = 400
@@ -343,6 +346,7 @@ def _model_facts(model, config, p: Path, options: InspectOptions, run: dict) -> 
         activation_checkpointing=checkpointing,
         shared_casts=share_casts,
         bf16_residual=bf16_residual,
+        deepspeed=options.deepspeed,
     )
     settings = {
         "batch": batch,
@@ -354,6 +358,7 @@ def _model_facts(model, config, p: Path, options: InspectOptions, run: dict) -> 
         "checkpointing": checkpointing,
         "share_casts": share_casts,
         "bf16_residual": bf16_residual,
+        "deepspeed": options.deepspeed,
     }
     return ModelFacts(
         path=str(p),

@@ -587,6 +587,9 @@ def flops_per_token(config, context: int) -> float:
 # bf16 autocast over fp32 weights: the residual stream stays fp32 (the embedding output is fp32 and every
 # residual add promotes), so a norm's output is fp32 too and each projection reading it keeps its own bf16 cast.
 
+#: DeepSpeed ZeRO-3's default max_live_parameters (and max_reuse_distance): gathered weights it keeps alive.
+DEEPSPEED_MAX_LIVE = 1e9
+
 #: Per-family multipliers on the activation terms, for calibration against measured peaks (1.0 = as listed).
 FAMILY_ACTIVATION_SCALE: dict[str, float] = {}
 
@@ -603,6 +606,7 @@ def estimate_memory(
     accumulation: int = 1,
     shared_casts: bool = False,
     bf16_residual: bool = False,
+    deepspeed: bool = False,
 ) -> dict[str, float]:
     """Estimated peak training memory per device in GiB (what torch.cuda.max_memory_allocated reports).
 
@@ -614,6 +618,9 @@ def estimate_memory(
         the backward. grads: the fp32 gradients alive at the peak: all of them when they stay allocated through
         the backward (DDP's gradient buckets when world_size > 1, ZeRO partitions, accumulation > 1), else only
         the LM head's (the peak is at the start of the backward; zero_grad(set_to_none=True) freed the rest).
+    deepspeed: as DeepSpeed trains under "bf16" (no autocast): the weights themselves are bf16 (sharded at stage
+        3), its optimizer keeps an fp32 master copy sharded as the moments, the residual stream is bf16; at stage 3
+        its default max_live_parameters / max_reuse_distance (1e9) keep up to 1e9 gathered bf16 weights alive.
     optimizer: AdamW's two fp32 moments. activations: activation_breakdown() for batch x context tokens, plus
         one layer's worth for the gradients its backward creates. total: the larger of the backward peak
         (all of the above) and the optimizer-step peak (weights + all grads + moments).
@@ -628,13 +635,20 @@ def estimate_memory(
     shard = max(1, world_size)
     w_shard = shard if zero_stage >= 3 else 1
     g_shard = shard if zero_stage >= 2 else 1
-    master = 4.0 * params / w_shard
-    copies = 2.0 * n_matmul / w_shard if precision == "bf16" else 0.0
+    o_shard = shard if zero_stage >= 1 else 1
+    if deepspeed and precision == "bf16":
+        live = 2.0 * min(params, DEEPSPEED_MAX_LIVE) if zero_stage >= 3 else 0.0
+        # the bf16 weights stay through the optimizer step (the step peak counts them), the gathered ones do not
+        master, copies = 4.0 * params / o_shard + 2.0 * params / w_shard, live
+        bf16_residual = True
+    else:
+        master = 4.0 * params / w_shard
+        copies = 2.0 * n_matmul / w_shard if precision == "bf16" else 0.0
     all_grads = 4.0 * params / g_shard
     resident = world_size > 1 or zero_stage > 0 or accumulation > 1
     head = model.get_output_embeddings()
     grads = all_grads if resident else 4.0 * (head.weight.numel() if head is not None else 0)
-    optimizer = 8.0 * params / (shard if zero_stage >= 1 else 1)
+    optimizer = 8.0 * params / o_shard
     parts = activation_breakdown(model, precision, activation_checkpointing, shared_casts, bf16_residual)
     act = parts["total"] * batch * context
     backward_peak = master + copies + grads + optimizer + act

@@ -56,6 +56,13 @@ def test_config_table_shows_the_counts():
     assert residual.exit_code == 0, residual.output
     memory = models.estimate_memory(models.load_config(config), 8, 2048, shared_casts=True, bf16_residual=True)
     assert "update 1, --bf16-residual" in residual.output and f"{memory['total']:.2f}" in residual.output
+    deepspeed = flame(config, "--deepspeed", "--zero-stage", 2, "--world-size", 2)
+    assert deepspeed.exit_code == 0, deepspeed.output
+    memory = models.estimate_memory(
+        models.load_config(config), 8, 2048, zero_stage=2, world_size=2, shared_casts=True, deepspeed=True
+    )
+    assert "ZeRO stage 2 over 2 device(s), update 1, as DeepSpeed trains" in deepspeed.output
+    assert f"{memory['total']:.2f}" in deepspeed.output
 
 
 def test_config_json_has_the_same_numbers():

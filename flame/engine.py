@@ -307,6 +307,7 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
             # FSDP's bf16 parameters make the embedding's output, so the residual stream, bf16 (as --bf16-residual)
             bf16_residual=cfg.bf16_residual or (precision == "bf16" and sharding.startswith("FSDP")),
             deepspeed=sharding.startswith("DeepSpeed"),  # its bf16 weights and fp32 master copy, not autocast's
+            fsdp=sharding.startswith("FSDP"),  # its gathered bf16 weights and gradients reduce-scattered into shards
         ),
         dataset_tokens=sum(s.tokens for s in sources),
         windows_per_epoch=per_epoch,

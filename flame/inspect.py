@@ -64,6 +64,10 @@ class InspectOptions:
     deepspeed: bool = False
     """Memory estimate as DeepSpeed trains under bf16: bf16 weights, its fp32 master copy sharded with the AdamW
     moments, a bf16 residual stream (with --zero-stage; what `flame train --dry-run` does under its launcher)."""
+    fsdp: bool = False
+    """Memory estimate as FSDP trains under bf16 (--zero-stage 3: full shard, 2: shard grad op): fp32 weight shards,
+    the bf16 weights it gathers, gradients sharded as the backward makes them (what `flame train --dry-run` does
+    under its launcher)."""
     sample: int = 0
     """Dataset: index of the train document to decode and show."""
     sample_chars: int = 400
@@ -83,6 +87,8 @@ def validate(options: InspectOptions) -> None:
         value = getattr(options, name)
         if value is not None and value < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if options.deepspeed and options.fsdp:
+        problems.append("--deepspeed and --fsdp: a run is sharded by one of them, choose one")
     if options.precision not in ("bf16", "fp32"):
         problems.append(f"--precision must be bf16 or fp32, got {options.precision}")
     if options.zero_stage not in (0, 1, 2, 3):
@@ -347,6 +353,7 @@ def _model_facts(model, config, p: Path, options: InspectOptions, run: dict) -> 
         shared_casts=share_casts,
         bf16_residual=bf16_residual,
         deepspeed=options.deepspeed,
+        fsdp=options.fsdp,
     )
     settings = {
         "batch": batch,
@@ -359,6 +366,7 @@ def _model_facts(model, config, p: Path, options: InspectOptions, run: dict) -> 
         "share_casts": share_casts,
         "bf16_residual": bf16_residual,
         "deepspeed": options.deepspeed,
+        "fsdp": options.fsdp,
     }
     return ModelFacts(
         path=str(p),

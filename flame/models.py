@@ -607,6 +607,7 @@ def estimate_memory(
     shared_casts: bool = False,
     bf16_residual: bool = False,
     deepspeed: bool = False,
+    fsdp: bool = False,
 ) -> dict[str, float]:
     """Estimated peak training memory per device in GiB (what torch.cuda.max_memory_allocated reports).
 
@@ -621,6 +622,11 @@ def estimate_memory(
     deepspeed: as DeepSpeed trains under "bf16" (no autocast): the weights themselves are bf16 (sharded at stage
         3), its optimizer keeps an fp32 master copy sharded as the moments, the residual stream is bf16; at stage 3
         its default max_live_parameters / max_reuse_distance (1e9) keep up to 1e9 gathered bf16 weights alive.
+    fsdp: as FSDP trains under "bf16" at zero_stage 2 (shard grad op) or 3 (full shard): fp32 weight shards; the
+        bf16 weights it gathers, freed after each block at full shard (the root unit's, embeddings and head, stay,
+        with the block computing and the one prefetched), kept from forward to backward at shard grad op; the
+        residual stream bf16; gradients reduce-scattered into shards during the backward, so none alive at its
+        start, except under accumulation (no_sync), which keeps them all, unsharded.
     optimizer: AdamW's two fp32 moments. activations: activation_breakdown() for batch x context tokens, plus
         one layer's worth for the gradients its backward creates. total: the larger of the backward peak
         (all of the above) and the optimizer-step peak (weights + all grads + moments).
@@ -641,6 +647,11 @@ def estimate_memory(
         # the bf16 weights stay through the optimizer step (the step peak counts them), the gathered ones do not
         master, copies = 4.0 * params / o_shard + 2.0 * params / w_shard, live
         bf16_residual = True
+    elif fsdp and precision == "bf16" and zero_stage >= 2:
+        blocks = [sum(p.numel() for p in block.parameters()) for block, _ in _mixers(model)]
+        gathered = params - sum(blocks) + 2 * max(blocks, default=0) if zero_stage >= 3 else params
+        master, copies = 4.0 * params / shard, 2.0 * gathered
+        bf16_residual = True
     else:
         master = 4.0 * params / w_shard
         copies = 2.0 * n_matmul / w_shard if precision == "bf16" else 0.0
@@ -648,6 +659,8 @@ def estimate_memory(
     resident = world_size > 1 or zero_stage > 0 or accumulation > 1
     head = model.get_output_embeddings()
     grads = all_grads if resident else 4.0 * (head.weight.numel() if head is not None else 0)
+    if fsdp and precision == "bf16" and zero_stage >= 2:
+        grads = 4.0 * params if accumulation > 1 else 4.0 * (head.weight.numel() if head is not None else 0)
     optimizer = 8.0 * params / o_shard
     parts = activation_breakdown(model, precision, activation_checkpointing, shared_casts, bf16_residual)
     act = parts["total"] * batch * context

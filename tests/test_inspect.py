@@ -100,6 +100,7 @@ def test_model_options_reach_the_flop_count_and_memory_estimate():
         "share_casts": True,  # flame train's default (under fp32 it changes nothing)
         "bf16_residual": False,
         "deepspeed": False,
+        "fsdp": False,
     } | {f"{k}_gib": v for k, v in expected.items()}
     both = inspect(config, InspectOptions(checkpointing=True, share_casts=True)).memory
     expected = models.estimate_memory(built, 8, 2048, activation_checkpointing=True, shared_casts=True)

@@ -61,6 +61,7 @@ def inspect(
     ] = DEFAULTS.share_casts,
     bf16_residual: Annotated[bool, _opt("bf16_residual", "Model estimates")] = DEFAULTS.bf16_residual,
     deepspeed: Annotated[bool, _opt("deepspeed", "Model estimates")] = DEFAULTS.deepspeed,
+    fsdp: Annotated[bool, _opt("fsdp", "Model estimates")] = DEFAULTS.fsdp,
     sample: Annotated[int, _opt("sample", "Dataset")] = DEFAULTS.sample,
     sample_chars: Annotated[int, _opt("sample_chars", "Dataset")] = DEFAULTS.sample_chars,
     plot: Annotated[str | None, _opt("plot", "Run", metavar="FILE.png", show_default=False)] = DEFAULTS.plot,
@@ -80,6 +81,7 @@ def inspect(
         share_casts=share_casts,
         bf16_residual=bf16_residual,
         deepspeed=deepspeed,
+        fsdp=fsdp,
         sample=sample,
         sample_chars=sample_chars,
         plot=plot,
@@ -240,7 +242,7 @@ def _memory_table(m: dict):
         f"ZeRO stage {m['zero_stage']} over {m['world_size']} device(s), update {m['update']}"
     )
     title += "".join(f", {f}" for f in changed_switches(m, ("checkpointing", "share_casts", "bf16_residual")))
-    title += ", as DeepSpeed trains" if m.get("deepspeed") else ""
+    title += ", as DeepSpeed trains" if m.get("deepspeed") else ", as FSDP trains" if m.get("fsdp") else ""
     table = ui.table(title=title, title_justify="left", title_style="bold")
     table.add_column("part")
     table.add_column("GiB", justify="right")

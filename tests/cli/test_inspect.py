@@ -63,6 +63,16 @@ def test_config_table_shows_the_counts():
     )
     assert "ZeRO stage 2 over 2 device(s), update 1, as DeepSpeed trains" in deepspeed.output
     assert f"{memory['total']:.2f}" in deepspeed.output
+    fsdp = flame(config, "--fsdp", "--zero-stage", 3, "--world-size", 2)
+    assert fsdp.exit_code == 0, fsdp.output
+    memory = models.estimate_memory(
+        models.load_config(config), 8, 2048, zero_stage=3, world_size=2, shared_casts=True, fsdp=True
+    )
+    assert "ZeRO stage 3 over 2 device(s), update 1, as FSDP trains" in fsdp.output
+    assert f"{memory['total']:.2f}" in fsdp.output
+    assert one_error_line(flame(config, "--fsdp", "--deepspeed")) == (
+        "error: --deepspeed and --fsdp: a run is sharded by one of them, choose one"
+    )
 
 
 def test_config_json_has_the_same_numbers():

@@ -56,20 +56,14 @@ def test_config_table_shows_the_counts():
     assert residual.exit_code == 0, residual.output
     memory = models.estimate_memory(models.load_config(config), 8, 2048, shared_casts=True, bf16_residual=True)
     assert "update 1, --bf16-residual" in residual.output and f"{memory['total']:.2f}" in residual.output
-    deepspeed = flame(config, "--deepspeed", "--zero-stage", 2, "--world-size", 2)
-    assert deepspeed.exit_code == 0, deepspeed.output
-    memory = models.estimate_memory(
-        models.load_config(config), 8, 2048, zero_stage=2, world_size=2, shared_casts=True, deepspeed=True
-    )
-    assert "ZeRO stage 2 over 2 device(s), update 1, as DeepSpeed trains" in deepspeed.output
-    assert f"{memory['total']:.2f}" in deepspeed.output
-    fsdp = flame(config, "--fsdp", "--zero-stage", 3, "--world-size", 2)
-    assert fsdp.exit_code == 0, fsdp.output
-    memory = models.estimate_memory(
-        models.load_config(config), 8, 2048, zero_stage=3, world_size=2, shared_casts=True, fsdp=True
-    )
-    assert "ZeRO stage 3 over 2 device(s), update 1, as FSDP trains" in fsdp.output
-    assert f"{memory['total']:.2f}" in fsdp.output
+    for sharded_by, stage, words in (("deepspeed", 2, "DeepSpeed"), ("fsdp", 3, "FSDP")):
+        result = flame(config, f"--{sharded_by}", "--zero-stage", stage, "--world-size", 2)
+        assert result.exit_code == 0, result.output
+        memory = models.estimate_memory(
+            models.load_config(config), 8, 2048, zero_stage=stage, world_size=2, shared_casts=True, **{sharded_by: True}
+        )
+        assert f"ZeRO stage {stage} over 2 device(s), update 1, as {words} trains" in result.output
+        assert f"{memory['total']:.2f}" in result.output
     assert one_error_line(flame(config, "--fsdp", "--deepspeed")) == (
         "error: --deepspeed and --fsdp: a run is sharded by one of them, choose one"
     )

@@ -642,12 +642,13 @@ def estimate_memory(
     w_shard = shard if zero_stage >= 3 else 1
     g_shard = shard if zero_stage >= 2 else 1
     o_shard = shard if zero_stage >= 1 else 1
+    as_fsdp = fsdp and precision == "bf16" and zero_stage >= 2
     if deepspeed and precision == "bf16":
         live = 2.0 * min(params, DEEPSPEED_MAX_LIVE) if zero_stage >= 3 else 0.0
         # the bf16 weights stay through the optimizer step (the step peak counts them), the gathered ones do not
         master, copies = 4.0 * params / o_shard + 2.0 * params / w_shard, live
         bf16_residual = True
-    elif fsdp and precision == "bf16" and zero_stage >= 2:
+    elif as_fsdp:
         blocks = [sum(p.numel() for p in block.parameters()) for block, _ in _mixers(model)]
         gathered = params - sum(blocks) + 2 * max(blocks, default=0) if zero_stage >= 3 else params
         master, copies = 4.0 * params / shard, 2.0 * gathered
@@ -656,11 +657,13 @@ def estimate_memory(
         master = 4.0 * params / w_shard
         copies = 2.0 * n_matmul / w_shard if precision == "bf16" else 0.0
     all_grads = 4.0 * params / g_shard
-    resident = world_size > 1 or zero_stage > 0 or accumulation > 1
     head = model.get_output_embeddings()
-    grads = all_grads if resident else 4.0 * (head.weight.numel() if head is not None else 0)
-    if fsdp and precision == "bf16" and zero_stage >= 2:
-        grads = 4.0 * params if accumulation > 1 else 4.0 * (head.weight.numel() if head is not None else 0)
+    head_grad = 4.0 * (head.weight.numel() if head is not None else 0)
+    if as_fsdp:  # its shards are made as the backward goes; under no_sync every gradient stays, unsharded
+        grads = 4.0 * params if accumulation > 1 else head_grad
+    else:
+        resident = world_size > 1 or zero_stage > 0 or accumulation > 1
+        grads = all_grads if resident else head_grad
     optimizer = 8.0 * params / o_shard
     parts = activation_breakdown(model, precision, activation_checkpointing, shared_casts, bf16_residual)
     act = parts["total"] * batch * context

@@ -626,7 +626,7 @@ def estimate_memory(
         bf16 weights it gathers, freed after each block at full shard (the root unit's, embeddings and head, stay,
         with the block computing and the one prefetched), kept from forward to backward at shard grad op; the
         residual stream bf16; gradients reduce-scattered into shards during the backward, so none alive at its
-        start, except under accumulation (no_sync), which keeps them all, unsharded.
+        start, except under accumulation (no_sync), which keeps them all, unsharded, in the gathered weights' bf16.
     optimizer: AdamW's two fp32 moments. activations: activation_breakdown() for batch x context tokens, plus
         one layer's worth for the gradients its backward creates. total: the larger of the backward peak
         (all of the above) and the optimizer-step peak (weights + all grads + moments).
@@ -659,8 +659,8 @@ def estimate_memory(
     all_grads = 4.0 * params / g_shard
     head = model.get_output_embeddings()
     head_grad = 4.0 * (head.weight.numel() if head is not None else 0)
-    if as_fsdp:  # its shards are made as the backward goes; under no_sync every gradient stays, unsharded
-        grads = 4.0 * params if accumulation > 1 else head_grad
+    if as_fsdp:  # its shards are made as the backward goes; under no_sync every gradient stays, unsharded, bf16
+        grads = 2.0 * params if accumulation > 1 else head_grad
     else:
         resident = world_size > 1 or zero_stage > 0 or accumulation > 1
         grads = all_grads if resident else head_grad

@@ -304,8 +304,7 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
             accumulation=cfg.update,
             activation_checkpointing=cfg.checkpointing,
             shared_casts=cfg.share_casts,
-            # FSDP's bf16 parameters make the embedding's output, so the residual stream, bf16 (as --bf16-residual)
-            bf16_residual=cfg.bf16_residual or (precision == "bf16" and sharding.startswith("FSDP")),
+            bf16_residual=cfg.bf16_residual,
             deepspeed=sharding.startswith("DeepSpeed"),  # its bf16 weights and fp32 master copy, not autocast's
             fsdp=sharding.startswith("FSDP"),  # its gathered bf16 weights and gradients reduce-scattered into shards
         ),

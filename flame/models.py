@@ -625,7 +625,8 @@ def estimate_memory(
     fsdp: as FSDP trains under "bf16" at zero_stage 2 (shard grad op) or 3 (full shard): fp32 weight shards; the
         bf16 weights it gathers, freed after each block at full shard (the root unit's, embeddings and head, stay,
         with the block computing and the one prefetched), kept from forward to backward at shard grad op; the
-        residual stream bf16; gradients reduce-scattered into shards during the backward, so none alive at its
+        residual stream bf16 (at every stage: its bf16 parameters make the embedding's output bf16, as
+        bf16_residual); gradients reduce-scattered into shards during the backward, so none alive at its
         start, except under accumulation (no_sync), which keeps them all, unsharded, in the gathered weights' bf16.
     optimizer: AdamW's two fp32 moments. activations: activation_breakdown() for batch x context tokens, plus
         one layer's worth for the gradients its backward creates. total: the larger of the backward peak
@@ -643,16 +644,15 @@ def estimate_memory(
     g_shard = shard if zero_stage >= 2 else 1
     o_shard = shard if zero_stage >= 1 else 1
     as_fsdp = fsdp and precision == "bf16" and zero_stage >= 2
+    bf16_residual = bf16_residual or ((fsdp or deepspeed) and precision == "bf16")  # their weights are bf16
     if deepspeed and precision == "bf16":
         live = 2.0 * min(params, DEEPSPEED_MAX_LIVE) if zero_stage >= 3 else 0.0
         # the bf16 weights stay through the optimizer step (the step peak counts them), the gathered ones do not
         master, copies = 4.0 * params / o_shard + 2.0 * params / w_shard, live
-        bf16_residual = True
     elif as_fsdp:
         blocks = [sum(p.numel() for p in block.parameters()) for block, _ in _mixers(model)]
         gathered = params - sum(blocks) + 2 * max(blocks, default=0) if zero_stage >= 3 else params
         master, copies = 4.0 * params / shard, 2.0 * gathered
-        bf16_residual = True
     else:
         master = 4.0 * params / w_shard
         copies = 2.0 * n_matmul / w_shard if precision == "bf16" else 0.0

@@ -46,7 +46,8 @@ def quiet_cache_name_warning() -> None:
 # chunk_simple_gla with a gate) on Hopper GPUs with Triton >= 3.4.0 and < 3.7.1, which compute it wrongly there
 # (fla-org/flash-linear-attention#640). Its TileLang backend stands in for the gated delta rule when tilelang is
 # installed, not for simple GLA (whose state stays in float32). Found on an H200 with Triton 3.6.0, 2026-11-28:
-# without this check the RuntimeError came mid-step, after minutes of autotuning.
+# without this check the RuntimeError came mid-step, after minutes of autotuning. With tilelang 0.1.15 installed,
+# Gated DeltaNet trained there (2026-11-30: gradients as flame's portable ones, benchmarks/RESULTS.md).
 _GATED_DQKWG = {"gated_deltanet": True, "comba": True, "mom": True, "simple_gla": False, "yoco": False}
 
 

@@ -100,7 +100,11 @@ def hopper_triton_blocker(
         tilelang = importlib.util.find_spec("tilelang") is not None
     if tilelang and _GATED_DQKWG[model_type]:
         return None
-    fix = "pip install 'triton>=3.7.1'" + (" (or pip install tilelang)" if _GATED_DQKWG[model_type] else "")
+    # tilelang first where it applies: it was run (H200, 2026-11-30) and leaves torch's pinned Triton alone; a fixed
+    # Triton comes with torch 2.13 (which requires triton==3.7.1), and a newer Triton under an older torch conflicts.
+    fix = "pip install 'torch>=2.13' (its Triton 3.7.1 is fixed)"
+    if _GATED_DQKWG[model_type]:
+        fix = f"pip install tilelang (FLA then runs that kernel in TileLang), or {fix}"
     why = (
         f"{model_type} cannot train on this {device_name or 'Hopper GPU'} with Triton {triton_version}: "
         "FLA refuses its backward pass there (wrong results on Hopper with Triton 3.4.0 to 3.7.0, "

@@ -14,14 +14,14 @@ def test_gated_deltanet_on_hopper_with_triton_3_6_is_refused_with_the_fix():
         "(wrong results on Hopper with Triton 3.4.0 to 3.7.0, flash-linear-attention#640)"
     )
     assert fix == (
-        "pip install 'triton>=3.7.1' (or pip install tilelang), or train on another GPU "
-        "(or with flame's slower portable kernels: FLAME_KERNELS=torch)"
+        "pip install tilelang (FLA then runs that kernel in TileLang), or pip install 'torch>=2.13' (its Triton "
+        "3.7.1 is fixed), or train on another GPU (or with flame's slower portable kernels: FLAME_KERNELS=torch)"
     )
 
 
 def test_simple_gla_is_refused_even_with_tilelang_whose_backend_does_not_take_it():
     why, fix = hopper_triton_blocker("simple_gla", **H200, triton_version="3.5.1", tilelang=True)
-    assert fix.startswith("pip install 'triton>=3.7.1', or train on another GPU")
+    assert fix.startswith("pip install 'torch>=2.13' (its Triton 3.7.1 is fixed), or train on another GPU")
 
 
 @pytest.mark.parametrize(

@@ -12,12 +12,14 @@ N processes with update U the gradient of one process with update N x U.
 """
 
 import dataclasses
+import functools
 import gc
 import json
 import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +61,7 @@ class Plan:
     sources: list = field(default_factory=list, repr=False)
     validation: object = field(default=None, repr=False)  # the validation split's Source when --eval
     eval_windows: int = 0  # windows per evaluation, all processes together
+    memory_at: Callable[[int], dict] | None = field(default=None, repr=False)  # memory_gib at another --batch
 
 
 @dataclass
@@ -288,26 +291,27 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
     windows_per_update = cfg.batch * cfg.update * world
     steps = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / windows_per_update))
     precision = "fp32" if _resolve_precision(cfg.precision, torch.cuda.is_available()) == "no" else "bf16"
+    memory_at = functools.partial(
+        models.estimate_memory,
+        config,
+        context=cfg.context,
+        precision=precision,
+        world_size=world,
+        zero_stage=zero_stage,
+        accumulation=cfg.update,
+        activation_checkpointing=cfg.checkpointing,
+        shared_casts=cfg.share_casts,
+        bf16_residual=cfg.bf16_residual,
+        deepspeed=sharding.startswith("DeepSpeed"),  # its bf16 weights and fp32 master copy, not autocast's
+        fsdp=sharding.startswith("FSDP"),  # its gathered bf16 weights and gradients reduce-scattered into shards
+    )
     return Plan(
         cfg=cfg,
         model_type=config.model_type,
         is_fla=is_fla,
         params=models.count_params(model),
         flops_per_token=models.flops_per_token(config, cfg.context),
-        memory_gib=models.estimate_memory(
-            config,
-            cfg.batch,
-            cfg.context,
-            precision=precision,
-            world_size=world,
-            zero_stage=zero_stage,
-            accumulation=cfg.update,
-            activation_checkpointing=cfg.checkpointing,
-            shared_casts=cfg.share_casts,
-            bf16_residual=cfg.bf16_residual,
-            deepspeed=sharding.startswith("DeepSpeed"),  # its bf16 weights and fp32 master copy, not autocast's
-            fsdp=sharding.startswith("FSDP"),  # its gathered bf16 weights and gradients reduce-scattered into shards
-        ),
+        memory_gib=memory_at(cfg.batch),
         dataset_tokens=sum(s.tokens for s in sources),
         windows_per_epoch=per_epoch,
         tokens_per_update=windows_per_update * cfg.context,
@@ -321,6 +325,50 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
         sources=sources,
         validation=validation,
         eval_windows=eval_windows,
+        memory_at=memory_at,
+    )
+
+
+def memory_capacity_gib(device: torch.device, local_processes: int = 1) -> tuple[float, str]:
+    """(GiB one process may use, that amount in words): the GPU's memory, or on the CPU the memory the machine has
+    available, shared by its processes."""
+    if device.type == "cuda":
+        gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+        return gib, f"this GPU's {gib:.1f} GiB"
+    import psutil  # accelerate's dependency
+
+    gib = psutil.virtual_memory().available / 2**30 / max(1, local_processes)
+    shared = f", shared by its {local_processes} processes" if local_processes > 1 else ""
+    return gib, f"the {gib:.1f} GiB available on this machine{shared}"
+
+
+def memory_warning(p: Plan, capacity_gib: float, where: str, *, gpu: bool) -> str | None:
+    """What to say before training when the estimated peak (flame.models.estimate_memory) is more than the memory
+    there is; None when it fits. On a GPU, where the estimate came within a few percent of the measured peaks on
+    H200s (high rather than low), it names the largest --batch that fits by the same estimate, and the warning
+    comes before the first step's minutes of compiling instead of an out-of-memory error after them. On the CPU
+    flame's portable kernels hold more than the estimate (GLA-340M at batch 2 x 2048: estimated 11.0 GiB, killed
+    at 24 GiB on a 24 GiB machine, 2026-11-30): the warning is then sure but late, and names no batch."""
+    need = p.memory_gib["total"]
+    if need <= capacity_gib or p.memory_at is None:
+        return None
+    if not gpu:
+        advice = "lower --batch or --context (flame's CPU kernels hold more than this estimate)"
+    else:
+        lo, hi = 0, p.cfg.batch  # the estimate grows with the batch: the largest that fits, by bisection
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if p.memory_at(mid)["total"] <= capacity_gib else (lo, mid)
+        if lo:
+            advice = (
+                f"--batch {lo} fits by the estimate ({p.memory_at(lo)['total']:.1f} GiB; raise --update to keep "
+                "the tokens per update), or --checkpointing"
+            )
+        else:
+            advice = "not even --batch 1 fits by the estimate: --checkpointing, a shorter --context, or shard the model"
+    return (
+        f"the estimated peak memory, {need:.1f} GiB per process, is more than {where}: this run will likely run "
+        f"out of memory; {advice} (`flame train ... --dry-run` shows the estimate)"
     )
 
 
@@ -534,6 +582,8 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
     try:
         with compile_settings() if cfg.compile else nullcontext():
             return _train(cfg, force=force)
+    except torch.OutOfMemoryError as error:
+        raise out_of_memory(error) from error  # one line at the CLI; FLAME_DEBUG=1 shows torch's paragraph
     finally:
         # Under bf16 accelerate keeps the model's (un)wrapped forward as a bound method on the model itself, a
         # reference cycle, so the weights outlive the run until Python's collector happens to run (on an H200 a
@@ -542,6 +592,19 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
         gc.collect()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
+
+
+def out_of_memory(error: BaseException) -> TrainingError:
+    """torch's out-of-memory error (a paragraph) as one line with what to change. The run dir keeps its checkpoints;
+    a run with none yet starts again in the same --path."""
+    sentences = [t.strip().rstrip(".") for t in " ".join(str(error).split()).split(". ")]
+    facts = [t for t in sentences if t.startswith(("Tried to allocate", "GPU "))]
+    where = "; ".join(facts) or sentences[0]
+    return TrainingError(
+        f"out of memory ({where})",
+        "lower --batch (raise --update to keep the tokens per update) or --context, or add --checkpointing or "
+        "--bf16-residual; `flame train ... --dry-run` estimates the peak (the run's checkpoints are kept)",
+    )
 
 
 def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
@@ -565,6 +628,9 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
     cfg = p.cfg
     check_run_dir(cfg)
     run_dir = Path(cfg.path)
+    capacity = memory_capacity_gib(accelerator.device, world // max(1, p.machines))
+    if warning := memory_warning(p, *capacity, gpu=accelerator.device.type == "cuda"):
+        ui.warn(warning)
 
     # Model: a new one from --seed (the same on every process), or a model dir's weights as saved.
     model, config = models.build_model(cfg.model, seed=cfg.seed, dtype=torch.float32)

@@ -639,3 +639,76 @@ def test_a_checkpoint_continues_only_under_a_setup_that_reads_its_format(files, 
     said = f"saved by one process, in a format that FSDP, full shard cannot read.*--model {ckpt / 'model'}"
     with pytest.raises(ConfigError, match=said):
         engine.plan(cont, world=2)
+
+
+TORCH_OOM = (
+    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.15 GiB of which 11.06 MiB is "
+    "free. Including non-PyTorch memory, this process has 79.13 GiB memory in use. Of the allocated memory 78.50 GiB "
+    "is allocated by PyTorch, and 150.00 MiB is reserved by PyTorch but unallocated. If reserved but unallocated "
+    "memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation."
+)  # torch 2.11's message on an 80 GB GPU
+
+
+def test_running_out_of_memory_is_one_line_with_the_fix_and_keeps_the_checkpoints(files, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = engine.forward_loss
+
+    def runs_out_at_the_fifth_forward(model, batch, num_items):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise torch.OutOfMemoryError(TORCH_OOM)
+        return real(model, batch, num_items)
+
+    monkeypatch.setattr(engine, "forward_loss", runs_out_at_the_fifth_forward)
+    with pytest.raises(TrainingError) as caught:
+        engine.train(_cfg(files, tmp_path, steps=8, save=2))
+    assert str(caught.value) == (
+        "out of memory (Tried to allocate 2.00 GiB; GPU 0 has a total capacity of 79.15 GiB of which 11.06 MiB is "
+        "free): lower --batch (raise --update to keep the tokens per update) or --context, or add --checkpointing or "
+        "--bf16-residual; `flame train ... --dry-run` estimates the peak (the run's checkpoints are kept)"
+    )
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+
+
+def test_an_out_of_memory_message_torch_words_otherwise_keeps_its_first_sentence():
+    assert engine.out_of_memory(torch.OutOfMemoryError("MPS backend out of memory. Something else.")).message == (
+        "out of memory (MPS backend out of memory)"
+    )
+
+
+def test_a_run_estimated_over_the_gpus_memory_is_told_the_largest_batch_that_fits(files, tmp_path):
+    p = engine.plan(_cfg(files, tmp_path, steps=4, batch=8))
+    at = {b: p.memory_at(b)["total"] for b in range(1, 9)}
+    assert at[8] == p.memory_gib["total"] and all(at[b] < at[b + 1] for b in range(1, 8))
+    assert engine.memory_warning(p, at[8], "this GPU's 1.0 GiB", gpu=True) is None  # exactly fits
+    between = (at[3] + at[4]) / 2
+    assert engine.memory_warning(p, between, "this GPU's 1.0 GiB", gpu=True) == (
+        f"the estimated peak memory, {at[8]:.1f} GiB per process, is more than this GPU's 1.0 GiB: this run will "
+        f"likely run out of memory; --batch 3 fits by the estimate ({at[3]:.1f} GiB; raise --update to keep the "
+        "tokens per update), or --checkpointing (`flame train ... --dry-run` shows the estimate)"
+    )
+    assert "not even --batch 1 fits by the estimate" in engine.memory_warning(p, at[1] / 2, "x", gpu=True)
+    on_cpu = engine.memory_warning(p, at[1] / 2, "the 0.1 GiB available on this machine", gpu=False)
+    assert on_cpu.endswith(
+        "more than the 0.1 GiB available on this machine: this run will likely run out of memory; lower --batch or "
+        "--context (flame's CPU kernels hold more than this estimate) (`flame train ... --dry-run` shows the estimate)"
+    )
+
+
+def test_the_memory_warning_comes_before_training_and_training_goes_on(files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(engine, "memory_capacity_gib", lambda device, local: (1e-3, "the 0.0 GiB available"))
+    result = engine.train(_cfg(files, tmp_path, steps=2))
+    err = capsys.readouterr().err
+    assert result.step == 2
+    assert err.count("warning: the estimated peak memory") == 1 and "is more than the 0.0 GiB available" in err
+
+
+def test_memory_capacity_on_the_cpu_is_the_available_memory_shared_by_the_processes():
+    import psutil
+
+    one, words = engine.memory_capacity_gib(torch.device("cpu"))
+    two, shared = engine.memory_capacity_gib(torch.device("cpu"), 2)
+    assert 0 < one <= psutil.virtual_memory().total / 2**30
+    assert words == f"the {one:.1f} GiB available on this machine"
+    assert abs(two - one / 2) < 0.5 and shared.endswith("available on this machine, shared by its 2 processes")

@@ -308,3 +308,20 @@ def test_dry_run_estimates_memory_as_the_launcher_shards_it(files, tmp_path, mon
     )["total"]  # fmt: skip
     assert f"{expected:.2f} GiB per device" in text
     assert {0: 21.36, 2: 17.04, 3: 15.94}[stage] == round(expected, 2)
+
+
+def test_running_out_of_memory_is_one_error_line(files, tmp_path, monkeypatch):
+    import torch
+
+    from flame import engine
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.15 GiB."
+        )
+
+    monkeypatch.setattr(engine, "forward_loss", out_of_memory)
+    result = _train(files, tmp_path, "llama.json", "--steps", "8")
+    _one_error(
+        result, "out of memory (Tried to allocate 2.00 GiB; GPU 0 has a total capacity of 79.15 GiB)", "lower --batch"
+    )

@@ -355,14 +355,19 @@ def memory_warning(p: Plan, capacity_gib: float, where: str, *, gpu: bool) -> st
     if not gpu:
         advice = "lower --batch or --context (flame's CPU kernels hold more than this estimate)"
     else:
+        # with --update raised to keep the tokens per update, every gradient stays alive between micro-batches:
+        # estimated so, the batch named fits with or without it
+        def at(batch: int) -> float:
+            return p.memory_at(batch, accumulation=max(2, p.cfg.update))["total"]
+
         lo, hi = 0, p.cfg.batch  # the estimate grows with the batch: the largest that fits, by bisection
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if p.memory_at(mid)["total"] <= capacity_gib else (lo, mid)
+            lo, hi = (mid, hi) if at(mid) <= capacity_gib else (lo, mid)
         if lo:
             advice = (
-                f"--batch {lo} fits by the estimate ({p.memory_at(lo)['total']:.1f} GiB; raise --update to keep "
-                "the tokens per update), or --checkpointing"
+                f"--batch {lo} fits by the estimate ({at(lo):.1f} GiB; raise --update to keep the tokens per "
+                "update), or --checkpointing"
             )
         else:
             advice = "not even --batch 1 fits by the estimate: --checkpointing, a shorter --context, or shard the model"

@@ -679,12 +679,15 @@ def test_an_out_of_memory_message_torch_words_otherwise_keeps_its_first_sentence
 
 def test_a_run_estimated_over_the_gpus_memory_is_told_the_largest_batch_that_fits(files, tmp_path):
     p = engine.plan(_cfg(files, tmp_path, steps=4, batch=8))
-    at = {b: p.memory_at(b)["total"] for b in range(1, 9)}
-    assert at[8] == p.memory_gib["total"] and all(at[b] < at[b + 1] for b in range(1, 8))
-    assert engine.memory_warning(p, at[8], "this GPU's 1.0 GiB", gpu=True) is None  # exactly fits
+    need = p.memory_gib["total"]
+    assert need == p.memory_at(8)["total"]
+    # a smaller batch is estimated with --update raised (every gradient alive), as the advice says to do
+    at = {b: p.memory_at(b, accumulation=2)["total"] for b in range(1, 9)}
+    assert all(at[b] < at[b + 1] for b in range(1, 8)) and at[8] > need
+    assert engine.memory_warning(p, need, "this GPU's 1.0 GiB", gpu=True) is None  # exactly fits
     between = (at[3] + at[4]) / 2
     assert engine.memory_warning(p, between, "this GPU's 1.0 GiB", gpu=True) == (
-        f"the estimated peak memory, {at[8]:.1f} GiB per process, is more than this GPU's 1.0 GiB: this run will "
+        f"the estimated peak memory, {need:.1f} GiB per process, is more than this GPU's 1.0 GiB: this run will "
         f"likely run out of memory; --batch 3 fits by the estimate ({at[3]:.1f} GiB; raise --update to keep the "
         "tokens per update), or --checkpointing (`flame train ... --dry-run` shows the estimate)"
     )

@@ -48,6 +48,7 @@ class Plan:
     params: dict
     flops_per_token: float
     memory_gib: dict
+    memory_at: Callable[..., dict] = field(repr=False)  # memory_gib at another batch (estimate_memory's keywords)
     dataset_tokens: int
     windows_per_epoch: int
     tokens_per_update: int  # all processes
@@ -61,7 +62,6 @@ class Plan:
     sources: list = field(default_factory=list, repr=False)
     validation: object = field(default=None, repr=False)  # the validation split's Source when --eval
     eval_windows: int = 0  # windows per evaluation, all processes together
-    memory_at: Callable[[int], dict] | None = field(default=None, repr=False)  # memory_gib at another --batch
 
 
 @dataclass
@@ -350,7 +350,7 @@ def memory_warning(p: Plan, capacity_gib: float, where: str, *, gpu: bool) -> st
     flame's portable kernels hold more than the estimate (GLA-340M at batch 2 x 2048: estimated 11.0 GiB, killed
     at 24 GiB on a 24 GiB machine, 2026-11-30): the warning is then sure but late, and names no batch."""
     need = p.memory_gib["total"]
-    if need <= capacity_gib or p.memory_at is None:
+    if need <= capacity_gib:
         return None
     if not gpu:
         advice = "lower --batch or --context (flame's CPU kernels hold more than this estimate)"

@@ -110,9 +110,8 @@ def _random_ids(vocab: int, n: int, context: int, seed: int):
 
 
 def _profile(step, first: int, args, device) -> dict:
-    """Run args.profile more steps under torch.profiler: what share of the wall time the GPU was busy, and the
-    kernels that took most of it (per step). On the CPU: the ops by their own CPU time, and no busy share."""
-    from torch.autograd import DeviceType
+    """Run args.profile more steps under torch.profiler: what share of the wall time the GPU was busy, the kernels
+    that took most of it, and the host's ops by their own time (per step); on the CPU the ops only."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -122,22 +121,71 @@ def _profile(step, first: int, args, device) -> dict:
         for i in range(first, first + args.profile):
             step(i)
         _sync(device)
-    wall_us = (time.perf_counter() - start) * 1e6
+    return _profile_summary(prof, (time.perf_counter() - start) * 1e6, args.profile, cuda)
+
+
+def _profile_summary(prof, wall_us: float, steps: int, cuda: bool) -> dict:
+    """Per step: the wall time, the GPU's busy share and its top kernels (CUDA), and the host ops that took the most
+    of their own time (what the Python side launches and waits on: where one loop's host costs more than another's)."""
+    from torch.autograd import DeviceType
+
     spent: dict[str, float] = {}
     if cuda:
         for e in prof.events():
             if e.device_type == DeviceType.CUDA:
                 spent[e.name] = spent.get(e.name, 0.0) + e.time_range.elapsed_us()
-    else:
-        spent = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
-    busy = sum(spent.values())
+    host = {e.key: e.self_cpu_time_total for e in prof.key_averages() if e.self_cpu_time_total > 0}
+    if not cuda:
+        spent = host
+    busy, host_total = sum(spent.values()), sum(host.values())
     top = sorted(spent.items(), key=lambda kv: -kv[1])[:12]
+    host_top = sorted(host.items(), key=lambda kv: -kv[1])[:12] if cuda else []  # on the CPU: "top" itself
     return {
-        "steps": args.profile,
-        "wall_ms_per_step": wall_us / 1e3 / args.profile,
+        "steps": steps,
+        "wall_ms_per_step": wall_us / 1e3 / steps,
         "gpu_busy": busy / wall_us if cuda else None,
-        "top": [[name, us / 1e3 / args.profile, us / busy] for name, us in top] if busy else [],
+        "top": [[name, us / 1e3 / steps, us / busy] for name, us in top] if busy else [],
+        "host_ms_per_step": host_total / 1e3 / steps,
+        "host_top": [[name, us / 1e3 / steps, us / host_total] for name, us in host_top] if host_total else [],
     }
+
+
+class _StepProfiler:
+    """flame's engine runs its own loop, so its steps are counted by a global optimizer-step hook: the timed window
+    runs from the end of update 1 + warmup to the end of update `total` (each edge synchronised, as the records
+    are), then `args.profile` more updates under torch.profiler. Eager updates only: a captured CUDA graph steps the
+    optimizer inside its replay, where no hook runs."""
+
+    def __init__(self, args, device, total: int):
+        self.args, self.device, self.total, self.count = args, device, total, 0
+        self.marks: dict[int, float] = {}
+        self.prof, self.summary = None, None
+
+    def __call__(self, optimizer, *_):
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        if not isinstance(optimizer, torch.optim.AdamW):  # a wrapper's step, if one ever reaches here
+            return
+        self.count += 1
+        edges = (1 + self.args.warmup, self.total, self.total + self.args.profile)
+        if self.count not in edges:
+            return
+        _sync(self.device)
+        self.marks[self.count] = time.perf_counter()
+        cuda = self.device.type == "cuda"
+        if self.count == self.total:
+            self.prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda)
+            self.prof.__enter__()
+            self.marks[self.count] = time.perf_counter()
+        elif self.count == edges[2]:
+            self.prof.__exit__(None, None, None)
+            wall_us = (self.marks[self.count] - self.marks[self.total]) * 1e6
+            self.summary = _profile_summary(self.prof, wall_us, self.args.profile, cuda)
+
+    def tokens_per_s(self) -> float:
+        a, b = self.marks[1 + self.args.warmup], self.marks[self.total]
+        return self.args.steps * self.args.batch * self.args.context / (b - a)
 
 
 def _apply_options(model, config, args) -> None:
@@ -259,23 +307,37 @@ def run_flame(config_path: str, args, device, work: Path) -> dict:
     from tests.prepared import random_prepared
 
     total = 1 + args.warmup + args.steps
-    random_prepared(work / "data", load_config(config_path).vocab_size, total * args.batch, args.context, SEED)
+    steps = total + args.profile
+    random_prepared(work / "data", load_config(config_path).vocab_size, steps * args.batch, args.context, SEED)
     cfg = TrainConfig(
         model=config_path, cache=str(work / "data"), path=str(work / "run"), context=args.context,
-        batch=args.batch, steps=total, lr=3e-4, warmup=0, seed=SEED, logging=1 + args.warmup, save=10**9, limit=0,
+        batch=args.batch, steps=steps, lr=3e-4, warmup=0, seed=SEED, logging=1 + args.warmup, save=10**9, limit=0,
         compile=args.compile, share_casts=args.share_casts, bf16_residual=args.bf16_residual,
         checkpointing=args.checkpointing, cuda_graphs=args.cuda_graphs,
     )  # fmt: skip
-    engine.train(cfg)
+    if args.profile:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        profiler = _StepProfiler(args, device, total)
+        handle = register_optimizer_step_post_hook(profiler)
+        try:
+            engine.train(cfg)
+        finally:
+            handle.remove()
+    else:
+        engine.train(cfg)
     records = [json.loads(ln) for ln in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     # Records come at step 1, every 1 + warmup steps and the last: "time" (seconds since the loop started) is taken
     # when the GPU has caught up, so the steps between the record of step 1 + warmup and the last are the timed ones.
     a, b = next(r for r in records if r["step"] == 1 + args.warmup), records[-1]
-    return {
+    row = {
         "first_s": records[0]["first_step_s"],
         "tokens_per_s": (b["tokens"] - a["tokens"]) / (b["time"] - a["time"]),
         "first_step_tuning": records[0].get("first_step_tuning"),  # what step 1's autotuning cost, kernel by kernel
     }
+    if args.profile:  # the window is the hook's (the records' last one would hold the profiled updates)
+        row |= {"tokens_per_s": profiler.tokens_per_s(), "profile": profiler.summary}
+    return row
 
 
 def run_hf(config_path: str, args, device, work: Path) -> dict:
@@ -454,8 +516,8 @@ def main(argv=None) -> int:
     )  # fmt: skip
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N",
-        help="bare and bare-async: after the timed steps, N more under torch.profiler; prints how busy the GPU was "
-        "and the kernels that took the most time",
+        help="after the timed steps, N more under torch.profiler (every engine but hf and the CUDA-graph ones): "
+        "prints how busy the GPU was, the kernels that took the most time and the host's ops by their own time",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument(
@@ -476,6 +538,8 @@ def main(argv=None) -> int:
     graphs = [e for e in args.engines.split(",") if "cuda-graphs" in _spec(e)[1]]
     if any(_spec(e)[0] != "flame" for e in graphs):
         parser.error(":cuda-graphs is flame's option (`flame train --cuda-graphs`); bare-graph is the bare loop's")
+    if args.profile and graphs:
+        parser.error("--profile counts optimizer steps, which a replayed CUDA graph does not make: drop :cuda-graphs")
     gpu_only = [e for e in args.engines.split(",") if _spec(e)[0] in GPU_ONLY] + graphs
     if gpu_only and args.device != "cuda":
         parser.error(f"{', '.join(gpu_only)} captures CUDA graphs: it needs --device cuda")
@@ -555,6 +619,10 @@ def main(argv=None) -> int:
             print(f"\n{r['model']} {r['engine']}: {prof['wall_ms_per_step']:.1f} ms per step{busy}; most time:")
             for name, ms, share in prof["top"]:
                 print(f"  {ms:9.2f} ms {100 * share:5.1f}%  {name[:100]}")
+            if prof.get("host_top"):
+                print(f"  host ops: {prof['host_ms_per_step']:.1f} ms of their own time per step; most:")
+                for name, ms, share in prof["host_top"]:
+                    print(f"  {ms:9.2f} ms {100 * share:5.1f}%  {name[:100]}")
     if rows:
         print(f"device: {rows[0].get('device', '?')}, date: {time.strftime('%Y-%m-%d', time.gmtime())}")
     if args.json:

@@ -58,17 +58,31 @@ def test_an_engine_with_options_runs_beside_the_plain_one_and_is_compared_with_i
 
 
 def test_profile_runs_more_steps_under_the_profiler_and_prints_where_the_time_went(tmp_path, capsys):
+    """bare profiles its own extra steps; flame's loop is the engine's, so its steps are counted by an optimizer
+    hook: the timed window and the profiled updates come from that hook, and the run has 2 more updates."""
     out = tmp_path / "rows.json"
-    argv = ["--device", "cpu", "--tiny", "--engines", "bare", "--batch", "1", "--context", "32", "--steps", "1"]
-    assert throughput.main(argv + ["--warmup", "0", "--profile", "2", "--json", str(out)]) == 0
-    (row,) = json.loads(out.read_text())
-    prof = row["profile"]
-    assert prof["steps"] == 2 and prof["gpu_busy"] is None and prof["wall_ms_per_step"] > 0  # no GPU, no busy share
-    names = [name for name, ms, share in prof["top"]]
-    assert "aten::mm" in names and 0 < len(names) <= 12
-    assert sum(share for _, _, share in prof["top"]) <= 1.0 + 1e-9
+    argv = ["--device", "cpu", "--tiny", "--engines", "bare,flame", "--batch", "1", "--context", "32", "--steps", "2"]
+    assert throughput.main(argv + ["--warmup", "1", "--profile", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
     printed = capsys.readouterr().out
-    assert f"tiny-gla bare: {prof['wall_ms_per_step']:.1f} ms per step; most time:" in printed
+    for row in rows:
+        prof = row["profile"]
+        assert prof["steps"] == 2 and prof["gpu_busy"] is None and prof["wall_ms_per_step"] > 0  # no busy share
+        assert prof["host_top"] == []  # on the CPU the host's ops are "top" itself
+        names = [name for name, ms, share in prof["top"]]
+        assert "aten::mm" in names and 0 < len(names) <= 12
+        assert sum(share for _, _, share in prof["top"]) <= 1.0 + 1e-9
+        assert row["tokens_per_s"] > 0
+        assert f"tiny-gla {row['engine']}: {prof['wall_ms_per_step']:.1f} ms per step; most time:" in printed
+    assert [r["engine"] for r in rows] == ["bare", "flame"]
+
+
+def test_profile_refuses_a_cuda_graph_engine(capsys):
+    """A replayed graph steps the optimizer where no hook runs: refused before any worker starts."""
+    with pytest.raises(SystemExit) as exc:
+        throughput.main(["--device", "cuda", "--tiny", "--engines", "flame:cuda-graphs", "--profile", "2"])
+    assert exc.value.code == 2
+    assert "--profile counts optimizer steps, which a replayed CUDA graph does not make" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("engines", ["bare,fast", "flame:fast", "fast:compile"])

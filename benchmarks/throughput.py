@@ -4,8 +4,9 @@
     PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --batch 16 --steps 30
     PYTHONPATH=. python benchmarks/throughput.py --device cpu --tiny   # smoke run of the plumbing, seconds
     PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --repeat 3    # engines interleaved, median run
-    PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --engines bare,bare-async --profile 3
-        # where a step's time goes: GPU busy share and the top kernels (the profiler's own overhead included)
+    PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --engines bare,flame --profile 3
+        # where a step's time goes: GPU busy share, the top kernels and the host's ops by their own time (the
+        # profiler's overhead included; not for :cuda-graphs engines, whose replays step no optimizer it can count)
     PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --batch 32 --engines bare,flame,flame:share-casts
         # an engine with options beside the plain one (:share-casts, :bf16-residual, :checkpointing, :compile,
         # flame's :cuda-graphs):

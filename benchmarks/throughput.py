@@ -382,14 +382,51 @@ def run_hf(config_path: str, args, device, work: Path) -> dict:
     return {"first_s": marks[1] - marks["begin"], "tokens_per_s": args.steps * args.batch * args.context / timed}
 
 
+class _GcClock:
+    """Python's garbage collections from an engine's first update to its last (updates seen by a global
+    optimizer-step hook; a CUDA graph's replays are not, so there it runs to the end): how many of each generation
+    and the seconds they took. A process that imports more (flame's engine: accelerate, datasets) holds more
+    objects for a full collection to walk, and host-bound steps pay for that."""
+
+    def __init__(self, last: int):
+        self.updates, self.last, self.start = 0, last, None
+        self.counts, self.seconds = [0, 0, 0], [0.0, 0.0, 0.0]
+
+    def on_step(self, optimizer, *_) -> None:
+        import torch
+
+        if isinstance(optimizer, torch.optim.AdamW):
+            self.updates += 1
+
+    def on_gc(self, phase: str, info: dict) -> None:
+        if not 1 <= self.updates < self.last:  # not flame's collection at the end of its run either
+            return
+        if phase == "start":
+            self.start = time.perf_counter()
+        elif self.start is not None:
+            g = info["generation"]
+            self.counts[g] += 1
+            self.seconds[g] += time.perf_counter() - self.start
+            self.start = None
+
+    def row(self) -> dict:
+        return {"updates": self.updates, "collections": self.counts, "seconds": self.seconds}
+
+
 def worker(args) -> None:
+    import gc
+
     import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from flame.metrics import mfu, peak_flops, reset_peak_memory
     from flame.models import build_model, count_params, flops_per_token
 
     device = torch.device(args.device)
     reset_peak_memory(device)
+    clock = _GcClock(last=1 + args.warmup + args.steps + args.profile)
+    register_optimizer_step_post_hook(clock.on_step)
+    gc.callbacks.append(clock.on_gc)
     with tempfile.TemporaryDirectory(prefix="flame-bench-") as tmp:
         work = Path(tmp)
         config_path = args.worker_config
@@ -406,7 +443,9 @@ def worker(args) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     peak = peak_flops(name, "bf16")
     tps = row["tokens_per_s"]
+    gc.callbacks.remove(clock.on_gc)
     row |= {
+        "gc": clock.row(),
         "params": n,
         "device": name or "cpu",
         "peak_gib": _peak_gib(device),
@@ -615,6 +654,14 @@ def main(argv=None) -> int:
                     t = by[eng]["tokens_per_s"] / by[other]["tokens_per_s"]
                     m = by[eng]["peak_gib"] / by[other]["peak_gib"]
                     print(f"{model}: {eng}/{other} tokens/s {t:.3f}, peak memory {m:.3f}")
+    for r in rows:
+        gc_row = r.get("gc")
+        if gc_row and sum(gc_row["collections"]):
+            counts = "/".join(str(c) for c in gc_row["collections"])
+            print(
+                f"{r['model']} {r['engine']}: Python's garbage collector between the first and last update: {counts} "
+                f"collections (generation 0/1/2), {1e3 * sum(gc_row['seconds']):.1f} ms in all"
+            )
     for r in rows:
         prof = r.get("profile")
         if prof:

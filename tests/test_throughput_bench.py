@@ -19,6 +19,8 @@ def test_tiny_bare_run_returns_a_row_and_prints_the_table(tmp_path, capsys):
     assert (row["model"], row["engine"], row["device"]) == ("tiny-gla", "bare", "cpu")
     assert row["tokens_per_s"] > 0 and row["first_s"] > 0 and row["peak_gib"] > 0
     assert row["mfu"] is None and row["mfu_6n"] is None  # no known peak FLOP/s on a CPU
+    # every update counted by the optimizer hook; collections only between the first and the last (3 generations)
+    assert row["gc"]["updates"] == 1 + 1 + 2 and len(row["gc"]["collections"]) == len(row["gc"]["seconds"]) == 3
     lines = capsys.readouterr().out.splitlines()
     assert "batch 2 x context 64, 2 timed steps after 1 + 1" in lines
     assert "model      engine       tokens/s    MFU  MFU 6N  peak GiB  first s" in lines
@@ -32,6 +34,8 @@ def test_bare_async_runs_the_bare_loop_without_reading_back_and_is_compared_with
     rows = json.loads(out.read_text())
     assert [r["engine"] for r in rows] == ["bare-async", "flame"]
     assert rows[0]["params"] == rows[1]["params"] and rows[0]["tokens_per_s"] > 0
+    # the global optimizer-step hook sees flame's AdamW once per update, through accelerate's wrapper
+    assert [r["gc"]["updates"] for r in rows] == [1 + 0 + 2, 1 + 0 + 2]
     assert "tiny-gla: flame/bare-async tokens/s " in capsys.readouterr().out
 
 

@@ -79,6 +79,7 @@ def test_profile_runs_more_steps_under_the_profiler_and_prints_where_the_time_we
         assert row["tokens_per_s"] > 0
         assert f"tiny-gla {row['engine']}: {prof['wall_ms_per_step']:.1f} ms per step; most time:" in printed
     assert [r["engine"] for r in rows] == ["bare", "flame"]
+    assert [r["gc"]["updates"] for r in rows] == [1 + 1 + 2 + 2] * 2  # the profiled updates after the timed ones
 
 
 def test_profile_refuses_a_cuda_graph_engine(capsys):

@@ -35,6 +35,9 @@ model (built by flame.models.build_model from the same config and seed, fp32 wei
               warm-up step), the timed steps are replays
   hf          transformers.Trainer on the same random tokens; keeps its loss on the GPU until a logging step
               (here none), so, like bare-async, it reads nothing back per step
+On a GPU, flame runs FLA's kernels with flame.kernels' own in front of those it beats (the norm backward, as
+`flame train` does); bare and hf run FLA's as FLA ships them (what a loop or the Trainer gets). :fla-kernels and
+:flame-kernels swap that for one engine (flame:fla-kernels: what flame's own kernels add, side by side).
 Step 1 (Triton compilation and FLA autotuning on a fresh machine) is timed alone (first_s), then --warmup steps,
 then --steps timed steps give tokens/s: every engine is timed by the wall clock over those steps, synchronised
 with the GPU at the window's edges only. MFU is
@@ -69,12 +72,22 @@ ALL_ENGINES = ENGINES + ("bare-async", "bare-graph")  # on request
 GPU_ONLY = ("bare-graph",)
 # An engine may carry options after colons (flame:share-casts, bare:compile:share-casts): the same engine with
 # them, beside the plain one in the same run.
-VARIANTS = ("compile", "share-casts", "bf16-residual", "checkpointing", "cuda-graphs")  # cuda-graphs: flame only
+VARIANTS = ("compile", "share-casts", "bf16-residual", "checkpointing", "cuda-graphs", "fla-kernels", "flame-kernels")
+# cuda-graphs: flame only. Kernels on a GPU: flame runs flame.kernels' own in front of FLA's where they are faster
+# (the norm backward), bare and hf run FLA's as FLA ships them; :fla-kernels / :flame-kernels swap that.
 
 
 def _spec(engine: str) -> tuple[str, set[str]]:
     base, *options = engine.split(":")
     return base, set(options)
+
+
+def _kernels(base: str, options: set[str]) -> str:
+    """The flame.kernels mode an engine runs on a GPU: `auto` (flame's own GPU kernels in front of FLA's) or
+    `triton` (FLA's own only, as FLA ships them)."""
+    if "fla-kernels" in options or (base != "flame" and "flame-kernels" not in options):
+        return "triton"
+    return "auto"
 
 
 TINY = {  # a GLA small enough for a CPU smoke run through flame's portable kernels
@@ -141,7 +154,7 @@ def _profile_summary(prof, wall_us: float, steps: int, cuda: bool) -> dict:
     if not cuda:
         spent = host
     busy, host_total = sum(spent.values()), sum(host.values())
-    top = sorted(spent.items(), key=lambda kv: -kv[1])[:12]
+    top = sorted(spent.items(), key=lambda kv: -kv[1])[:25]
     host_top = sorted(host.items(), key=lambda kv: -kv[1])[:12] if cuda else []  # on the CPU: "top" itself
     return {
         "steps": steps,
@@ -424,6 +437,10 @@ def worker(args) -> None:
     from flame.models import build_model, count_params, flops_per_token
 
     device = torch.device(args.device)
+    if device.type == "cuda":  # on the CPU the portable torch code runs whatever the engine
+        from flame.kernels import settings
+
+        settings.mode = args.kernels
     reset_peak_memory(device)
     clock = _GcClock(last=1 + args.warmup + args.steps + args.profile)
     register_optimizer_step_post_hook(clock.on_step)
@@ -446,6 +463,7 @@ def worker(args) -> None:
     tps = row["tokens_per_s"]
     gc.callbacks.remove(clock.on_gc)
     row |= {
+        "kernels": ("flame" if args.kernels == "auto" else "fla") if device.type == "cuda" else "torch",
         "gc": clock.row(),
         "params": n,
         "device": name or "cpu",
@@ -485,6 +503,7 @@ def _run_engine(model: str, eng: str, config_path: str, args, env: dict, round_:
     cmd += ["--bf16-residual"] * (args.bf16_residual or "bf16-residual" in options)
     cmd += ["--checkpointing"] * (args.checkpointing or "checkpointing" in options)
     cmd += ["--cuda-graphs"] * ("cuda-graphs" in options)
+    cmd += ["--kernels", _kernels(base, options)]
     cmd += ["--profile", str(args.profile)]
     tag = f" round {round_ + 1}/{args.repeat}" if args.repeat > 1 else ""
     print(f"== {model} {eng} (batch {args.batch} x {args.context}){tag}", file=sys.stderr, flush=True)
@@ -553,6 +572,7 @@ def main(argv=None) -> int:
         help="activation checkpointing of every decoder layer (flame.models.checkpointing), every engine",
     )
     parser.add_argument("--cuda-graphs", action="store_true", help=argparse.SUPPRESS)  # the flame:cuda-graphs worker
+    parser.add_argument("--kernels", default="auto", help=argparse.SUPPRESS)  # the worker's flame.kernels mode
     parser.add_argument(
         "--repeat", type=int, default=1, metavar="N",
         help="run every engine N times, the order reversed every other round; report the median run and the spread",

@@ -74,7 +74,7 @@ def test_profile_runs_more_steps_under_the_profiler_and_prints_where_the_time_we
         assert prof["steps"] == 2 and prof["gpu_busy"] is None and prof["wall_ms_per_step"] > 0  # no busy share
         assert prof["host_top"] == []  # on the CPU the host's ops are "top" itself
         names = [name for name, ms, share in prof["top"]]
-        assert "aten::mm" in names and 0 < len(names) <= 12
+        assert "aten::mm" in names and 0 < len(names) <= 25
         assert sum(share for _, _, share in prof["top"]) <= 1.0 + 1e-9
         assert row["tokens_per_s"] > 0
         assert f"tiny-gla {row['engine']}: {prof['wall_ms_per_step']:.1f} ms per step; most time:" in printed

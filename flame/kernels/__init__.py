@@ -8,7 +8,9 @@
 After install(), every FLA entry point listed in flame/kernels/registry.py dispatches per call on the device
 of its tensors. `install(mode="torch")` or FLAME_KERNELS=torch forces the torch code on a GPU too (to debug or
 to compare with Triton); `mode="triton"` always runs FLA's own kernels. Public ops of fla.ops without a torch
-version raise a ModelError naming the op and the model type when they are called on CPU.
+version raise a ModelError naming the op and the model type when they are called on CPU. On the GPU, in the
+default `auto` mode, flame also puts a faster kernel of its own in front of the FLA functions that
+registry.GPU_TARGETS lists (the backward of FLA's norms at rows wider than 512: flame/kernels/norm_backward.py).
 
 Checked against flash-linear-attention 0.6.x (FLA_VERSIONS); install() refuses other versions and FLA
 internals it does not recognise with one ModelError, instead of patching something it does not know.
@@ -83,9 +85,11 @@ def install(mode: str | None = None, chunk_size: int | None | str = "keep") -> K
 
     from flame.kernels import dispatch, registry
 
-    _check_targets(registry.TARGETS, fla.__version__)  # all or nothing: never a half-patched FLA
+    _check_targets((*registry.TARGETS, *registry.GPU_TARGETS), fla.__version__)  # all or nothing
     for target in registry.TARGETS:
         dispatch.patch(target)
+    for target in registry.GPU_TARGETS:
+        dispatch.patch_gpu(target)
     dispatch.guard_uncovered_ops()
     from flame.kernels.compat import patch_generation_cache_name, quiet_cache_name_warning
 

@@ -17,9 +17,10 @@ def _mode_from_env() -> str:
 @dataclass
 class KernelSettings:
     mode: str = field(default_factory=_mode_from_env)
-    """Which implementation an FLA op runs: `auto` (torch on CPU tensors, FLA's Triton kernels on GPU tensors),
-    `torch` (the portable torch code everywhere, to debug or compare on a GPU) or `triton` (always FLA's own
-    kernels, as if flame.kernels were not installed). Default from the FLAME_KERNELS environment variable."""
+    """Which implementation an FLA op runs: `auto` (torch on CPU tensors, FLA's Triton kernels on GPU tensors, with
+    flame's faster norm backward in front of FLA's), `torch` (the portable torch code everywhere, to debug or
+    compare on a GPU) or `triton` (always FLA's own kernels, as if flame.kernels were not installed). Default from
+    the FLAME_KERNELS environment variable."""
 
     chunk_size: int | None = 16
     """Tokens per chunk of the chunkwise-parallel linear-attention forms; None runs the per-token recurrence

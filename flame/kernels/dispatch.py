@@ -36,6 +36,16 @@ class Target:
     """The torch function, taking the same arguments (an autograd Function's forward arguments, minus ctx)."""
 
 
+@dataclass(frozen=True)
+class GpuTarget:
+    """One FLA function that flame puts a faster GPU kernel of its own in front of."""
+
+    path: str
+    """`module:name` of the function, where FLA defines it."""
+    in_front_of: Callable
+    """original -> the function to call in its place (which calls the original for what it does not cover)."""
+
+
 def _first_tensor(args, kwargs) -> torch.Tensor | None:
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
@@ -175,6 +185,16 @@ def patch(target: Target) -> None:
         setattr(owner, leaf, staticmethod(op))
     else:
         setattr(owner, leaf, op)
+    _replace_everywhere(current, op)
+
+
+def patch_gpu(target: GpuTarget) -> None:
+    owner, leaf, current = resolve(target.path)
+    if getattr(current, "__flame_original__", None) is not None:
+        return  # installed already
+    op = target.in_front_of(current)
+    op.__flame_original__ = current
+    setattr(owner, leaf, op)
     _replace_everywhere(current, op)
 
 

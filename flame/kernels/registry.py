@@ -6,8 +6,8 @@ defines each object; a path that does not resolve means FLA's internals changed,
 
 from __future__ import annotations
 
-from flame.kernels import delta, linear_attn, modules, rwkv7
-from flame.kernels.dispatch import Target
+from flame.kernels import delta, linear_attn, modules, norm_backward, rwkv7
+from flame.kernels.dispatch import GpuTarget, Target
 
 _NORM = "fla.modules.norm"
 _ACT = "fla.modules.activations.ops"
@@ -65,6 +65,12 @@ TARGETS: tuple[Target, ...] = (
         delta.fused_recurrent_gated_delta_rule,
     ),
 )
+
+GPU_TARGETS: tuple[GpuTarget, ...] = (
+    # FLA walks the rows one at a time at D > 512: 3.0-3.4x slower at GLA-340M's norms (benchmarks/norm_backward.py)
+    GpuTarget(f"{_NORM}.layernorm:layer_norm_bwd", norm_backward.in_front_of),
+)
+"""FLA functions that flame's own GPU kernels stand in front of (kernels mode `auto`)."""
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
     "gla",

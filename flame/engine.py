@@ -594,9 +594,20 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
         # reference cycle, so the weights outlive the run until Python's collector happens to run (on an H200 a
         # 2-layer GLA-340M's next run in the same process started with 0.41 GiB of them allocated): a notebook, a
         # sweep or the tests would pay for it. Collect now and hand the cached blocks back.
+        gc.unfreeze()
         gc.collect()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
+
+
+def freeze_survivors() -> None:
+    """After the first step: collect once, then move every object still alive (the model, accelerate's wrappers,
+    dynamo's and inductor's compiled code, FLA's kernels) out of the reach of Python's cycle collector, so that a
+    full collection later scans only what the steps themselves create. Under --compile one full collection of all
+    of them took 0.47 s in the middle of GLA-340M's steps on an H200 (batch 64, 3% of a 6-step window). train()
+    unfreezes them when the run ends (gc.unfreeze), so a notebook or a sweep gets its collector back whole."""
+    gc.collect()
+    gc.freeze()
 
 
 def out_of_memory(error: BaseException) -> TrainingError:
@@ -933,6 +944,7 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
                 first_step_s = first.end()
                 if tuning is not None:
                     autotune.save(tuning.paths, run_dir)
+                freeze_survivors()
                 meter.reset_clock()
 
             if logging:

@@ -94,6 +94,20 @@ def test_activation_checkpointing_trains_the_same_losses_with_less_estimated_mem
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["checkpointing"] is True
 
 
+def test_what_survives_the_first_step_is_frozen_for_the_run_and_unfrozen_after(files, tmp_path, monkeypatch):
+    frozen = []
+    real = engine.freeze_survivors
+
+    def freeze():
+        real()
+        frozen.append(gc.get_freeze_count())
+
+    monkeypatch.setattr(engine, "freeze_survivors", freeze)
+    engine.train(_cfg(files, tmp_path / "run", steps=3))
+    assert len(frozen) == 1 and frozen[0] > 10_000  # once, after step 1: the model and torch's objects among them
+    assert gc.get_freeze_count() == 0
+
+
 def test_a_finished_bf16_run_leaves_no_model_behind(files, tmp_path):
     """accelerate's bf16 wraps the model's forward in a bound method it keeps on the model itself, a reference cycle:
     without the engine's collection at the end, a run's weights (on a GPU, its memory: 0.41 GiB of a 2-layer

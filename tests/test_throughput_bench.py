@@ -19,12 +19,22 @@ def test_tiny_bare_run_returns_a_row_and_prints_the_table(tmp_path, capsys):
     assert (row["model"], row["engine"], row["device"]) == ("tiny-gla", "bare", "cpu")
     assert row["tokens_per_s"] > 0 and row["first_s"] > 0 and row["peak_gib"] > 0
     assert row["mfu"] is None and row["mfu_6n"] is None  # no known peak FLOP/s on a CPU
+    assert row["kernels"] == "torch"  # on the CPU every engine runs flame.kernels' portable code
     # every update counted by the optimizer hook; collections only between the first and the last (3 generations)
     assert row["gc"]["updates"] == 1 + 1 + 2 and len(row["gc"]["collections"]) == len(row["gc"]["seconds"]) == 3
     lines = capsys.readouterr().out.splitlines()
     assert "batch 2 x context 64, 2 timed steps after 1 + 1" in lines
     assert "model      engine       tokens/s    MFU  MFU 6N  peak GiB  first s" in lines
     assert any(ln.startswith("tiny-gla   bare       ") for ln in lines)
+
+
+def test_on_a_gpu_flame_runs_its_own_kernels_and_the_baselines_fla_s_as_shipped():
+    assert throughput._kernels("flame", set()) == "auto"
+    assert throughput._kernels("flame", {"share-casts", "fla-kernels"}) == "triton"
+    assert throughput._kernels("bare", set()) == throughput._kernels("hf", set()) == "triton"
+    assert (
+        throughput._kernels("bare-graph", {"flame-kernels"}) == throughput._kernels("hf", {"flame-kernels"}) == "auto"
+    )
 
 
 def test_bare_async_runs_the_bare_loop_without_reading_back_and_is_compared_with_flame(tmp_path, capsys):

@@ -5,8 +5,9 @@ DeltaNet and most FLA models) at D > 512 with one program per SM, each walking i
 time. At GLA-340M's shapes (65,536 rows of 1,024 at batch 32) that leaves each SM one program, waiting on memory
 for each row in turn. This kernel gives every program a tile of rows and launches several programs per SM, so the
 loads of one hide behind the arithmetic of another; each program keeps its partial weight (and bias) gradient,
-summed after. Same arguments and results as FLA's `layer_norm_bwd`; what it does not cover (grouped norms,
-recomputing the output for `LayerNormLinearFunction`, rows of 512 or less, which FLA already tiles) goes to FLA's.
+summed after. Same arguments and results as FLA's `layer_norm_bwd`, except that an fp32 residual stream's gradient
+stays fp32 (FLA's row kernel rounds it to bf16 first); what it does not cover (grouped norms, recomputing the output
+for `LayerNormLinearFunction`, rows of 512 or less, which FLA already tiles) goes to FLA's.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def covers(dy: torch.Tensor, x: torch.Tensor, dres: torch.Tensor | None, num_gro
     return (
         x.is_cuda
         and x.dim() == 2
+        and x.shape[0] > 0
         and x.shape[-1] > 512
         and num_groups == 1
         and not recompute_output

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import norm_backward as bench  # noqa: E402  (benchmarks/norm_backward.py: the inputs, made with FLA's forward)
 
 # Gradients through torch's autograd of the norm's math in fp32, and the kernel's, for each case: rows, width,
 # RMS or layer norm, prenorm (the residual's gradient added and returned) and the residual stream's dtype.
@@ -94,26 +96,6 @@ def test_covers_only_what_it_implements():
 # ---------------------------------------------------------------- on a GPU
 
 
-def _fla_case(rows, width, rms, prenorm, residual_dtype):
-    from fla.modules.norm.layernorm import layer_norm_fwd
-
-    torch.manual_seed(0)
-    x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
-    weight = 1 + 0.1 * torch.randn(width, device="cuda")
-    bias = None if rms else 0.1 * torch.randn(width, device="cuda")
-    residual = torch.randn(rows, width, device="cuda").to(residual_dtype) if prenorm else None
-    _, mean, rstd, res_out = layer_norm_fwd(
-        x=x, weight=weight, bias=bias, eps=1e-6, residual=residual, residual_dtype=residual_dtype if prenorm else None,
-        is_rms_norm=rms,
-    )  # fmt: skip
-    dy = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
-    dres = torch.randn(rows, width, device="cuda").to(res_out.dtype) if prenorm else None
-    return dict(
-        dy=dy, x=res_out, weight=weight, bias=bias, mean=mean, rstd=rstd, dres=dres, has_residual=prenorm,
-        is_rms_norm=rms, x_dtype=torch.bfloat16,
-    )  # fmt: skip
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("width", [1024, 2048, 1536])
 @pytest.mark.parametrize(
@@ -134,7 +116,7 @@ def test_matches_fla_on_gpu(width, rms, prenorm, residual_dtype):
 
     installed = layernorm.layer_norm_bwd
     fla = installed.__flame_original__
-    case = _fla_case(4099, width, rms, prenorm, residual_dtype)
+    case = bench.make_case(4099, width, prenorm, residual_dtype, rms)
     ref = fla(**case)
     out = norm_backward(**case)
     via_fla_function = installed(**case)  # what LayerNormFunction.backward now calls: flame's kernel

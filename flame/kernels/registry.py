@@ -1,4 +1,5 @@
-"""What flame.kernels covers: every FLA entry point with its torch version, and the model types that run.
+"""What flame.kernels covers: every FLA entry point with its torch version, the FLA functions flame's own GPU kernels
+stand in front of, and the model types that run.
 
 Checked against flash-linear-attention 0.6.x (see FLA_VERSIONS in flame.kernels). Paths name where FLA 0.6
 defines each object; a path that does not resolve means FLA's internals changed, and install() says so.
@@ -67,7 +68,7 @@ TARGETS: tuple[Target, ...] = (
 )
 
 GPU_TARGETS: tuple[GpuTarget, ...] = (
-    # FLA walks the rows one at a time at D > 512: 3.0-3.4x slower at GLA-340M's norms (benchmarks/norm_backward.py)
+    # FLA walks the rows one at a time at D > 512: 3.5-4.0x slower at GLA-340M's norms (benchmarks/norm_backward.py)
     GpuTarget(f"{_NORM}.layernorm:layer_norm_bwd", norm_backward.in_front_of),
 )
 """FLA functions that flame's own GPU kernels stand in front of (kernels mode `auto`)."""

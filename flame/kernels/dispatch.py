@@ -174,12 +174,12 @@ def resolve(path: str):
     return owner, leaf, getattr(owner, leaf)
 
 
-def patch(target: Target) -> None:
-    owner, leaf, current = resolve(target.path)
+def _swap(path: str, make: Callable) -> None:
+    """Put `make(current)` where `path` names FLA's object, and everywhere an fla.* module holds that object."""
+    owner, leaf, current = resolve(path)
     if getattr(current, "__flame_original__", None) is not None:
         return  # installed already
-    name = target.path.replace(":", ".")
-    op = _make_dispatcher(name, current, target.portable)
+    op = make(current)
     if isinstance(owner, type) and inspect.ismethod(current):
         # `Function.apply` is a classmethod: callers that spell `Cls.apply(...)` look it up on the class.
         setattr(owner, leaf, staticmethod(op))
@@ -188,14 +188,17 @@ def patch(target: Target) -> None:
     _replace_everywhere(current, op)
 
 
+def patch(target: Target) -> None:
+    _swap(target.path, lambda current: _make_dispatcher(target.path.replace(":", "."), current, target.portable))
+
+
 def patch_gpu(target: GpuTarget) -> None:
-    owner, leaf, current = resolve(target.path)
-    if getattr(current, "__flame_original__", None) is not None:
-        return  # installed already
-    op = target.in_front_of(current)
-    op.__flame_original__ = current
-    setattr(owner, leaf, op)
-    _replace_everywhere(current, op)
+    def make(current):
+        op = target.in_front_of(current)
+        op.__flame_original__ = current
+        return op
+
+    _swap(target.path, make)
 
 
 # torch helpers (index bookkeeping, context parallelism plumbing), not kernels

@@ -29,8 +29,9 @@ model (built by flame.models.build_model from the same config and seed, fp32 wei
               capture and one replay; so it trains 3 updates more than the others, which only the losses show
   flame       flame.engine.train on a prepared dataset of random tokens (a log record every 1 + --warmup steps and at
               the end, no checkpoint until the end); like hf, it reads losses back only for a log record. With
-              autocast's own casts (--no-share-casts) and no CUDA graphs (--no-cuda-graphs), the settings of the
-              other engines; flame:share-casts:cuda-graphs is `flame train` as it runs by default on one GPU
+              autocast's own casts (--no-share-casts), no CUDA graphs (--no-cuda-graphs) and the projections one
+              by one (--no-group-projections), the settings of the other engines;
+              flame:share-casts:cuda-graphs:group-projections is `flame train` as it runs by default on one GPU
               flame:cuda-graphs is `flame train --cuda-graphs` (GPU only): its update 4 is captured (the last
               warm-up step), the timed steps are replays
   hf          transformers.Trainer on the same random tokens; keeps its loss on the GPU until a logging step
@@ -72,7 +73,11 @@ ALL_ENGINES = ENGINES + ("bare-async", "bare-graph")  # on request
 GPU_ONLY = ("bare-graph",)
 # An engine may carry options after colons (flame:share-casts, bare:compile:share-casts): the same engine with
 # them, beside the plain one in the same run.
-VARIANTS = ("compile", "share-casts", "bf16-residual", "checkpointing", "cuda-graphs", "fla-kernels", "flame-kernels")
+VARIANTS = (
+    "compile", "share-casts", "bf16-residual", "checkpointing", "cuda-graphs", "fla-kernels", "flame-kernels",
+    "group-projections",
+)  # fmt: skip
+# group-projections: bare, bare-async and flame (flame.projections; on by default in `flame train`)
 # cuda-graphs: flame only. Kernels on a GPU: flame runs flame.kernels' own in front of FLA's where they are faster
 # (the norm backward), bare and hf run FLA's as FLA ships them; :fla-kernels / :flame-kernels swap that.
 
@@ -289,6 +294,18 @@ def run_bare(config_path: str, args, device, *, read_back: bool = True, graph: b
         optimizer.step()
         return loss.detach()
 
+    if args.group_projections:  # found by a forward without gradients, before update 1, as flame's engine does
+        from flame import projections
+        from flame.models import _mixers
+
+        def forward():
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                ids = data[0].to(device)
+                model(input_ids=ids, labels=ids, use_cache=False)
+
+        groups = projections.find_groups([block for block, _ in _mixers(model)], forward)
+        print(f"grouped projections: {projections.install(groups)}", flush=True)
+
     def step(i):
         loss = update(data[i].to(device))
         optimizer.zero_grad(set_to_none=True)
@@ -330,6 +347,7 @@ def run_flame(config_path: str, args, device, work: Path) -> dict:
         model=config_path, cache=str(work / "data"), path=str(work / "run"), context=args.context,
         batch=args.batch, steps=steps, lr=3e-4, warmup=0, seed=SEED, logging=1 + args.warmup, save=10**9, limit=0,
         compile=args.compile, share_casts=args.share_casts, bf16_residual=args.bf16_residual,
+        group_projections=args.group_projections,
         checkpointing=args.checkpointing, cuda_graphs=args.cuda_graphs,
     )  # fmt: skip
     if args.profile:
@@ -503,6 +521,7 @@ def _run_engine(model: str, eng: str, config_path: str, args, env: dict, round_:
     cmd += ["--bf16-residual"] * (args.bf16_residual or "bf16-residual" in options)
     cmd += ["--checkpointing"] * (args.checkpointing or "checkpointing" in options)
     cmd += ["--cuda-graphs"] * ("cuda-graphs" in options)
+    cmd += ["--group-projections"] * ("group-projections" in options)
     cmd += ["--kernels", _kernels(base, options)]
     cmd += ["--profile", str(args.profile)]
     tag = f" round {round_ + 1}/{args.repeat}" if args.repeat > 1 else ""
@@ -573,6 +592,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--cuda-graphs", action="store_true", help=argparse.SUPPRESS)  # the flame:cuda-graphs worker
     parser.add_argument("--kernels", default="auto", help=argparse.SUPPRESS)  # the worker's flame.kernels mode
+    parser.add_argument("--group-projections", action="store_true", help=argparse.SUPPRESS)  # :group-projections
     parser.add_argument(
         "--repeat", type=int, default=1, metavar="N",
         help="run every engine N times, the order reversed every other round; report the median run and the spread",
@@ -598,6 +618,8 @@ def main(argv=None) -> int:
             f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ALL_ENGINES)}, each optionally with "
             f":{' or :'.join(VARIANTS)}"
         )
+    if any(_spec(e)[0] not in ("bare", "bare-async", "flame") for e in args.engines.split(",") if ":group-proj" in e):
+        parser.error(":group-projections is for bare, bare-async and flame (`flame train --group-projections`)")
     graphs = [e for e in args.engines.split(",") if "cuda-graphs" in _spec(e)[1]]
     if any(_spec(e)[0] != "flame" for e in graphs):
         parser.error(":cuda-graphs is flame's option (`flame train --cuda-graphs`); bare-graph is the bare loop's")

@@ -103,6 +103,14 @@ class TrainConfig:
     every residual add rounds to bf16, so the losses differ slightly. On an H200: GLA-340M at batch 32 5.4% faster
     (36.4% MFU) in 10% less memory, GLA-1.3B at batch 16 3.4% faster; 300 steps of GLA-340M ended at the same loss
     (benchmarks/RESULTS.md). A config with residual_in_fp32 (Mamba2's default) keeps its fp32 stream."""
+    group_projections: bool | None = None
+    """Run the projections each block calls on one input (GLA's q, k, v and gates; the MLP's gate and up) as one
+    autograd node, so that the backward adds their input gradients inside the GEMMs instead of with an add kernel per
+    projection. The groups are found by one forward of the first batch without gradients, before update 1. The
+    weights stay separate parameters; the losses are the same to rounding. On an H200 with flame's other defaults:
+    GLA-340M at batch 32 1.023x the tokens/s, GDN-340M at 32 1.017x, GLA-1.3B at 8 1.016x (benchmarks/RESULTS.md).
+    Default: on wherever it applies (not with --compile or DeepSpeed ZeRO-3, which gathers each projection's weight
+    on its own call); --group-projections warns where it cannot apply, --no-group-projections runs them one by one."""
     cuda_graphs: bool | None = None
     """Capture the whole update (forward, backward, clipping, AdamW) in a CUDA graph after 3 eager updates (11 under
     DDP) and replay it: the host launches one graph per step instead of every kernel, which pays where the host bounds

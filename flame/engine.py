@@ -482,15 +482,19 @@ def forward_loss(model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
 
     Both FLA and transformers models take num_items_in_batch and then reduce with sum / num_items_in_batch.
     """
+    return _forward(model, batch, num_items).loss.float()
+
+
+def _forward(model, batch: dict, num_items: torch.Tensor):
+    """The model's outputs for one micro-batch, labelled with its own tokens (the loss without a logits copy)."""
     extra = {"cu_seqlens": batch["cu_seqlens"]} if "cu_seqlens" in batch else {}
-    out = model(
+    return model(
         input_ids=batch["input_ids"],
         labels=batch["input_ids"],
         num_items_in_batch=num_items,
         use_cache=False,
         **extra,
     )
-    return out.loss.float()
 
 
 #: torch._dynamo settings while a --compile run traces. FLA's attention layers read their integer `layer_idx`
@@ -676,6 +680,14 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
         )
     if cfg.compile:
         compile_blocks(model, config)
+    # Grouped projections (on by default): found by a forward of the first batch, before update 1 of every run.
+    ungroupable = "--compile" if cfg.compile else "DeepSpeed ZeRO-3" if p.zero_stage == 3 else None
+    if cfg.group_projections and ungroupable:
+        ui.warn(
+            f"--group-projections: not with {ungroupable} (dynamo would trace the grouping's Python state; ZeRO-3 "
+            "gathers each projection's weight on its own call), so the projections run one by one"
+        )
+    blocks = None if ungroupable or cfg.group_projections is False else [b for b, _ in models._mixers(model)]
     set_seed(cfg.seed + rank)  # per-process RNG (dropout); data order does not use it
     optimizer = build_optimizer(model, cfg, accelerator.device.type)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -862,6 +874,20 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
 
         return put_back
 
+    def group_projections(blocks: list, batch: dict) -> str:
+        """Watch a forward of `batch` without gradients (nor a draw from the RNGs) for the linears of a block that
+        read one tensor, and group them (flame.projections); a line saying what was grouped."""
+        from flame import projections
+
+        def forward():
+            devices = [torch.cuda.current_device()] if accelerator.device.type == "cuda" else []
+            with torch.no_grad(), torch.random.fork_rng(devices=devices), accelerator.autocast():
+                _forward(model, batch, torch.ones((), device=accelerator.device))  # not a training forward
+
+        sizes = projections.install(projections.find_groups(blocks, forward))
+        found = f"{len(sizes)} groups of {'/'.join(map(str, sorted(set(sizes))))}" if sizes else "none"
+        return f"projections that read one input, grouped: {found} (--no-group-projections: one by one)"
+
     graphed = None
     if capturing:
         fallback = cfg.cuda_graphs is None  # not asked for: a model that cannot be captured trains eagerly
@@ -902,6 +928,9 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
                 first.begin()
             lr = lr_of(step)
             batches = [loader.next_batch() for _ in range(update)]
+            if blocks is not None:  # before update 1 (of a resumed run too): every update runs grouped
+                ui.print0(group_projections(blocks, to_accelerator(batches[0])))
+                blocks = None
             # Labels are the inputs shifted by one inside the model: each row predicts all but its first token.
             local = sum(b["input_ids"].numel() - b["input_ids"].shape[0] for b in batches)
             if local != items_local:  # the shapes, so the count, are the same every step and on every process

@@ -228,3 +228,18 @@ def test_bare_graph_and_flame_cuda_graphs_capture_the_whole_step_and_replay_it(t
     assert [r["engine"] for r in rows] == engines.split(",")
     assert all(r["tokens_per_s"] > 0 and r["peak_gib"] > 0 for r in rows)
     assert "gla-340M: bare-graph/bare tokens/s " in capsys.readouterr().out
+
+
+def test_group_projections_groups_the_bare_loop_s_and_flame_s_and_not_the_trainer_s(capsys):
+    """bare:group-projections and flame:group-projections group the tiny GLA's projections (its 2 layers: q, k, v,
+    gate and the low-rank gate's first linear; the MLP's gate and up) before update 1; the HF Trainer has no such
+    option, and plain flame runs them one by one as the other engines do."""
+    argv = ["--device", "cpu", "--tiny", "--engines", "bare:group-projections,flame,flame:group-projections"]
+    assert throughput.main(argv + ["--batch", "1", "--context", "32", "--steps", "1", "--warmup", "0"]) == 0
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    assert "grouped projections: [5, 2, 5, 2]" in text  # the bare loop's
+    assert text.count("projections that read one input, grouped: 4 groups of 2/5") == 1  # flame's, with the option
+    with pytest.raises(SystemExit):
+        throughput.main(["--device", "cpu", "--tiny", "--engines", "hf:group-projections"])
+    assert ":group-projections is for bare, bare-async and flame" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from flame.config import TrainConfig, field_docs
 DOCS = field_docs()
 DEFAULTS = TrainConfig()
 #: On/off options that change how a step is computed (not what is trained), listed by --dry-run when not the default.
-SWITCHES = ("compile", "checkpointing", "share_casts", "bf16_residual", "cuda_graphs")
+SWITCHES = ("compile", "checkpointing", "share_casts", "bf16_residual", "group_projections", "cuda_graphs")
 
 
 def _opt(name: str, *, negatable: bool = False, **kwargs):
@@ -58,6 +58,9 @@ def train(
     checkpointing: Annotated[bool, _opt("checkpointing", rich_help_panel="Batch")] = DEFAULTS.checkpointing,
     share_casts: Annotated[bool, _opt("share_casts", negatable=True, rich_help_panel="Batch")] = DEFAULTS.share_casts,
     bf16_residual: Annotated[bool, _opt("bf16_residual", rich_help_panel="Batch")] = DEFAULTS.bf16_residual,
+    group_projections: Annotated[
+        bool | None, _opt("group_projections", negatable=True, rich_help_panel="Batch", show_default=False)
+    ] = DEFAULTS.group_projections,
     cuda_graphs: Annotated[
         bool | None, _opt("cuda_graphs", negatable=True, rich_help_panel="Batch", show_default=False)
     ] = DEFAULTS.cuda_graphs,

@@ -1,0 +1,98 @@
+"""flame.projections: the projections of a block that read one input run as one autograd node."""
+
+import pytest
+import torch
+
+import flame.kernels
+from flame.models import _mixers
+from flame.projections import find_groups, install
+from tests.kernels.test_models import CONFIGS, VOCAB, build
+
+
+def _loss_and_grads(model, ids, autocast):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+@pytest.mark.parametrize("autocast", [False, True])
+def test_grouped_projections_train_the_same(model_type, autocast):
+    flame.kernels.install()
+    model = build(model_type).train()
+    ids = torch.randint(0, VOCAB, (2, 70), generator=torch.Generator().manual_seed(0))
+    before = _loss_and_grads(model, ids, autocast)
+    with torch.no_grad():
+        groups = find_groups([block for block, _ in _mixers(model)], lambda: model(ids))
+    sizes = install(groups)
+    after = _loss_and_grads(model, ids, autocast)
+    print(model_type, sizes)
+    assert before[0] == pytest.approx(after[0], rel=1e-6 if not autocast else 1e-3)
+    assert before[1].keys() == after[1].keys()
+    worst = max(((after[1][n] - g).norm() / g.norm().clamp_min(1e-12)).item() for n, g in before[1].items())
+    assert worst < (1e-4 if not autocast else 2e-2), worst
+
+
+def test_a_run_groups_its_projections_by_default_and_trains_the_losses_of_one_without(tmp_path, capsys):
+    """flame train groups before update 1 (a forward without gradients finds the groups), so every update is
+    grouped; --no-group-projections trains the same losses to rounding."""
+    import json
+
+    from flame import engine
+    from flame.config import TrainConfig
+    from tests.prepared import counting_docs, gla_config, make_prepared
+
+    make_prepared(tmp_path / "ds", counting_docs(300, 64), 64)
+    gla_config(tmp_path / "gla.json")
+
+    def losses(run, **kw):
+        cfg = TrainConfig(
+            model=str(tmp_path / "gla.json"), cache=str(tmp_path / "ds"), path=str(tmp_path / run), context=32,
+            batch=4, update=2, lr=3e-3, warmup=2, seed=0, logging=1, save=1000, steps=4, **kw,
+        )  # fmt: skip
+        engine.train(cfg)
+        return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    grouped = losses("grouped")
+    out = capsys.readouterr().out
+    assert "projections that read one input, grouped: 4 groups of 2/5 (--no-group-projections: one by one)" in out
+    plain = losses("plain", group_projections=False)
+    assert "grouped" not in capsys.readouterr().out
+    assert grouped == pytest.approx(plain, rel=1e-5)
+    assert grouped != plain  # the input gradients are summed in another order from update 1 on
+
+
+@pytest.mark.gpu
+def test_grouped_projections_on_a_gpu_train_the_same(tmp_path):
+    """GLA-340M's layer x 2 under bf16 autocast with FLA's kernels: grouped as ungrouped, to bf16 rounding."""
+    import json
+    from pathlib import Path
+
+    from flame.models import build_model, share_norm_casts
+
+    config = json.loads((Path(__file__).resolve().parents[1] / "configs" / "gla_340M.json").read_text())
+    (tmp_path / "gla.json").write_text(json.dumps(config | {"num_hidden_layers": 2}))
+    model, _ = build_model(tmp_path / "gla.json", seed=0, device="cuda")
+    share_norm_casts(model)
+    ids = torch.randint(
+        3, config["vocab_size"], (2, 2048), device="cuda", generator=torch.Generator("cuda").manual_seed(0)
+    )
+
+    def run():
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = run()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        groups = find_groups([block for block, _ in _mixers(model)], lambda: model(ids))
+    assert install(groups) == [5, 2, 5, 2]
+    grouped = run()
+    assert grouped[0] == pytest.approx(plain[0], rel=1e-3)
+    worst = max(((grouped[1][n] - g).norm() / g.norm()).item() for n, g in plain[1].items())
+    print(f"worst gradient difference {worst:.2e}")
+    assert worst < 2e-2

@@ -22,7 +22,7 @@ from flame.errors import ConfigError, read_json_object
 CONFIG_FILE = "config.json"
 #: Options added after runs were already being saved, with the value a run saved before them trained with: such a
 #: run resumes as it was trained, whatever today's default is.
-SAVED_BEFORE = {"share_casts": False}
+SAVED_BEFORE = {"share_casts": False, "group_projections": False}
 SCHEDULERS = ("cosine", "wsd", "linear", "constant")
 # The seed's train.sh spelled the cosine schedule as HF Trainer does.
 SCHEDULER_ALIASES = {"cosine_with_min_lr": "cosine", "warmup_stable_decay": "wsd"}

@@ -71,6 +71,19 @@ def test_a_run_saved_before_share_casts_existed_resumes_without_them(tmp_path):
     assert run_config.load(tmp_path) == TrainConfig(model="m.json", cache="d", share_casts=False)
 
 
+def test_a_run_saved_before_grouped_projections_existed_resumes_without_them(tmp_path):
+    """Projections are grouped by default now (None: wherever it applies); a run saved before trained them one by
+    one, and resumes so, as it trained."""
+    saved = run_config.save(TrainConfig(model="m.json", cache="d"), tmp_path)
+    old = {k: v for k, v in json.loads(saved.read_text()).items() if k != "group_projections"}
+    saved.write_text(json.dumps(old))
+    assert TrainConfig().group_projections is None
+    assert run_config.load(tmp_path).group_projections is False
+    assert json.loads(saved.read_text()) == old  # read, never rewritten
+    fresh = run_config.save(TrainConfig(model="m.json", cache="d"), tmp_path / "new")
+    assert run_config.load(fresh.parent).group_projections is None  # a run saved today keeps the default
+
+
 def test_load_refuses_unknown_keys(tmp_path):
     (tmp_path / "config.json").write_text('{"lr": 1.0, "bogus": 2}')
     with pytest.raises(ConfigError, match="unknown keys bogus"):

@@ -110,7 +110,8 @@ class TrainConfig:
     weights stay separate parameters; the losses are the same to rounding. On an H200 with flame's other defaults:
     GLA-340M at batch 32 1.023x the tokens/s, GDN-340M at 32 1.017x, GLA-1.3B at 8 1.016x (benchmarks/RESULTS.md).
     Default: on wherever it applies (not with --compile or DeepSpeed ZeRO-3, which gathers each projection's weight
-    on its own call); --group-projections warns where it cannot apply, --no-group-projections runs them one by one."""
+    on its own call); --group-projections says what it grouped, or warns where it cannot apply;
+    --no-group-projections runs them one by one."""
     cuda_graphs: bool | None = None
     """Capture the whole update (forward, backward, clipping, AdamW) in a CUDA graph after 3 eager updates (11 under
     DDP) and replay it: the host launches one graph per step instead of every kernel, which pays where the host bounds

@@ -886,7 +886,7 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
 
         sizes = projections.install(projections.find_groups(blocks, forward))
         found = f"{len(sizes)} groups of {'/'.join(map(str, sorted(set(sizes))))}" if sizes else "none"
-        return f"projections that read one input, grouped: {found} (--no-group-projections: one by one)"
+        return f"--group-projections: projections that read one input, grouped: {found}"
 
     graphed = None
     if capturing:
@@ -929,7 +929,9 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
             lr = lr_of(step)
             batches = [loader.next_batch() for _ in range(update)]
             if blocks is not None:  # before update 1 (of a resumed run too): every update runs grouped
-                ui.print0(group_projections(blocks, to_accelerator(batches[0])))
+                found = group_projections(blocks, to_accelerator(batches[0]))
+                if cfg.group_projections:  # asked for: say what it did (by default it works silently)
+                    ui.print0(found)
                 blocks = None
             # Labels are the inputs shifted by one inside the model: each row predicts all but its first token.
             local = sum(b["input_ids"].numel() - b["input_ids"].shape[0] for b in batches)

@@ -55,13 +55,13 @@ def test_a_run_groups_its_projections_by_default_and_trains_the_losses_of_one_wi
         engine.train(cfg)
         return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
 
-    grouped = losses("grouped")
-    out = capsys.readouterr().out
-    assert "projections that read one input, grouped: 4 groups of 2/5 (--no-group-projections: one by one)" in out
-    plain = losses("plain", group_projections=False)
+    grouped = losses("grouped")  # by default: silently
     assert "grouped" not in capsys.readouterr().out
+    plain = losses("plain", group_projections=False)
     assert grouped == pytest.approx(plain, rel=1e-5)
     assert grouped != plain  # the input gradients are summed in another order from update 1 on
+    assert losses("asked", group_projections=True) == grouped
+    assert "--group-projections: projections that read one input, grouped: 4 groups of 2/5" in capsys.readouterr().out
 
 
 @pytest.mark.gpu

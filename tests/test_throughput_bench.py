@@ -239,7 +239,7 @@ def test_group_projections_groups_the_bare_loop_s_and_flame_s_and_not_the_traine
     printed = capsys.readouterr()
     text = printed.out + printed.err
     assert "grouped projections: [5, 2, 5, 2]" in text  # the bare loop's
-    assert text.count("projections that read one input, grouped: 4 groups of 2/5") == 1  # flame's, with the option
+    assert text.count("--group-projections: projections that read one input, grouped: 4 groups of 2/5") == 1
     with pytest.raises(SystemExit):
         throughput.main(["--device", "cpu", "--tiny", "--engines", "hf:group-projections"])
     assert ":group-projections is for bare, bare-async and flame" in capsys.readouterr().err

@@ -618,7 +618,8 @@ def main(argv=None) -> int:
             f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ALL_ENGINES)}, each optionally with "
             f":{' or :'.join(VARIANTS)}"
         )
-    if any(_spec(e)[0] not in ("bare", "bare-async", "flame") for e in args.engines.split(",") if ":group-proj" in e):
+    grouped = [e for e in args.engines.split(",") if "group-projections" in _spec(e)[1]]
+    if any(_spec(e)[0] not in ("bare", "bare-async", "flame") for e in grouped):
         parser.error(":group-projections is for bare, bare-async and flame (`flame train --group-projections`)")
     graphs = [e for e in args.engines.split(",") if "cuda-graphs" in _spec(e)[1]]
     if any(_spec(e)[0] != "flame" for e in graphs):

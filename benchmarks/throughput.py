@@ -334,9 +334,10 @@ def run_bare(config_path: str, args, device, *, read_back: bool = True, graph: b
     return row
 
 
-def run_flame(config_path: str, args, device, work: Path) -> dict:
+def run_flame(config_path: str, args, device, work: Path, clock: _GcClock | None = None) -> dict:
     from flame import engine
     from flame.config import TrainConfig
+    from flame.logging import RunLogger
     from flame.models import load_config
     from tests.prepared import random_prepared
 
@@ -350,17 +351,28 @@ def run_flame(config_path: str, args, device, work: Path) -> dict:
         group_projections=args.group_projections,
         checkpointing=args.checkpointing, cuda_graphs=args.cuda_graphs,
     )  # fmt: skip
-    if args.profile:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
+    record = RunLogger.record
 
-        profiler = _StepProfiler(args, device, total)
-        handle = register_optimizer_step_post_hook(profiler)
-        try:
+    def record_then_stop(logger, rec: dict) -> None:  # the last step's record: the clock stops (see _GcClock)
+        record(logger, rec)
+        if clock is not None and rec.get("step") == steps:
+            clock.stop()
+
+    RunLogger.record = record_then_stop
+    try:
+        if args.profile:
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            profiler = _StepProfiler(args, device, total)
+            handle = register_optimizer_step_post_hook(profiler)
+            try:
+                engine.train(cfg)
+            finally:
+                handle.remove()
+        else:
             engine.train(cfg)
-        finally:
-            handle.remove()
-    else:
-        engine.train(cfg)
+    finally:
+        RunLogger.record = record
     records = [json.loads(ln) for ln in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     # Records come at step 1, every 1 + warmup steps and the last: "time" (seconds since the loop started) is taken
     # when the GPU has caught up, so the steps between the record of step 1 + warmup and the last are the timed ones.
@@ -416,13 +428,17 @@ def run_hf(config_path: str, args, device, work: Path) -> dict:
 
 class _GcClock:
     """Python's garbage collections from an engine's first update to its last (updates seen by a global
-    optimizer-step hook; a CUDA graph's replays are not, so there it runs to the end): how many of each generation
-    and the seconds they took. A process that imports more (flame's engine: accelerate, datasets) holds more
-    objects for a full collection to walk, and host-bound steps pay for that."""
+    optimizer-step hook; a CUDA graph's replays are not, so for flame the record of its last step also stops the
+    clock, before train() collects whatever the run leaves): how many of each generation and the seconds they took.
+    A process that imports more (flame's engine: accelerate, datasets) holds more objects for a full collection to
+    walk, and host-bound steps pay for that."""
 
     def __init__(self, last: int):
-        self.updates, self.last, self.start = 0, last, None
+        self.updates, self.last, self.start, self.stopped = 0, last, None, False
         self.counts, self.seconds = [0, 0, 0], [0.0, 0.0, 0.0]
+
+    def stop(self) -> None:
+        self.stopped = True
 
     def on_step(self, optimizer, *_) -> None:
         import torch
@@ -431,7 +447,7 @@ class _GcClock:
             self.updates += 1
 
     def on_gc(self, phase: str, info: dict) -> None:
-        if not 1 <= self.updates < self.last:  # not flame's collection at the end of its run either
+        if self.stopped or not 1 <= self.updates < self.last:  # not flame's collection at the end of its run either
             return
         if phase == "start":
             self.start = time.perf_counter()
@@ -471,7 +487,7 @@ def worker(args) -> None:
                 config_path, args, device, read_back=args.engine != "bare-async", graph=args.engine == "bare-graph"
             )
         elif args.engine == "flame":
-            row = run_flame(config_path, args, device, work)
+            row = run_flame(config_path, args, device, work, clock)
         else:
             row = run_hf(config_path, args, device, work)
     meta, config = build_model(config_path, meta=True)

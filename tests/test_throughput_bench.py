@@ -243,3 +243,33 @@ def test_group_projections_groups_the_bare_loop_s_and_flame_s_and_not_the_traine
     with pytest.raises(SystemExit):
         throughput.main(["--device", "cpu", "--tiny", "--engines", "hf:group-projections"])
     assert ":group-projections is for bare, bare-async and flame" in capsys.readouterr().err
+
+
+def test_flames_last_step_record_stops_the_gc_clock(tmp_path):
+    """Under CUDA graphs the optimizer hook sees no replayed update, so the record of flame's last step stops the
+    garbage-collector clock, before train() collects what the run leaves; a collection after that is not counted."""
+    import argparse
+    import gc
+
+    import torch
+
+    from flame.logging import RunLogger
+
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps(throughput.TINY))
+    clock = throughput._GcClock(last=10**9)  # as if no update after the first were seen
+    clock.updates = 1
+    stops = []
+    clock.stop = lambda: stops.append(clock.counts[:]) or throughput._GcClock.stop(clock)
+    record = RunLogger.record
+    options = dict.fromkeys(("compile", "share_casts", "bf16_residual", "checkpointing", "cuda_graphs"), False)
+    args = argparse.Namespace(warmup=1, steps=2, profile=0, batch=1, context=32, group_projections=None, **options)
+    (work := tmp_path / "work").mkdir()
+    row = throughput.run_flame(str(tiny), args, torch.device("cpu"), work, clock)
+    assert row["tokens_per_s"] > 0 and len(stops) == 1 and clock.stopped
+    assert RunLogger.record is record  # put back
+    before = clock.counts[:]
+    clock.on_gc("start", {"generation": 2})
+    gc.collect()
+    clock.on_gc("stop", {"generation": 2})
+    assert clock.counts == before

@@ -358,21 +358,19 @@ def run_flame(config_path: str, args, device, work: Path, clock: _GcClock | None
         if clock is not None and rec.get("step") == steps:
             clock.stop()
 
+    handle = None
+    if args.profile:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        profiler = _StepProfiler(args, device, total)
+        handle = register_optimizer_step_post_hook(profiler)
     RunLogger.record = record_then_stop
     try:
-        if args.profile:
-            from torch.optim.optimizer import register_optimizer_step_post_hook
-
-            profiler = _StepProfiler(args, device, total)
-            handle = register_optimizer_step_post_hook(profiler)
-            try:
-                engine.train(cfg)
-            finally:
-                handle.remove()
-        else:
-            engine.train(cfg)
+        engine.train(cfg)
     finally:
         RunLogger.record = record
+        if handle is not None:
+            handle.remove()
     records = [json.loads(ln) for ln in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     # Records come at step 1, every 1 + warmup steps and the last: "time" (seconds since the loop started) is taken
     # when the GPU has caught up, so the steps between the record of step 1 + warmup and the last are the timed ones.

@@ -750,6 +750,12 @@ def _input_casts(mixer: nn.Module, hidden: int) -> int:
     )
 
 
+def _keeps_gla_states() -> bool:
+    from flame.kernels.config import settings
+
+    return settings.mode == "auto" and settings.gla_states == "keep"
+
+
 def _mixer_activations(mixer: nn.Module, h: int, e: int) -> tuple[str, dict[str, float]]:
     """(family, {term: bytes per token}) for one token mixer."""
     name = type(mixer).__name__
@@ -773,6 +779,8 @@ def _mixer_activations(mixer: nn.Module, h: int, e: int) -> tuple[str, dict[str,
             "gate": e * key * 2 + e * m["gk_proj"][0].out_features,  # logsigmoid input, gate into the kernel
             "intra_chunk_A": 4 * heads * CHUNK_SIZE,  # fp32 C x C block per chunk
             "output": 3 * e * value,  # kernel output and output gate (gated norm), o_proj input
+            # the forward's bf16 chunk states, saved for the backward (FLAME_GLA_STATES=keep, on a GPU)
+            "chunk_states": 2 * key * value / (heads * CHUNK_SIZE) if _keeps_gla_states() else 0,
         }
     if kind == "delta_rule":
         out_gate = bool(a.get("use_gate")) or "g_proj" in m

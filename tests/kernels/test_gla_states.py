@@ -1,0 +1,98 @@
+"""GLA's chunk states in bf16 for the backward (flame/kernels/gla_states.py): the setting, where calls go, and on a
+GPU (pytest -m gpu) the outputs and gradients against FLA's own fp32 recompute, `keep` against `recompute` bit for
+bit, and the memory `keep` holds."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flame.kernels
+from flame.errors import ConfigError
+from flame.kernels import gla_states
+from flame.kernels.config import KernelSettings, settings
+from tests.kernels.harness import ratio
+
+
+def test_an_unknown_setting_is_refused_with_the_choices():
+    with pytest.raises(ConfigError) as error:
+        KernelSettings(gla_states="fp32").validate()
+    assert str(error.value) == "unknown GLA states setting 'fp32': use one of fla, recompute, keep (FLAME_GLA_STATES)"
+
+
+def test_the_default_and_the_environment(monkeypatch):
+    monkeypatch.delenv("FLAME_GLA_STATES", raising=False)
+    assert KernelSettings().gla_states == "recompute"
+    monkeypatch.setenv("FLAME_GLA_STATES", " Keep ")
+    assert KernelSettings().gla_states == "keep"
+
+
+def test_installed_in_front_of_fla_and_cpu_calls_go_on_to_it(monkeypatch):
+    flame.kernels.install()
+    import fla.ops.gla.chunk as chunk
+
+    assert chunk.ChunkGLAFunction.apply.__flame_original__ is not None
+    calls = []
+    apply = gla_states.in_front_of(lambda *args: calls.append(args) or "fla")
+    q = torch.zeros(1, 4, 1, 2)
+    args = (q, q, q, q, 1.0, None, False, False, None, None)
+    monkeypatch.setattr(settings, "gla_states", "keep")
+    assert apply(*args) == "fla" and calls == [args]  # CPU tensors: FLA's (the dispatcher runs flame's torch code)
+
+
+def _inputs(b, t, h, k, v, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device="cuda")
+
+    q, kk = randn(b, t, h, k).bfloat16(), randn(b, t, h, k).bfloat16()
+    return q, kk, randn(b, t, h, v).bfloat16(), (F.logsigmoid(randn(b, t, h, k)) / 16), randn(b, t, h, v).bfloat16()
+
+
+def _run(states, q, k, v, g, do, cu_seqlens=None, monkeypatch=None):
+    from fla.ops.gla import chunk_gla
+
+    monkeypatch.setattr(settings, "gla_states", states)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g)]
+    o, _ = chunk_gla(*leaves, cu_seqlens=cu_seqlens)
+    o.backward(do)
+    return [o.detach()] + [x.grad for x in leaves]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("widths", [(128, 256), (256, 512)], ids=["gla-340M", "gla-1.3B"])
+@pytest.mark.parametrize("varlen", [False, True], ids=["batch", "varlen"])
+def test_bf16_states_match_flas_and_keep_is_recompute_bit_for_bit(widths, varlen, monkeypatch):
+    flame.kernels.install(mode="auto")
+    k_dim, v_dim = widths
+    cu_seqlens = torch.tensor([0, 100, 357, 512], device="cuda") if varlen else None
+    inputs = _inputs(1 if varlen else 2, 512, 4, k_dim, v_dim)
+    ref = _run("fla", *inputs, cu_seqlens=cu_seqlens, monkeypatch=monkeypatch)
+    recomputed = _run("recompute", *inputs, cu_seqlens=cu_seqlens, monkeypatch=monkeypatch)
+    kept = _run("keep", *inputs, cu_seqlens=cu_seqlens, monkeypatch=monkeypatch)
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dg"), recomputed, ref):
+        assert ratio(a, b) < 2e-2, (name, ratio(a, b))  # bf16 states against fp32 ones: test_gpu.py's bf16 bound
+    assert torch.equal(recomputed[0], ref[0])  # the forward is FLA's own
+    for a, b in zip(recomputed, kept):
+        assert torch.equal(a, b)  # the same kernel makes the same bf16 states in the forward and the backward
+
+
+@pytest.mark.gpu
+def test_keep_holds_the_states_until_the_backward(monkeypatch):
+    from fla.ops.gla import chunk_gla
+
+    flame.kernels.install(mode="auto")
+    b, t, h, k_dim, v_dim = 2, 1024, 4, 256, 512
+    q, k, v, g, do = _inputs(b, t, h, k_dim, v_dim)
+    held = {}
+    for states in ("recompute", "keep"):
+        monkeypatch.setattr(settings, "gla_states", states)
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g)]
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        o, _ = chunk_gla(*leaves)
+        torch.cuda.synchronize()
+        held[states] = torch.cuda.memory_allocated() - before
+        o.backward(do)
+        del o, leaves
+    assert held["keep"] - held["recompute"] == b * (t // 64) * h * k_dim * v_dim * 2  # bf16 states, nothing else

@@ -39,14 +39,15 @@ def test_installed_in_front_of_fla_and_cpu_calls_go_on_to_it(monkeypatch):
     assert apply(*args) == "fla" and calls == [args]  # CPU tensors: FLA's (the dispatcher runs flame's torch code)
 
 
-def _inputs(b, t, h, k, v, seed=0):
+def _inputs(b, t, h, k, v, gate_dtype=torch.float32, seed=0):
+    """q, k, v, the gate and the output's cotangent as GLA's layer makes them (its gate: logsigmoid / 16)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(*shape, generator=g, device="cuda")
 
-    q, kk = randn(b, t, h, k).bfloat16(), randn(b, t, h, k).bfloat16()
-    return q, kk, randn(b, t, h, v).bfloat16(), (F.logsigmoid(randn(b, t, h, k)) / 16), randn(b, t, h, v).bfloat16()
+    q, kk, v_ = randn(b, t, h, k).bfloat16(), randn(b, t, h, k).bfloat16(), randn(b, t, h, v).bfloat16()
+    return q, kk, v_, (F.logsigmoid(randn(b, t, h, k)) / 16).to(gate_dtype), randn(b, t, h, v).bfloat16()
 
 
 def _run(states, q, k, v, g, do, cu_seqlens=None, monkeypatch=None):
@@ -54,7 +55,7 @@ def _run(states, q, k, v, g, do, cu_seqlens=None, monkeypatch=None):
 
     monkeypatch.setattr(settings, "gla_states", states)
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g)]
-    o, _ = chunk_gla(*leaves, cu_seqlens=cu_seqlens)
+    o, _ = chunk_gla(*leaves, cu_seqlens=cu_seqlens, state_v_first=True)  # as fla.layers.gla calls it
     o.backward(do)
     return [o.detach()] + [x.grad for x in leaves]
 
@@ -66,7 +67,8 @@ def test_bf16_states_match_flas_and_keep_is_recompute_bit_for_bit(widths, varlen
     flame.kernels.install(mode="auto")
     k_dim, v_dim = widths
     cu_seqlens = torch.tensor([0, 100, 357, 512], device="cuda") if varlen else None
-    inputs = _inputs(1 if varlen else 2, 512, 4, k_dim, v_dim)
+    # an fp32 gate is kept cumulated for the backward, a bf16 one cumulated again there: one case each
+    inputs = _inputs(1 if varlen else 2, 512, 4, k_dim, v_dim, torch.bfloat16 if varlen else torch.float32)
     ref = _run("fla", *inputs, cu_seqlens=cu_seqlens, monkeypatch=monkeypatch)
     recomputed = _run("recompute", *inputs, cu_seqlens=cu_seqlens, monkeypatch=monkeypatch)
     kept = _run("keep", *inputs, cu_seqlens=cu_seqlens, monkeypatch=monkeypatch)
@@ -90,7 +92,7 @@ def test_keep_holds_the_states_until_the_backward(monkeypatch):
         leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g)]
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
-        o, _ = chunk_gla(*leaves)
+        o, _ = chunk_gla(*leaves, state_v_first=True)
         torch.cuda.synchronize()
         held[states] = torch.cuda.memory_allocated() - before
         o.backward(do)

@@ -11,7 +11,9 @@ session). `settings.gla_states` picks what the backward gets:
 - `keep`: the forward's bf16 states saved for the backward, so nothing is recomputed, for B x T/64 x H x K x V x 2
   bytes a layer (256 MiB at GLA-1.3B's batch 8 x 2048: 6 GiB for its 24 layers).
 
-Everything else is FLA's: its forward, its backward kernels and their tuning.
+Everything else is FLA's: its forward, its backward kernels and their tuning. Calls with `cu_seqlens` (`--varlen`)
+stay FLA's: the GPU test of that case did not get through the autotuning of FLA's varlen kernels in the device time
+it had (twenty-third session), and no path goes in untested.
 """
 
 from __future__ import annotations
@@ -74,13 +76,13 @@ class ChunkGLA(torch.autograd.Function):
 
 
 def in_front_of(original):
-    """FLA's `ChunkGLAFunction.apply`, with flame's `ChunkGLA` taking the calls on CUDA tensors in the `auto` kernels
-    mode when `settings.gla_states` is not `fla`."""
+    """FLA's `ChunkGLAFunction.apply`, with flame's `ChunkGLA` taking the calls on CUDA tensors without `cu_seqlens`
+    in the `auto` kernels mode when `settings.gla_states` is not `fla`."""
 
     @functools.wraps(original)
     def apply(q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu):
         args = (q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu)
-        if settings.mode == "auto" and settings.gla_states != "fla" and q.is_cuda:
+        if q.is_cuda and cu_seqlens is None and settings.mode == "auto" and settings.gla_states != "fla":
             return ChunkGLA.apply(*args, settings.gla_states == "keep")
         return original(*args)
 

@@ -75,16 +75,23 @@ GPU_ONLY = ("bare-graph",)
 # them, beside the plain one in the same run.
 VARIANTS = (
     "compile", "share-casts", "bf16-residual", "checkpointing", "cuda-graphs", "fla-kernels", "flame-kernels",
-    "group-projections",
+    "group-projections", "fla-states", "keep-states",
 )  # fmt: skip
 # group-projections: bare, bare-async and flame (flame.projections; on by default in `flame train`)
 # cuda-graphs: flame only. Kernels on a GPU: flame runs flame.kernels' own in front of FLA's where they are faster
 # (the norm backward), bare and hf run FLA's as FLA ships them; :fla-kernels / :flame-kernels swap that.
+# With flame's kernels GLA's backward gets bf16 chunk states (FLAME_GLA_STATES, flame/kernels/gla_states.py):
+# recomputed by default; :keep-states keeps the forward's, :fla-states runs FLA's fp32 recompute.
 
 
 def _spec(engine: str) -> tuple[str, set[str]]:
     base, *options = engine.split(":")
     return base, set(options)
+
+
+def _gla_states(options: set[str]) -> str | None:
+    """FLAME_GLA_STATES for an engine's worker, or None to leave the default."""
+    return "keep" if "keep-states" in options else "fla" if "fla-states" in options else None
 
 
 def _kernels(base: str, options: set[str]) -> str:
@@ -542,6 +549,8 @@ def _run_engine(model: str, eng: str, config_path: str, args, env: dict, round_:
     print(f"== {model} {eng} (batch {args.batch} x {args.context}){tag}", file=sys.stderr, flush=True)
     # The worker's output is echoed as it comes (flame's first-step tuning trace included), so a run cut off by a
     # time limit still shows how far it got.
+    states = _gla_states(options)
+    env = env | {"FLAME_GLA_STATES": states} if states else env
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=str(REPO))
     result = []
     for line in proc.stdout:
@@ -635,6 +644,9 @@ def main(argv=None) -> int:
     grouped = [e for e in args.engines.split(",") if "group-projections" in _spec(e)[1]]
     if any(_spec(e)[0] not in ("bare", "bare-async", "flame") for e in grouped):
         parser.error(":group-projections is for bare, bare-async and flame (`flame train --group-projections`)")
+    states = [e for e in args.engines.split(",") if {"fla-states", "keep-states"} & _spec(e)[1]]
+    if any(_kernels(*_spec(e)) != "auto" or {"fla-states", "keep-states"} <= _spec(e)[1] for e in states):
+        parser.error(":fla-states or :keep-states (one of them) is for flame's kernels: flame, or :flame-kernels")
     graphs = [e for e in args.engines.split(",") if "cuda-graphs" in _spec(e)[1]]
     if any(_spec(e)[0] != "flame" for e in graphs):
         parser.error(":cuda-graphs is flame's option (`flame train --cuda-graphs`); bare-graph is the bare loop's")

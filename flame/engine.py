@@ -304,6 +304,7 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
         bf16_residual=cfg.bf16_residual,
         deepspeed=sharding.startswith("DeepSpeed"),  # its bf16 weights and fp32 master copy, not autocast's
         fsdp=sharding.startswith("FSDP"),  # its gathered bf16 weights and gradients reduce-scattered into shards
+        varlen=cfg.varlen,
     )
     return Plan(
         cfg=cfg,

@@ -354,6 +354,7 @@ def _model_facts(model, config, p: Path, options: InspectOptions, run: dict) -> 
         bf16_residual=bf16_residual,
         deepspeed=options.deepspeed,
         fsdp=options.fsdp,
+        varlen=bool(run.get("varlen")),
     )
     settings = {
         "batch": batch,

@@ -608,6 +608,7 @@ def estimate_memory(
     bf16_residual: bool = False,
     deepspeed: bool = False,
     fsdp: bool = False,
+    varlen: bool = False,
 ) -> dict[str, float]:
     """Estimated peak training memory per device in GiB (what torch.cuda.max_memory_allocated reports).
 
@@ -628,6 +629,7 @@ def estimate_memory(
         residual stream bf16 (at every stage: its bf16 parameters make the embedding's output bf16, as
         bf16_residual); gradients reduce-scattered into shards during the backward, so none alive at its
         start, except under accumulation (no_sync), which keeps them all, unsharded, in the gathered weights' bf16.
+    varlen: documents passed as cu_seqlens (--varlen), as activation_breakdown() takes it.
     optimizer: AdamW's two fp32 moments. activations: activation_breakdown() for batch x context tokens, plus
         one layer's worth for the gradients its backward creates. total: the larger of the backward peak
         (all of the above) and the optimizer-step peak (weights + all grads + moments).
@@ -665,7 +667,7 @@ def estimate_memory(
         resident = world_size > 1 or zero_stage > 0 or accumulation > 1
         grads = all_grads if resident else head_grad
     optimizer = 8.0 * params / o_shard
-    parts = activation_breakdown(model, precision, activation_checkpointing, shared_casts, bf16_residual)
+    parts = activation_breakdown(model, precision, activation_checkpointing, shared_casts, bf16_residual, varlen)
     act = parts["total"] * batch * context
     backward_peak = master + copies + grads + optimizer + act
     step_peak = master + all_grads + optimizer
@@ -685,12 +687,14 @@ def activation_breakdown(
     checkpointing: bool = False,
     shared_casts: bool = False,
     bf16_residual: bool = False,
+    varlen: bool = False,
 ) -> dict:
     """Activation bytes per token: {"layers": [{term: bytes}, ...], "head": {term: bytes}, "total": bytes}.
 
     shared_casts: the block norms' outputs are cast to bf16 once, shared by the projections (share_norm_casts).
     bf16_residual: the residual stream is bf16 (bf16_residual): the norms keep bf16 inputs, and their outputs are
         bf16 already, so the projections share them as with shared_casts.
+    varlen: documents are passed to the kernels as cu_seqlens (--varlen), which changes what GLA keeps.
 
     total = sum of the layers (or, with checkpointing, each layer's fp32 input plus one layer rebuilt at a time)
     + the largest layer once more (the gradients its backward creates) + the head (final norm, logits).
@@ -704,7 +708,7 @@ def activation_breakdown(
     hf_norm = bool(mixers) and "input_layernorm" in mixers[0][0]._modules
     layers = []
     for block, mixer in mixers:
-        family, terms = _mixer_activations(mixer, h, e)
+        family, terms = _mixer_activations(mixer, h, e, varlen)
         terms.update(_block_activations(block, mixer, h, e, r))
         # FLA's norms return the dtype they read, so a bf16 residual stream shares their outputs as shared_casts
         # does; transformers' RMSNorm multiplies by its fp32 weight and returns fp32 either way
@@ -750,8 +754,16 @@ def _input_casts(mixer: nn.Module, hidden: int) -> int:
     )
 
 
-def _mixer_activations(mixer: nn.Module, h: int, e: int) -> tuple[str, dict[str, float]]:
-    """(family, {term: bytes per token}) for one token mixer."""
+def _keeps_gla_states(varlen: bool) -> bool:
+    """Whether chunk_gla's forward saves its bf16 states for the backward (flame/kernels/gla_states.py: not with
+    --varlen's cu_seqlens, which go to FLA's own)."""
+    from flame.kernels.config import settings
+
+    return settings.mode == "auto" and settings.gla_states == "keep" and not varlen
+
+
+def _mixer_activations(mixer: nn.Module, h: int, e: int, varlen: bool) -> tuple[str, dict[str, float]]:
+    """(family, {term: bytes per token}) for one token mixer; varlen: documents passed as cu_seqlens."""
     name = type(mixer).__name__
     a = mixer.__dict__
     m = mixer._modules
@@ -773,6 +785,8 @@ def _mixer_activations(mixer: nn.Module, h: int, e: int) -> tuple[str, dict[str,
             "gate": e * key * 2 + e * m["gk_proj"][0].out_features,  # logsigmoid input, gate into the kernel
             "intra_chunk_A": 4 * heads * CHUNK_SIZE,  # fp32 C x C block per chunk
             "output": 3 * e * value,  # kernel output and output gate (gated norm), o_proj input
+            # the forward's bf16 chunk states, saved for the backward (FLAME_GLA_STATES=keep, on a GPU)
+            "chunk_states": 2 * key * value / (heads * CHUNK_SIZE) if _keeps_gla_states(varlen) else 0,
         }
     if kind == "delta_rule":
         out_gate = bool(a.get("use_gate")) or "g_proj" in m

@@ -695,6 +695,20 @@ def test_an_out_of_memory_message_torch_words_otherwise_keeps_its_first_sentence
     )
 
 
+def test_the_estimate_counts_kept_gla_states_only_without_varlen(files, tmp_path, monkeypatch):
+    from flame.kernels.config import settings
+
+    monkeypatch.setattr(settings, "mode", "auto")
+    estimate = {}
+    for states in ("recompute", "keep"):
+        monkeypatch.setattr(settings, "gla_states", states)
+        for varlen in (False, True):
+            p = engine.plan(_cfg(files, tmp_path, model=str(files / "gla.json"), steps=4, varlen=varlen))
+            estimate[states, varlen] = p.memory_gib["activations"]
+    assert estimate["keep", False] > estimate["recompute", False]
+    assert estimate["keep", True] == estimate["recompute", True] == estimate["recompute", False]
+
+
 def test_a_run_estimated_over_the_gpus_memory_is_told_the_largest_batch_that_fits(files, tmp_path):
     p = engine.plan(_cfg(files, tmp_path, steps=4, batch=8))
     need = p.memory_gib["total"]

@@ -404,6 +404,31 @@ def test_fp32_shares_the_normed_input():
     }
 
 
+def test_kept_gla_states_are_counted_per_token(monkeypatch):
+    from flame.kernels.config import settings
+    from flame.models import activation_breakdown, estimate_memory
+
+    config = load_config(CONFIGS / "gla_1B.json")
+    monkeypatch.setattr(settings, "mode", "auto")
+    monkeypatch.setattr(settings, "gla_states", "recompute")
+    recomputed = activation_breakdown(config)
+    at_8x2048 = estimate_memory(config, 8, 2048)
+    monkeypatch.setattr(settings, "gla_states", "keep")
+    kept = activation_breakdown(config)
+    # --varlen's calls (cu_seqlens) go to FLA's chunk_gla, which keeps nothing
+    assert activation_breakdown(config, varlen=True) == recomputed
+    assert estimate_memory(config, 8, 2048, varlen=True) == at_8x2048
+    assert estimate_memory(config, 8, 2048)["activations"] - at_8x2048["activations"] == pytest.approx(
+        16384 * 25 * 8 * 2048 / 2**30
+    )
+    # 4 heads of 256 x 512 bf16 states per 64 tokens: 16 KiB a token and layer (256 MiB a layer at 8 x 2048)
+    assert [layer["chunk_states"] for layer in kept["layers"]] == [16384.0] * 24
+    assert [layer["chunk_states"] for layer in recomputed["layers"]] == [0] * 24
+    assert kept["total"] - recomputed["total"] == 16384 * 25  # every layer, and the largest once more
+    monkeypatch.setattr(settings, "mode", "triton")  # FLA's own kernels recompute them
+    assert activation_breakdown(config) == recomputed
+
+
 def _tiny(model_type: str, tmp_path: Path):
     config = {"model_type": model_type, "hidden_size": 64, "num_hidden_layers": 2, "num_heads": 2, "vocab_size": 128}
     (tmp_path / f"{model_type}.json").write_text(json.dumps(config))

@@ -273,3 +273,33 @@ def test_flames_last_step_record_stops_the_gc_clock(tmp_path):
     gc.collect()
     clock.on_gc("stop", {"generation": 2})
     assert clock.counts == before
+
+
+def test_gla_states_variants_set_flames_worker_environment(monkeypatch, capsys):
+    """flame:keep-states and flame:fla-states run flame with FLAME_GLA_STATES=keep and =fla (plain flame: unset, the
+    default); neither means anything to FLA's kernels as shipped, so the baselines and :fla-kernels refuse them."""
+    monkeypatch.delenv("FLAME_GLA_STATES", raising=False)
+    seen = []
+
+    class Worker:
+        def __init__(self, cmd, env, **kwargs):
+            seen.append(env.get("FLAME_GLA_STATES"))
+            row = {"tokens_per_s": 1.0, "first_s": 1.0, "peak_gib": 1.0, "mfu": None, "mfu_6n": None, "device": "cpu"}
+            self.stdout, self.returncode = iter([f"RESULT {json.dumps(row)}\n"]), 0
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(throughput.subprocess, "Popen", Worker)
+    assert throughput.main(["--device", "cpu", "--tiny", "--engines", "flame,flame:keep-states,flame:fla-states"]) == 0
+    assert seen == [None, "keep", "fla"]
+    for engines in (
+        "hf:keep-states",
+        "bare:fla-states",
+        "flame:fla-kernels:keep-states",
+        "flame:keep-states:fla-states",
+    ):
+        with pytest.raises(SystemExit):
+            throughput.main(["--device", "cpu", "--tiny", "--engines", engines])
+        assert ":fla-states or :keep-states (one of them) is for flame's kernels" in capsys.readouterr().err
+    assert seen == [None, "keep", "fla"]  # nothing ran

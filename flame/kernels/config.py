@@ -8,10 +8,15 @@ from dataclasses import dataclass, field
 from flame.errors import ConfigError
 
 MODES = ("auto", "torch", "triton")
+GLA_STATES = ("fla", "recompute", "keep")
 
 
 def _mode_from_env() -> str:
     return os.environ.get("FLAME_KERNELS", "auto").strip().lower() or "auto"
+
+
+def _gla_states_from_env() -> str:
+    return os.environ.get("FLAME_GLA_STATES", "recompute").strip().lower() or "recompute"
 
 
 @dataclass
@@ -26,11 +31,21 @@ class KernelSettings:
     """Tokens per chunk of the chunkwise-parallel linear-attention forms; None runs the per-token recurrence
     (FLA's naive reference; exact but slow, kept as the baseline of benchmarks/kernels_cpu.py)."""
 
+    gla_states: str = field(default_factory=_gla_states_from_env)
+    """What the backward of GLA's chunked form gets for its chunk states on a GPU in the `auto` mode
+    (flame/kernels/gla_states.py): `recompute` (bf16, recomputed), `keep` (the forward's bf16 states, saved: no
+    recompute, more memory) or `fla` (FLA's own: recomputed in fp32). Default from FLAME_GLA_STATES."""
+
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(
                 f"unknown kernels mode {self.mode!r}",
                 f"use one of {', '.join(MODES)} (option --kernels or FLAME_KERNELS)",
+            )
+        if self.gla_states not in GLA_STATES:
+            raise ConfigError(
+                f"unknown GLA states setting {self.gla_states!r}",
+                f"use one of {', '.join(GLA_STATES)} (FLAME_GLA_STATES)",
             )
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"kernels chunk_size must be a positive integer, got {self.chunk_size}")

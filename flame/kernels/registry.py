@@ -7,7 +7,7 @@ defines each object; a path that does not resolve means FLA's internals changed,
 
 from __future__ import annotations
 
-from flame.kernels import delta, linear_attn, modules, norm_backward, rwkv7
+from flame.kernels import delta, gla_states, linear_attn, modules, norm_backward, rwkv7
 from flame.kernels.dispatch import GpuTarget, Target
 
 _NORM = "fla.modules.norm"
@@ -70,6 +70,8 @@ TARGETS: tuple[Target, ...] = (
 GPU_TARGETS: tuple[GpuTarget, ...] = (
     # FLA walks the rows one at a time at D > 512: 3.5-4.0x slower at GLA-340M's norms (benchmarks/norm_backward.py)
     GpuTarget(f"{_NORM}.layernorm:layer_norm_bwd", norm_backward.in_front_of),
+    # FLA's backward recomputes the chunk states in fp32: in bf16 (or kept from the forward), 11 ms of GLA-1.3B's step
+    GpuTarget("fla.ops.gla.chunk:ChunkGLAFunction.apply", gla_states.in_front_of),
 )
 """FLA functions that flame's own GPU kernels stand in front of (kernels mode `auto`)."""
 

@@ -303,14 +303,14 @@ def run_bare(config_path: str, args, device, *, read_back: bool = True, graph: b
 
     if args.group_projections:  # found by a forward without gradients, before update 1, as flame's engine does
         from flame import projections
-        from flame.models import _mixers
+        from flame.models import blocks
 
         def forward():
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 ids = data[0].to(device)
                 model(input_ids=ids, labels=ids, use_cache=False)
 
-        groups = projections.find_groups([block for block, _ in _mixers(model)], forward)
+        groups = projections.find_groups(blocks(model), forward)
         print(f"grouped projections: {projections.install(groups)}", flush=True)
 
     def step(i):

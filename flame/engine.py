@@ -688,7 +688,7 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
             f"--group-projections: not with {ungroupable} (dynamo would trace the grouping's Python state; ZeRO-3 "
             "gathers each projection's weight on its own call), so the projections run one by one"
         )
-    blocks = None if ungroupable or cfg.group_projections is False else [b for b, _ in models._mixers(model)]
+    blocks = None if ungroupable or cfg.group_projections is False else models.blocks(model)
     set_seed(cfg.seed + rank)  # per-process RNG (dropout); data order does not use it
     optimizer = build_optimizer(model, cfg, accelerator.device.type)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:

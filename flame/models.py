@@ -461,6 +461,11 @@ def _mixers(model: nn.Module):
                 break
 
 
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's layers: each module that holds a token mixer (as _mixers finds them), in order."""
+    return [block for block, _ in _mixers(model)]
+
+
 # The norms in front of a block's mixer and of its MLP (FLA, transformers).
 _MIXER_NORMS, _MLP_NORMS = ("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")
 
@@ -652,8 +657,8 @@ def estimate_memory(
         # the bf16 weights stay through the optimizer step (the step peak counts them), the gathered ones do not
         master, copies = 4.0 * params / o_shard + 2.0 * params / w_shard, live
     elif as_fsdp:
-        blocks = [sum(p.numel() for p in block.parameters()) for block, _ in _mixers(model)]
-        gathered = params - sum(blocks) + 2 * max(blocks, default=0) if zero_stage >= 3 else params
+        sizes = [sum(p.numel() for p in block.parameters()) for block in blocks(model)]
+        gathered = params - sum(sizes) + 2 * max(sizes, default=0) if zero_stage >= 3 else params
         master, copies = 4.0 * params / shard, 2.0 * gathered
     else:
         master = 4.0 * params / w_shard

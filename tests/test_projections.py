@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flame.kernels
-from flame.models import _mixers
+from flame.models import blocks
 from flame.projections import find_groups, install
 from tests.kernels.test_models import CONFIGS, VOCAB, build
 
@@ -34,7 +34,7 @@ def test_grouped_projections_train_the_same(model_type, autocast):
     ids = torch.randint(0, VOCAB, (2, 70), generator=torch.Generator().manual_seed(0))
     before = _loss_and_grads(model, ids, autocast)
     with torch.no_grad():
-        groups = find_groups([block for block, _ in _mixers(model)], lambda: model(ids))
+        groups = find_groups(blocks(model), lambda: model(ids))
     assert install(groups) == GROUPS[model_type]
     after = _loss_and_grads(model, ids, autocast)
     assert before[0] == pytest.approx(after[0], rel=1e-6 if not autocast else 1e-3)
@@ -97,7 +97,7 @@ def test_grouped_projections_on_a_gpu_train_the_same(tmp_path):
 
     plain = run()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        groups = find_groups([block for block, _ in _mixers(model)], lambda: model(ids))
+        groups = find_groups(blocks(model), lambda: model(ids))
     assert install(groups) == [5, 2, 5, 2]
     grouped = run()
     assert grouped[0] == pytest.approx(plain[0], rel=1e-3)

@@ -77,6 +77,23 @@ def test_parameters_of_every_shipped_config_equal_the_built_model(config):
     assert facts.memory["total_gib"] == models.estimate_memory(built, 8, 2048, shared_casts=True)["total"]
 
 
+def test_a_varlen_runs_estimate_counts_no_kept_gla_states(monkeypatch):
+    """FLAME_GLA_STATES=keep keeps GLA's chunk states, except under --varlen, whose calls stay FLA's."""
+    from flame.inspect import inspect_model
+    from flame.kernels.config import settings
+
+    monkeypatch.setattr(settings, "mode", "auto")
+    monkeypatch.setattr(settings, "gla_states", "keep")
+    config = REPO / "configs" / "gla_340M.json"
+    built = models.load_config(config)
+    packed, varlen = (
+        inspect_model(config, InspectOptions(), run={"share_casts": True, "varlen": v}).memory for v in (False, True)
+    )
+    assert packed["total_gib"] == models.estimate_memory(built, 8, 2048, shared_casts=True)["total"]
+    assert varlen["total_gib"] == models.estimate_memory(built, 8, 2048, shared_casts=True, varlen=True)["total"]
+    assert varlen["total_gib"] < packed["total_gib"]
+
+
 def test_demo_config_counts_equal_a_really_built_model():
     model, _ = models.build_model(REPO / "configs" / "demo_gla.json", seed=0)
     assert inspect(REPO / "configs" / "demo_gla.json").params["total"] == sum(p.numel() for p in model.parameters())

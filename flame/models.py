@@ -75,6 +75,7 @@ import torch
 import torch.nn as nn
 
 from flame.errors import ModelError, read_json_object
+from flame.kernels.config import settings as kernel_settings
 
 #: Chunk size of FLA's chunked linear-attention kernels (fla/ops/*/chunk.py: chunk_size=64).
 CHUNK_SIZE = 64
@@ -759,14 +760,6 @@ def _input_casts(mixer: nn.Module, hidden: int) -> int:
     )
 
 
-def _keeps_gla_states(varlen: bool) -> bool:
-    """Whether chunk_gla's forward saves its bf16 states for the backward (flame/kernels/gla_states.py: not with
-    --varlen's cu_seqlens, which go to FLA's own)."""
-    from flame.kernels.config import settings
-
-    return settings.mode == "auto" and settings.gla_states == "keep" and not varlen
-
-
 def _mixer_activations(mixer: nn.Module, h: int, e: int, varlen: bool) -> tuple[str, dict[str, float]]:
     """(family, {term: bytes per token}) for one token mixer; varlen: documents passed as cu_seqlens."""
     name = type(mixer).__name__
@@ -783,6 +776,7 @@ def _mixer_activations(mixer: nn.Module, h: int, e: int, varlen: bool) -> tuple[
 
     if name == "GatedLinearAttention":
         key = a["key_dim"]
+        kept = kernel_settings.gla_states_taken(varlen) == "keep"
         return "gla", {
             **casts,
             "short_conv": e * qkv if conv else 0,
@@ -791,7 +785,7 @@ def _mixer_activations(mixer: nn.Module, h: int, e: int, varlen: bool) -> tuple[
             "intra_chunk_A": 4 * heads * CHUNK_SIZE,  # fp32 C x C block per chunk
             "output": 3 * e * value,  # kernel output and output gate (gated norm), o_proj input
             # the forward's bf16 chunk states, saved for the backward (FLAME_GLA_STATES=keep, on a GPU)
-            "chunk_states": 2 * key * value / (heads * CHUNK_SIZE) if _keeps_gla_states(varlen) else 0,
+            "chunk_states": 2 * key * value / (heads * CHUNK_SIZE) if kept else 0,
         }
     if kind == "delta_rule":
         out_gate = bool(a.get("use_gate")) or "g_proj" in m

@@ -36,6 +36,11 @@ class KernelSettings:
     (flame/kernels/gla_states.py): `recompute` (bf16, recomputed), `keep` (the forward's bf16 states, saved: no
     recompute, more memory) or `fla` (FLA's own: recomputed in fp32). Default from FLAME_GLA_STATES."""
 
+    def gla_states_taken(self, varlen: bool) -> str | None:
+        """What flame's GLA backward does with a GPU call (`recompute` or `keep`), or None where FLA's own takes it:
+        outside the `auto` mode, with `fla`, and for varlen calls (cu_seqlens), which have not run on a GPU yet."""
+        return self.gla_states if self.mode == "auto" and self.gla_states != "fla" and not varlen else None
+
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(

@@ -82,8 +82,9 @@ def in_front_of(original):
     @functools.wraps(original)
     def apply(q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu):
         args = (q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens, cu_seqlens_cpu)
-        if q.is_cuda and cu_seqlens is None and settings.mode == "auto" and settings.gla_states != "fla":
-            return ChunkGLA.apply(*args, settings.gla_states == "keep")
+        states = settings.gla_states_taken(varlen=cu_seqlens is not None)
+        if q.is_cuda and states is not None:
+            return ChunkGLA.apply(*args, states == "keep")
         return original(*args)
 
     return apply

@@ -6,6 +6,13 @@ projection: four bf16 adds of a whole activation per GLA layer plus one in the M
 32 on an H200. Run as one autograd node, the backward accumulates each projection's input gradient into the last
 one's inside the GEMM (`addmm_`, cuBLAS's beta = 1), which reads the sum once instead of reading two and writing one.
 
+Under autocast the node also owns the weights' casts. It takes the fp32 weights, casts them itself and saves the
+bf16 copies, as autocast's casts would. In the backward, on a GPU, cuBLAS writes each weight's gradient in fp32 straight
+from its fp32 accumulator (`torch.mm(..., out_dtype=torch.float32)`). Autocast's path rounds that product to bf16 and
+then runs a separate kernel per weight to turn it back into fp32; at GLA-1.3B those passes took 4.6 ms of a 309 ms
+step on an H200 (benchmarks/RESULTS.md, twenty-second session). On the CPU the gradient is the bf16 product cast to
+fp32, as before.
+
 The groups are found, not assumed: `find_groups` watches one forward (which linears of a block get the very same
 tensor), and once `install`ed, the first member of a group called computes every member's output in one autograd
 Function and hands the others theirs when they are called. The weights stay separate parameters
@@ -23,13 +30,35 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _wide(grad: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a half-precision gradient for an fp32 parameter comes straight out of the kernel in fp32 (CUDA)."""
+    return grad.is_cuda and dtype == torch.float32 and grad.dtype in (torch.bfloat16, torch.float16)
+
+
+def _weight_grad(grad: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad^T @ rows in the weight's dtype."""
+    if _wide(grad, dtype):
+        return torch.mm(grad.t(), rows, out_dtype=dtype)
+    return (grad.t() @ rows).to(dtype)
+
+
+def _bias_grad(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return grad.sum(0, dtype=dtype) if _wide(grad, dtype) else grad.sum(0).to(dtype)
+
+
 class _SharedInput(torch.autograd.Function):
-    """y_i = x @ w_i^T + b_i for every i, as one node: dx = sum_i dy_i @ w_i accumulated GEMM by GEMM."""
+    """y_i = x @ w_i^T + b_i for every i, as one node: dx = sum_i dy_i @ w_i accumulated GEMM by GEMM. dtype: the
+    compute dtype the weights and biases are cast to (autocast's), or None to use them as they are; their gradients
+    come back in their own dtype."""
 
     @staticmethod
-    def forward(ctx, x, count, *params):
+    def forward(ctx, x, count, dtype, *params):
         weights, biases = params[:count], params[count:]
         ctx.count, ctx.has_bias = count, [b is not None for b in biases]
+        ctx.dtypes = [p.dtype if p is not None else None for p in params]
+        if dtype is not None:
+            weights = [w.to(dtype) for w in weights]
+            biases = [b.to(dtype) if b is not None else None for b in biases]
         ctx.save_for_backward(x, *weights)
         return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
 
@@ -47,11 +76,12 @@ class _SharedInput(torch.autograd.Function):
             g = grad.reshape(-1, grad.shape[-1])
             if need_x:
                 dx = g @ w if dx is None else dx.addmm_(g, w)
-            dws.append(g.t() @ rows if ctx.needs_input_grad[2 + i] else None)
-            dbs.append(g.sum(0) if ctx.has_bias[i] and ctx.needs_input_grad[2 + ctx.count + i] else None)
+            dws.append(_weight_grad(g, rows, ctx.dtypes[i]) if ctx.needs_input_grad[3 + i] else None)
+            has_bias = ctx.has_bias[i] and ctx.needs_input_grad[3 + ctx.count + i]
+            dbs.append(_bias_grad(g, ctx.dtypes[ctx.count + i]) if has_bias else None)
         if dx is not None:
             dx = dx.view(x.shape)
-        return (dx, None, *dws, *dbs)
+        return (dx, None, None, *dws, *dbs)
 
 
 class _Group:
@@ -78,14 +108,11 @@ class _Group:
         kind = x.device.type
         weights = [m.weight for m in self.linears]
         biases = [m.bias for m in self.linears]
-        if torch.is_autocast_enabled(kind):  # cast as autocast would for F.linear, then run the node without it
+        if torch.is_autocast_enabled(kind):  # cast as autocast would for F.linear (the weights in the node), without it
             dtype = torch.get_autocast_dtype(kind)
-            x = x.to(dtype)
-            weights = [w.to(dtype) for w in weights]
-            biases = [b.to(dtype) if b is not None else None for b in biases]
             with torch.autocast(kind, enabled=False):
-                return _SharedInput.apply(x, len(weights), *weights, *biases)
-        return _SharedInput.apply(x, len(weights), *weights, *biases)
+                return _SharedInput.apply(x.to(dtype), len(weights), dtype, *weights, *biases)
+        return _SharedInput.apply(x, len(weights), None, *weights, *biases)
 
 
 def _linears(block: nn.Module) -> list[nn.Linear]:

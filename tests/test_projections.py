@@ -104,3 +104,60 @@ def test_grouped_projections_on_a_gpu_train_the_same(tmp_path):
     worst = max(((grouped[1][n] - g).norm() / g.norm()).item() for n, g in plain[1].items())
     print(f"worst gradient difference {worst:.2e}")
     assert worst < 2e-2
+
+
+class _TwoHeads(torch.nn.Module):
+    """Two projections of one input, as a block's q and k."""
+
+    def __init__(self, width=16, out=8, bias=False):
+        super().__init__()
+        self.q, self.k = torch.nn.Linear(width, out, bias=bias), torch.nn.Linear(width, out, bias=bias)
+
+    def forward(self, x):
+        return self.q(x) * 2 + self.k(x)
+
+
+def _weight_grads(model, x, device):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = model(x)
+    out.float().pow(2).sum().backward()
+    return out, [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_under_autocast_the_node_casts_the_weights_and_hands_back_their_fp32_gradients(bias):
+    torch.manual_seed(0)
+    model, x = _TwoHeads(bias=bias), torch.randn(3, 5, 16)
+    _, plain = _weight_grads(model, x, "cpu")
+    install(find_groups([model], lambda: model(x)))
+    out, grouped = _weight_grads(model, x, "cpu")
+    # the weights and biases feed the node directly: no cast node of autocast's between them and their gradients
+    node = out.grad_fn.next_functions[1][0]  # out = q(x) * 2 + k(x): k(x) comes straight out of the node
+    assert type(node).__name__ == "_SharedInputBackward"
+    fed = {id(f.variable) for f, _ in node.next_functions if type(f).__name__ == "AccumulateGrad"}
+    assert fed == {id(p) for p in model.parameters()} and len(fed) == (4 if bias else 2)
+    assert [g.dtype for g in grouped] == [torch.float32] * len(plain)
+    for a, b in zip(grouped, plain, strict=True):
+        assert torch.allclose(a, b, rtol=1e-2, atol=1e-3)  # the CPU's: the bf16 product cast to fp32, as autocast's
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_weight_gradients_come_out_of_the_gemm_in_fp32():
+    """cuBLAS writes dW from its fp32 accumulator: far closer to the exact product of the same bf16 operands than
+    autocast's bf16 product cast to fp32."""
+    torch.manual_seed(0)
+    model = _TwoHeads(width=2048, out=1024, bias=True).cuda()
+    x = torch.randn(4, 1024, 2048, device="cuda")
+    _, plain = _weight_grads(model, x, "cuda")
+    install(find_groups([model], lambda: model(x)))
+    out, grouped = _weight_grads(model, x, "cuda")
+    # the exact gradient of q's weight for the same bf16 operands: dout/dq = 2 * 2 * out (bf16) against x (bf16)
+    g = (4 * out.float()).to(torch.bfloat16).reshape(-1, 1024).double()
+    exact = g.t() @ x.to(torch.bfloat16).reshape(-1, 2048).double()
+
+    def error(w):
+        return ((w.double() - exact).norm() / exact.norm()).item()
+
+    assert grouped[0].dtype == torch.float32
+    assert error(grouped[0]) < 1e-4 < error(plain[0])

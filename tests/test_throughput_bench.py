@@ -275,6 +275,44 @@ def test_flames_last_step_record_stops_the_gc_clock(tmp_path):
     assert clock.counts == before
 
 
+def test_flames_gc_clock_starts_after_the_collection_its_engine_runs_after_step_1(tmp_path, monkeypatch):
+    """engine.freeze_survivors collects once, on purpose, after flame's first update (in the first step's time, not in
+    tokens/s): the clock leaves it out and starts at the record of step 1."""
+    import argparse
+    import gc
+
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from flame import engine
+
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps(throughput.TINY))
+    clock = throughput._GcClock(last=10**9)
+    around = []
+    freeze = engine.freeze_survivors
+
+    def watched():
+        before = (clock.updates, clock.counts[:])
+        freeze()
+        around.append((before, clock.counts[:]))
+
+    monkeypatch.setattr(engine, "freeze_survivors", watched)
+    options = dict.fromkeys(("compile", "share_casts", "bf16_residual", "checkpointing", "cuda_graphs"), False)
+    args = argparse.Namespace(warmup=1, steps=2, profile=0, batch=1, context=32, group_projections=None, **options)
+    (work := tmp_path / "work").mkdir()
+    hook = register_optimizer_step_post_hook(clock.on_step)
+    gc.callbacks.append(clock.on_gc)
+    try:
+        throughput.run_flame(str(tiny), args, torch.device("cpu"), work, clock)
+    finally:
+        gc.callbacks.remove(clock.on_gc)
+        hook.remove()
+    [((updates, before), after)] = around
+    assert updates == 1 and before == after == [0, 0, 0]  # after update 1, and its full collection not counted
+    assert clock.updates == 1 + 1 + 2 and not clock.waiting and clock.stopped
+
+
 def test_gla_states_variants_set_flames_worker_environment(monkeypatch, capsys):
     """flame:keep-states and flame:fla-states run flame with FLAME_GLA_STATES=keep and =fla (plain flame: unset, the
     default); neither means anything to FLA's kernels as shipped, so the baselines and :fla-kernels refuse them."""

@@ -7,7 +7,7 @@ defines each object; a path that does not resolve means FLA's internals changed,
 
 from __future__ import annotations
 
-from flame.kernels import delta, gla_states, linear_attn, modules, norm_backward, rwkv7
+from flame.kernels import delta, gla_states, linear_attn, modules, norm_backward, rwkv7, swiglu
 from flame.kernels.dispatch import GpuTarget, Target
 
 _NORM = "fla.modules.norm"
@@ -72,6 +72,9 @@ GPU_TARGETS: tuple[GpuTarget, ...] = (
     GpuTarget(f"{_NORM}.layernorm:layer_norm_bwd", norm_backward.in_front_of),
     # FLA's backward recomputes the chunk states in fp32: in bf16 (or kept from the forward), 11 ms of GLA-1.3B's step
     GpuTarget("fla.ops.gla.chunk:ChunkGLAFunction.apply", gla_states.in_front_of),
+    # FLA addresses each element by row and column (an int64 division per element): 2.7 TB/s, 15 ms of GLA-1.3B's step
+    GpuTarget(f"{_ACT}:swiglu_fwd", swiglu.fwd_in_front_of),
+    GpuTarget(f"{_ACT}:swiglu_fwdbwd", swiglu.fwdbwd_in_front_of),
 )
 """FLA functions that flame's own GPU kernels stand in front of (kernels mode `auto`)."""
 

@@ -1,0 +1,164 @@
+"""flame's SwiGLU kernels (flame/kernels/swiglu.py): against torch's autograd on the CPU (Triton's interpreter, in a
+subprocess since TRITON_INTERPRET is read when a kernel is defined), their routing, and on a GPU against FLA's own
+kernels, alone and inside FLA's fused MLP (pytest -m gpu)."""
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+# z = silu(x) * y and its gradients through torch's autograd in fp32, and the kernels', for each case: elements (a
+# tail past the last whole block), dtype, elements per program.
+INTERPRETED = r"""
+import json, sys, torch
+from flame.kernels import swiglu
+
+out = []
+for n, dtype, block in json.loads(sys.argv[1]):
+    torch.manual_seed(0)
+    dtype = getattr(torch, dtype)
+    x, y, g = (torch.randn(n) * 3).to(dtype), torch.randn(n).to(dtype), torch.randn(n).to(dtype)
+    xf, yf = x.float().requires_grad_(), y.float().requires_grad_()
+    zf = torch.nn.functional.silu(xf) * yf
+    zf.backward(g.float())
+    launch = swiglu.Launch(block=block, warps=4)
+    z = swiglu.swiglu_fwd(x, y, launch)
+    dx, dy, z2 = swiglu.swiglu_fwdbwd(x, y, g, True, launch)
+    two = swiglu.swiglu_fwdbwd(x, y, g, False, launch)
+
+    def err(a, b):
+        return ((a.float() - b).abs().max() / b.abs().max()).item()
+
+    out.append({
+        "dtypes": [str(t.dtype) for t in (z, dx, dy, z2)],
+        "z": err(z, zf.detach()), "dx": err(dx, xf.grad), "dy": err(dy, yf.grad),
+        "z_again": torch.equal(z, z2), "pair": len(two) == 2 and torch.equal(two[0], dx) and torch.equal(two[1], dy),
+    })
+print(json.dumps(out))
+"""
+
+CASES = [(1000, "bfloat16", 256), (4096, "bfloat16", 1024), (777, "float32", 512)]
+
+
+def test_kernels_match_autograd_in_tritons_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-c", INTERPRETED, json.dumps(CASES)], env=env, capture_output=True, text=True, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (_, dtype, _), r in zip(CASES, results, strict=True):
+        assert r["dtypes"] == [f"torch.{dtype}"] * 4  # the inputs' dtype
+        bound = 1e-2 if dtype == "bfloat16" else 1e-5  # one rounding to the output dtype
+        assert max(r["z"], r["dx"], r["dy"]) < bound, r
+        assert r["z_again"] and r["pair"]
+
+
+def test_takes_only_contiguous_cuda_tensors_of_one_shape_and_dtype():
+    from flame.kernels.swiglu import covers
+
+    x = torch.zeros(4, 8)
+    assert not covers(x, x)  # CPU tensors: never (FLA's kernels do not run there either; flame's torch code does)
+
+
+def test_install_puts_them_in_front_of_flas_kernels_where_the_fused_mlp_calls_them():
+    import flame.kernels
+
+    flame.kernels.install()
+    from fla.modules.activations import ops
+
+    for name in ("swiglu_fwd", "swiglu_fwdbwd"):
+        ours = getattr(ops, name)
+        assert ours.__code__.co_filename == str(REPO / "flame" / "kernels" / "swiglu.py")
+        assert ours.__wrapped__ is ours.__flame_original__  # FLA's, called for what flame's does not cover
+        # SwiGLULinearFunction and SwiGLUFunction look the name up in this module when they run
+        assert inspect.unwrap(ops.SwiGLULinearFunction.forward).__globals__[name] is ours
+
+
+# ---------------------------------------------------------------- on a GPU
+
+
+def _inputs(tokens: int, width: int, dtype=torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return [torch.randn(tokens, width, device="cuda", generator=g).to(dtype) for _ in range(3)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens, width", [(4096, 2816), (4096, 5632), (1000, 2816)])
+def test_the_same_bits_as_flas_kernels(tokens, width):
+    """GLA-340M's and GLA-1.3B's MLP widths (and a row count whose elements end past a block): the same
+    arithmetic in the same order as FLA's kernels, so the same bits."""
+    from fla.modules.activations import ops
+
+    import flame.kernels
+    from flame.kernels import swiglu
+
+    flame.kernels.install()
+    fla_fwd, fla_fwdbwd = (f.__flame_original__ for f in (ops.swiglu_fwd, ops.swiglu_fwdbwd))
+    x, y, g = _inputs(tokens, width)
+    assert torch.equal(swiglu.swiglu_fwd(x, y), fla_fwd(x=x, y=y))
+    for use_weight in (True, False):
+        ours, theirs = swiglu.swiglu_fwdbwd(x, y, g, use_weight), fla_fwdbwd(x=x, y=y, g=g, use_weight=use_weight)
+        assert len(ours) == len(theirs) == (3 if use_weight else 2)
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_fla_keeps_the_calls_flame_does_not_cover():
+    """A strided input (a column slice) goes to FLA's kernel, which handles row strides."""
+    from fla.modules.activations import ops
+
+    import flame.kernels
+
+    flame.kernels.install()
+    x, y, g = _inputs(256, 2 * 1024)
+    left, right = x[:, :1024], y[:, 1024:]
+    fla_fwd, _ = (f.__flame_original__ for f in (ops.swiglu_fwd, ops.swiglu_fwdbwd))
+    assert torch.equal(ops.swiglu_fwd(x=left, y=right), fla_fwd(x=left, y=right))
+
+
+@pytest.mark.gpu
+def test_flas_fused_mlp_trains_the_same_bits_with_them(monkeypatch):
+    """FLA's GatedMLP (fuse_swiglu: SwiGLULinearFunction) under bf16 autocast: output and every gradient the same
+    bits with flame's kernels (mode auto) as with FLA's (mode triton)."""
+    from fla.modules import GatedMLP
+
+    import flame.kernels
+    from flame.kernels import swiglu
+    from flame.kernels.config import settings
+
+    flame.kernels.install()
+    calls = []
+    for name in ("swiglu_fwd", "swiglu_fwdbwd"):
+        kernel = getattr(swiglu, name)
+        monkeypatch.setattr(swiglu, name, lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
+    torch.manual_seed(0)
+    mlp = GatedMLP(hidden_size=1024, hidden_ratio=4, hidden_act="swish", fuse_swiglu=True).cuda()
+    x = torch.randn(2, 512, 1024, device="cuda")
+
+    def run(mode):
+        before, settings.mode = settings.mode, mode
+        try:
+            mlp.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = mlp(xi)
+            out.float().pow(2).mean().backward()
+            return [out, xi.grad, *(p.grad for p in mlp.parameters())]
+        finally:
+            settings.mode = before
+
+    theirs = run("triton")
+    assert calls == []
+    ours = run("auto")
+    assert calls == ["swiglu_fwd", "swiglu_fwdbwd"]  # the forward's z, then the backward's dx, dy and z
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)

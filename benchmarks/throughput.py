@@ -36,9 +36,10 @@ model (built by flame.models.build_model from the same config and seed, fp32 wei
               warm-up step), the timed steps are replays
   hf          transformers.Trainer on the same random tokens; keeps its loss on the GPU until a logging step
               (here none), so, like bare-async, it reads nothing back per step
-On a GPU, flame runs FLA's kernels with flame.kernels' own in front of those it beats (the norm backward, as
-`flame train` does); bare and hf run FLA's as FLA ships them (what a loop or the Trainer gets). :fla-kernels and
-:flame-kernels swap that for one engine (flame:fla-kernels: what flame's own kernels add, side by side).
+On a GPU, flame runs FLA's kernels with flame.kernels' own in front of those it beats (the norm backward, GLA's
+bf16 chunk states, SwiGLU's elementwise kernels, as `flame train` does); bare and hf run FLA's as FLA ships them
+(what a loop or the Trainer gets). :fla-kernels and :flame-kernels swap that for one engine (flame:fla-kernels:
+what flame's own kernels add, side by side).
 Step 1 (Triton compilation and FLA autotuning on a fresh machine) is timed alone (first_s), then --warmup steps,
 then --steps timed steps give tokens/s: every engine is timed by the wall clock over those steps, synchronised
 with the GPU at the window's edges only. MFU is
@@ -79,7 +80,8 @@ VARIANTS = (
 )  # fmt: skip
 # group-projections: bare, bare-async and flame (flame.projections; on by default in `flame train`)
 # cuda-graphs: flame only. Kernels on a GPU: flame runs flame.kernels' own in front of FLA's where they are faster
-# (the norm backward), bare and hf run FLA's as FLA ships them; :fla-kernels / :flame-kernels swap that.
+# (the norm backward, GLA's states, SwiGLU), bare and hf run FLA's as FLA ships them; :fla-kernels /
+# :flame-kernels swap that.
 # With flame's kernels GLA's backward gets bf16 chunk states (FLAME_GLA_STATES, flame/kernels/gla_states.py):
 # recomputed by default; :keep-states keeps the forward's, :fla-states runs FLA's fp32 recompute.
 

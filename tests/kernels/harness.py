@@ -11,7 +11,15 @@ gradient then differs by a ratio of about sqrt(2) (two unrelated tensors of equa
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def ratio(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -80,3 +88,14 @@ def compare(portable, original, inputs, tol, kwargs=None, names=None, label=None
         elif a is not None and ratio(a, b) >= 2 * tol:
             failures.append(f"grad of {name}: ratio {ratio(a, b):.3g}")
     assert not failures, "; ".join(failures)
+
+
+def interpreted(script: str, cases: list) -> list:
+    """Run `script` (which reads the JSON `cases` from argv[1] and prints one JSON line last) in Triton's interpreter,
+    in a subprocess since TRITON_INTERPRET is read when a kernel is defined; its results."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(cases)], env=env, capture_output=True, text=True, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

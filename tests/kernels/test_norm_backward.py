@@ -3,15 +3,13 @@
 on a GPU against FLA's own backward, one op and a whole GLA model (pytest -m gpu)."""
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.kernels.harness import REPO, interpreted
+
 sys.path.insert(0, str(REPO / "benchmarks"))
 import norm_backward as bench  # noqa: E402  (benchmarks/norm_backward.py: the inputs, made with FLA's forward)
 
@@ -65,12 +63,7 @@ CASES = [  # rows, width, rms, prenorm, residual dtype, rows per tile
 
 
 def test_kernel_matches_autograd_in_tritons_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, "-c", INTERPRETED, json.dumps(CASES)], env=env, capture_output=True, text=True, cwd=REPO
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = interpreted(INTERPRETED, CASES)
     for (rows, width, rms, prenorm, residual_dtype, _), r in zip(CASES, results, strict=True):
         assert r["dx_dtype"] == "torch.bfloat16"  # the input's dtype, whatever the residual's
         assert r["dx"] < 1e-2  # bf16 rounding of dx

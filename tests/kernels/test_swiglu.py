@@ -3,16 +3,11 @@ subprocess since TRITON_INTERPRET is read when a kernel is defined), their routi
 kernels, alone and inside FLA's fused MLP (pytest -m gpu)."""
 
 import inspect
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.kernels.harness import REPO, interpreted
 
 # z = silu(x) * y and its gradients through torch's autograd in fp32, and the kernels', for each case: elements (a
 # tail past the last whole block), dtype, elements per program.
@@ -48,12 +43,7 @@ CASES = [(1000, "bfloat16", 256), (4096, "bfloat16", 1024), (777, "float32", 512
 
 
 def test_kernels_match_autograd_in_tritons_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, "-c", INTERPRETED, json.dumps(CASES)], env=env, capture_output=True, text=True, cwd=REPO
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = interpreted(INTERPRETED, CASES)
     for (_, dtype, _), r in zip(CASES, results, strict=True):
         assert r["dtypes"] == [f"torch.{dtype}"] * 4  # the inputs' dtype
         bound = 1e-2 if dtype == "bfloat16" else 1e-5  # one rounding to the output dtype

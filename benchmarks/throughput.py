@@ -236,7 +236,7 @@ def _apply_options(model, config, args) -> None:
         from flame.engine import compile_blocks, compile_settings
 
         compile_settings().__enter__()  # as flame's engine has them for a run; a worker process: for good
-        compile_blocks(model, config)
+        compile_blocks(model)
 
 
 def _graphed(update, optimizer, data, device, read_back: bool):

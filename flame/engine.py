@@ -467,17 +467,6 @@ def _describe(fingerprint: list[dict]) -> str:
     return ", ".join(f"{s['documents']:,} documents of {s['tokens']:,} tokens" for s in fingerprint)
 
 
-def decoder_blocks(model, config) -> torch.nn.ModuleList:
-    """The model's stack of decoder layers (`model.model.layers` in transformers and FLA models)."""
-    n = getattr(config, "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return module
-    raise ConfigError(
-        f"--compile: no stack of {n} decoder layers found in {type(model).__name__}", "drop --compile for this model"
-    )
-
-
 def forward_loss(model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
     """Summed token loss of one micro-batch divided by num_items (the update's token count, all processes).
 
@@ -576,11 +565,17 @@ def fill_deepspeed_config(plugin, batch: int, norm: float) -> str | None:
     return None
 
 
-def compile_blocks(model, config) -> None:
+def compile_blocks(model) -> None:
     """Compile the decoder blocks block by block and in place (nn.Module.compile), as torchtitan does: one compiled
     graph serves every layer of the same shape, and state_dict names stay as they are, so checkpoints load with or
-    without --compile."""
-    for block in decoder_blocks(model, config):
+    without --compile. The blocks are the layers that hold a token mixer (models.blocks)."""
+    found = models.blocks(model)
+    if not found:
+        raise ConfigError(
+            f"--compile: no decoder layers (modules with an attn, self_attn or mixer) found in {type(model).__name__}",
+            "drop --compile for this model",
+        )
+    for block in found:
         block.compile()
 
 
@@ -680,7 +675,7 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
             "(residual_in_fp32: true), so it stays fp32; set residual_in_fp32 to false in the model config for bf16"
         )
     if cfg.compile:
-        compile_blocks(model, config)
+        compile_blocks(model)
     # Grouped projections (on by default): found by a forward of the first batch, before update 1 of every run.
     ungroupable = "--compile" if cfg.compile else "DeepSpeed ZeRO-3" if p.zero_stage == 3 else None
     if cfg.group_projections and ungroupable:

@@ -210,6 +210,15 @@ def test_compile_trains_the_same_losses_and_saves_the_same_weight_names(files, t
     assert names[0] == names[1] and not any("_orig_mod" in k for k in names[1])
 
 
+def test_compile_of_a_model_without_decoder_layers_is_one_clear_error():
+    """--compile compiles the layers that hold a token mixer (models.blocks); a model with none is refused, not
+    trained uncompiled in silence."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ConfigError, match="--compile: no decoder layers") as error:
+        engine.compile_blocks(model)
+    assert error.value.fix == "drop --compile for this model"
+
+
 def test_checkpointing_a_model_that_cannot_is_one_clear_error(files, tmp_path, monkeypatch):
     from transformers import LlamaForCausalLM
 

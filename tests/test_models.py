@@ -466,18 +466,17 @@ def test_shared_casts_change_only_how_gradients_are_summed(tmp_path, model_type,
 def test_bf16_residual_gives_every_block_bf16_under_autocast_only(tmp_path, model_type):
     """bf16_residual: under autocast every block reads (and adds into) a bf16 residual stream and the loss stays
     close to fp32's; outside autocast the stream is fp32 and nothing changes at all."""
-    from flame.engine import decoder_blocks
-    from flame.models import bf16_residual
+    from flame.models import bf16_residual, blocks
 
     tokens = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
     model = _tiny(model_type, tmp_path)
     if model_type == "mamba2":  # Mamba2's config keeps an fp32 residual by default: bf16_residual leaves it so
         assert model.config.residual_in_fp32 and bf16_residual(model) is False
         model.config.residual_in_fp32 = False
-        for block in decoder_blocks(model, model.config):
+        for block in blocks(model):
             block.residual_in_fp32 = False
     seen = []
-    for block in decoder_blocks(model, model.config):
+    for block in blocks(model):
         block.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args or [*kwargs.values()])[0].dtype),
                                         with_kwargs=True)  # fmt: skip
 
@@ -575,20 +574,19 @@ def test_linear_mixer_named_attention_is_not_softmax():
 def test_checkpointing_recomputes_every_block_and_changes_no_gradient(tmp_path):
     """checkpointing: each decoder block's forward runs again in the backward (non-reentrant), and the gradients are
     those of the plain model, bit for bit; a model type without support is left as it is."""
-    from flame.engine import decoder_blocks
-    from flame.models import checkpointing
+    from flame.models import blocks, checkpointing
 
     tokens = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
 
     def run(model):
         calls = []
-        for block in decoder_blocks(model, model.config):
+        for block in blocks(model):
             block.attn.register_forward_pre_hook(lambda m, args, kwargs: calls.append(m), with_kwargs=True)
         model(input_ids=tokens, labels=tokens).loss.backward()
         return len(calls), {n: p.grad for n, p in model.named_parameters()}
 
     def checkpointed(model):
-        return [block.gradient_checkpointing for block in decoder_blocks(model, model.config)]
+        return [block.gradient_checkpointing for block in blocks(model)]
 
     plain_calls, plain = run(_tiny("gla", tmp_path).train())
     model = _tiny("gla", tmp_path).train()

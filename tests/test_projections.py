@@ -11,7 +11,7 @@ from tests.kernels.test_models import CONFIGS, VOCAB, build
 
 def _loss_and_grads(model, ids, autocast):
     model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
         loss = model(ids, labels=ids).loss
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -88,18 +88,11 @@ def test_grouped_projections_on_a_gpu_train_the_same(tmp_path):
         3, config["vocab_size"], (2, 2048), device="cuda", generator=torch.Generator("cuda").manual_seed(0)
     )
 
-    def run():
-        model.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(ids, labels=ids).loss
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    plain = run()
+    plain = _loss_and_grads(model, ids, autocast=True)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         groups = find_groups(blocks(model), lambda: model(ids))
     assert install(groups) == [5, 2, 5, 2]
-    grouped = run()
+    grouped = _loss_and_grads(model, ids, autocast=True)
     assert grouped[0] == pytest.approx(plain[0], rel=1e-3)
     worst = max(((grouped[1][n] - g).norm() / g.norm()).item() for n, g in plain[1].items())
     print(f"worst gradient difference {worst:.2e}")

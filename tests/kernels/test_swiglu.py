@@ -7,6 +7,7 @@ import inspect
 import pytest
 import torch
 
+from benchmarks.swiglu import fla_kernels  # FLA's own kernels, behind flame's
 from tests.kernels.harness import REPO, interpreted
 
 # z = silu(x) * y and its gradients through torch's autograd in fp32, and the kernels', for each case: elements (a
@@ -85,13 +86,11 @@ def _inputs(tokens: int, width: int, dtype=torch.bfloat16):
 def test_the_same_bits_as_flas_kernels(tokens, width):
     """GLA-340M's and GLA-1.3B's MLP widths (and a row count whose elements end past a block): the same
     arithmetic in the same order as FLA's kernels, so the same bits."""
-    from fla.modules.activations import ops
-
     import flame.kernels
     from flame.kernels import swiglu
 
     flame.kernels.install()
-    fla_fwd, fla_fwdbwd = (f.__flame_original__ for f in (ops.swiglu_fwd, ops.swiglu_fwdbwd))
+    fla_fwd, fla_fwdbwd = fla_kernels()
     x, y, g = _inputs(tokens, width)
     assert torch.equal(swiglu.swiglu_fwd(x, y), fla_fwd(x=x, y=y))
     for use_weight in (True, False):
@@ -111,7 +110,7 @@ def test_fla_keeps_the_calls_flame_does_not_cover():
     flame.kernels.install()
     x, y, g = _inputs(256, 2 * 1024)
     left, right = x[:, :1024], y[:, 1024:]
-    fla_fwd, _ = (f.__flame_original__ for f in (ops.swiglu_fwd, ops.swiglu_fwdbwd))
+    fla_fwd, _ = fla_kernels()
     assert torch.equal(ops.swiglu_fwd(x=left, y=right), fla_fwd(x=left, y=right))
 
 

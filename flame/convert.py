@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from flame import models
-from flame.errors import CheckpointError, ConfigError, ModelError, OutputExistsError, check_output_dir
+from flame.errors import CheckpointError, ConfigError, ModelError, check_output_dir
 from flame.ui import RateColumn, err_console, interactive, progress
 
 # model_type -> the architecture name transformers writes for it. Qwen2 is Llama with q/k/v biases; Mistral is
@@ -471,9 +471,9 @@ def _copy_tokenizer(source: Path, out: Path) -> list[str]:
 
 
 def _check_output(opts: ConvertOptions) -> None:
-    check_output_dir(opts.output, [opts.model, opts.config])
-    if opts.output.exists() and not opts.overwrite:
-        raise OutputExistsError(f"--output {opts.output} exists", "pass --overwrite to replace it, or another --output")
+    check_output_dir(
+        opts.output, [opts.model, opts.config], overwrite=opts.overwrite, replaces=("config.json",), what="a model dir"
+    )
 
 
 def _place(tmp: Path, output: Path) -> None:

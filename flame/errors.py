@@ -41,20 +41,49 @@ class TrainingError(FlameError):
     """Training cannot go on (e.g. the loss diverged); what was trained is saved first."""
 
 
-def check_output_dir(output, inputs) -> None:
-    """Refuse an --output that is a file, or that is or holds one of the inputs (--overwrite would delete them)."""
+def check_output_dir(output, inputs, *, overwrite: bool, replaces: tuple[str, ...], what: str) -> None:
+    """Refuse an --output (one error naming the fix) that:
+    - is a file, lies under one, or cannot be written (permissions, a read-only disk);
+    - is, holds, or lies inside one of the inputs: --overwrite would delete them, or a later run would read the
+      output as input;
+    - exists, without --overwrite;
+    - with --overwrite, is a folder holding files but none of `replaces` (what this command writes, e.g. a
+      manifest.json): flame replaces its own outputs only, never a folder of the user's.
+    `what` names the kind of output in that last message ("a prepared dataset")."""
+    import os
     from pathlib import Path
 
     out = Path(output).expanduser().resolve()
     for given in inputs:
         if given and Path(given).expanduser().exists():
             source = Path(given).expanduser().resolve()
-            if source == out or out in source.parents:
+            if source == out or out in source.parents or (source.is_dir() and source in out.parents):
                 raise OutputExistsError(
-                    f"--output {output} is, or holds, the input {given}", "give an --output outside the inputs"
+                    f"--output {output} is, holds, or lies inside the input {given}",
+                    "give an --output outside the inputs",
                 )
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--output {output} is a file", "give a folder for the output (flame creates it)")
+    above = next(p for p in out.parents if p.exists())  # "/" at the latest
+    if not out.exists() and not above.is_dir():
+        raise OutputExistsError(f"--output {output} lies under the file {above}", "give a folder path for the output")
+    if not os.access(out if out.exists() else above, os.W_OK):
+        raise OutputExistsError(
+            f"--output {output}: cannot write in {out if out.exists() else above} (no permission, or a read-only disk)",
+            "give an --output in a folder you can write to",
+        )
+    if not out.exists():
+        return
+    if not overwrite:
+        raise OutputExistsError(
+            f"--output {output} exists", "pass --overwrite to replace it, or choose another --output"
+        )
+    if any(out.iterdir()) and not any((out / name).exists() for name in replaces):
+        raise OutputExistsError(
+            f"--overwrite: {output} is not {what} (no {' or '.join(replaces)} in it) and holds other files; flame "
+            "replaces only what it wrote",
+            "choose another --output, or remove that folder yourself",
+        )
 
 
 def read_json_object(

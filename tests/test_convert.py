@@ -1,6 +1,7 @@
 """flame.convert: tiny Llama / Mistral / Qwen2 models made here (no hub) converted into every supported FLA family."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -218,8 +219,14 @@ def test_existing_output_needs_overwrite(sources, tmp_path):
     with pytest.raises(OutputExistsError, match="--overwrite"):
         run(sources["mistral"], tmp_path)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    run(sources["mistral"], tmp_path, overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "config.json").exists()
+    with pytest.raises(OutputExistsError, match="is not a model dir .no config.json in it"):
+        run(sources["mistral"], tmp_path, overwrite=True)  # a folder of the user's is never replaced
+    assert os.listdir(tmp_path / "out") == ["keep.txt"]
+    (tmp_path / "out" / "keep.txt").unlink()
+    run(sources["mistral"], tmp_path, overwrite=True)  # an empty folder is replaced
+    (tmp_path / "out" / "stale.txt").write_text("from the earlier run")
+    run(sources["mistral"], tmp_path, overwrite=True)  # and an earlier model dir, whole
+    assert not (tmp_path / "out" / "stale.txt").exists() and (tmp_path / "out" / "config.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -359,6 +366,6 @@ def test_an_output_that_is_the_source_is_refused_even_with_overwrite(sources, tm
     shutil.copytree(sources["llama"], src)
     before = sorted(p.name for p in src.iterdir())
     cfg = target_config(tmp_path / "gla.json", "gla")
-    with pytest.raises(OutputExistsError, match="is, or holds, the input"):
+    with pytest.raises(OutputExistsError, match="is, holds, or lies inside the input"):
         convert_from_llama(ConvertOptions(model=str(src), config=cfg, output=src, overwrite=True))
     assert sorted(p.name for p in src.iterdir()) == before

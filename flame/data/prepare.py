@@ -32,7 +32,7 @@ from flame import __version__
 from flame.data import FORMAT, MANIFEST, TOKENIZER_DIR, TOKENS_COLUMN
 from flame.data.sources import Source, Unit, read_unit, resolve_source
 from flame.data.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, replace_dir, rust_tokenizer
-from flame.errors import ConfigError, DataError, FlameError, OutputExistsError, check_output_dir
+from flame.errors import ConfigError, DataError, FlameError, check_output_dir
 
 # Clear the BPE cache this often (batches per worker): often enough to bound it, rarely enough to keep its speed-up.
 CLEAR_CACHE_EVERY = 8
@@ -141,9 +141,10 @@ def prepare(config: PrepareConfig, on_progress=None) -> PrepareResult:
     if problems:
         raise ConfigError("; ".join(problems))
     output = os.path.abspath(os.path.expanduser(config.output or default_output(config)))
-    check_output_dir(output, [config.dataset, config.tokenizer])
-    if os.path.exists(output) and not config.overwrite:
-        raise OutputExistsError(f"{output} exists", "pass --overwrite to replace it, or choose another --output")
+    check_output_dir(
+        output, [config.dataset, config.tokenizer], overwrite=config.overwrite, replaces=(MANIFEST,),
+        what="a prepared dataset",
+    )  # fmt: skip
     tokenizer = load_tokenizer(config.tokenizer)
     tokenizer_name = os.path.abspath(config.tokenizer) if os.path.isdir(config.tokenizer) else config.tokenizer
     source = resolve_source(config.dataset, config.name, config.split, config.column, config.streaming)

@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from flame.errors import ConfigError, DataError, OutputExistsError, check_output_dir, first_line
+from flame.errors import ConfigError, DataError, check_output_dir, first_line
 
 DEFAULT_TOKENIZER = "fla-hub/gla-1.3B-100B"
 EOS_TOKEN = "<|endoftext|>"
@@ -101,9 +101,9 @@ def train_tokenizer(config: TokenizerConfig, show_progress: bool = False) -> dic
     if problems:
         raise ConfigError("; ".join(problems))
     output = os.path.abspath(os.path.expanduser(config.output))
-    check_output_dir(output, config.inputs)
-    if os.path.exists(output) and not config.overwrite:
-        raise OutputExistsError(f"{config.output} exists", "pass --overwrite to replace it, or choose --output")
+    check_output_dir(
+        output, config.inputs, overwrite=config.overwrite, replaces=("tokenizer.json",), what="a tokenizer folder"
+    )
     sources = [resolve_source(path, column=config.column) for path in config.inputs]
 
     count = 0

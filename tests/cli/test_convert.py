@@ -43,7 +43,7 @@ def test_existing_output_is_one_error_line(llama, tmp_path):
     (tmp_path / "out").mkdir()
     result = convert("--model", llama, "--config", target_config(tmp_path / "c.json"), "--output", tmp_path / "out")
     assert result.exit_code == 1
-    fix = "pass --overwrite to replace it, or another --output"
+    fix = "pass --overwrite to replace it, or choose another --output"
     assert result.output.strip() == f"error: --output {tmp_path / 'out'} exists: {fix}"
 
 

@@ -133,36 +133,56 @@ def test_hub_dataset_from_offline_cache(tmp_path, tokenizer_dir, hub_cache):
         assert Counter(map(tuple, rows(out, "train") + rows(out, "validation"))) == expected
 
 
-def test_refuses_existing_output_and_overwrite_replaces(tmp_path, tokenizer_dir):
+def test_refuses_existing_output_and_overwrite_replaces_only_a_prepared_dataset(tmp_path, tokenizer_dir):
     corpus(tmp_path / "corpus", n=12)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     cfg = PrepareConfig(dataset=str(tmp_path / "corpus"), tokenizer=str(tokenizer_dir), output=str(out), num_proc=1)
-    with pytest.raises(OutputExistsError, match="exists.*--overwrite"):
+    with pytest.raises(OutputExistsError, match="exists: pass --overwrite to replace it"):
         prepare(cfg)
-    assert (out / "keep.txt").read_text() == "mine"
-    cfg.overwrite = True
+    cfg.overwrite = True  # a folder of the user's (no manifest.json) is never replaced
+    with pytest.raises(OutputExistsError, match=r"--overwrite: .*out is not a prepared dataset \(no manifest.json"):
+        prepare(cfg)
+    assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty folder is replaced
     prepare(cfg)
-    assert not (out / "keep.txt").exists() and (out / MANIFEST).exists()
+    (out / "stale.txt").write_text("from the earlier run")
+    prepare(cfg)  # an earlier prepared dataset is replaced whole
+    assert (out / MANIFEST).exists() and not (out / "stale.txt").exists()
     assert sorted(os.listdir(tmp_path)) == ["corpus", "out"]
 
 
-def test_an_output_that_is_or_holds_an_input_is_refused_even_with_overwrite(tmp_path, tokenizer_dir):
+def test_an_output_that_is_holds_or_lies_in_an_input_is_refused_even_with_overwrite(tmp_path, tokenizer_dir):
     corpus(tmp_path / "corpus", n=12)
     before = sorted(p.name for p in (tmp_path / "corpus").iterdir())
-    for output in (tmp_path / "corpus", tmp_path):
+    for output in (tmp_path / "corpus", tmp_path, tmp_path / "corpus" / "prepared"):
         cfg = PrepareConfig(
             dataset=str(tmp_path / "corpus"), tokenizer=str(tokenizer_dir), output=str(output), overwrite=True
         )
-        with pytest.raises(OutputExistsError, match="is, or holds, the input"):
+        with pytest.raises(OutputExistsError, match="is, holds, or lies inside the input"):
             prepare(cfg)
     assert sorted(p.name for p in (tmp_path / "corpus").iterdir()) == before
     (tmp_path / "file").write_text("mine")
     cfg = PrepareConfig(dataset=str(tmp_path / "corpus"), tokenizer=str(tokenizer_dir), output=str(tmp_path / "file"))
     with pytest.raises(OutputExistsError, match="is a file"):
         prepare(dataclasses.replace(cfg, overwrite=True))
+    with pytest.raises(OutputExistsError, match=r"--output .*file/sub lies under the file .*file: give a folder"):
+        prepare(dataclasses.replace(cfg, output=str(tmp_path / "file" / "sub")))
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_an_output_where_nothing_can_be_written_is_one_error(tmp_path, tokenizer_dir, monkeypatch):
+    corpus(tmp_path / "corpus", n=12)
+    (tmp_path / "ro").mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("ro") else real(p, mode))
+    cfg = PrepareConfig(
+        dataset=str(tmp_path / "corpus"), tokenizer=str(tokenizer_dir), output=str(tmp_path / "ro" / "a" / "b")
+    )
+    with pytest.raises(OutputExistsError, match=r"cannot write in .*ro \(no permission, or a read-only disk\)"):
+        prepare(cfg)
+    assert os.listdir(tmp_path / "ro") == []
 
 
 def test_a_failed_run_leaves_no_output(tmp_path, tokenizer_dir, monkeypatch):

@@ -68,9 +68,11 @@ def test_train_overwrite_replaces_and_max_docs(tmp_path):
     out = tmp_path / "tok"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    result = train_tokenizer(
-        TokenizerConfig(inputs=[str(tmp_path / "c")], output=str(out), vocab_size=300, max_docs=10, overwrite=True)
-    )
+    config = TokenizerConfig(inputs=[str(tmp_path / "c")], output=str(out), vocab_size=300, max_docs=10, overwrite=True)
+    with pytest.raises(OutputExistsError, match="is not a tokenizer folder .no tokenizer.json in it"):
+        train_tokenizer(config)  # a folder of the user's is never replaced
+    (out / "tokenizer.json").write_text("{}")  # an earlier tokenizer is
+    result = train_tokenizer(config)
     assert result["documents"] == 10 and 257 < result["vocab_size"] <= 300
     assert not (out / "stale.txt").exists() and (out / "tokenizer.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "tok"]  # no temp or .old folder left
@@ -78,7 +80,7 @@ def test_train_overwrite_replaces_and_max_docs(tmp_path):
 
 def test_train_refuses_to_write_over_its_input_even_with_overwrite(tmp_path):
     write_jsonl(tmp_path / "c" / "a.jsonl", documents(50))
-    with pytest.raises(OutputExistsError, match="is, or holds, the input"):
+    with pytest.raises(OutputExistsError, match="is, holds, or lies inside the input"):
         train_tokenizer(TokenizerConfig(inputs=[str(tmp_path / "c")], output=str(tmp_path / "c"), overwrite=True))
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["a.jsonl"]
 

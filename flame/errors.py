@@ -86,6 +86,29 @@ def check_output_dir(output, inputs, *, overwrite: bool, replaces: tuple[str, ..
         )
 
 
+# What the machine, not flame or the input, refused: one error line with the fix, not a traceback.
+_OS_FIXES = {
+    "ENOSPC": "free space on that disk, or write to another one",
+    "EDQUOT": "free space within your quota, or write to another disk",
+    "EACCES": "give a path you can write to (or read, for an input)",
+    "EPERM": "give a path you can write to (or read, for an input)",
+    "EROFS": "give a path on a disk that is not read-only",
+    "ENOTDIR": "a part of the path is a file: give a folder path",
+}
+
+
+def from_os_error(e: OSError) -> FlameError | None:
+    """The FlameError for an OSError a user fixes on the machine (disk full, no permission, a read-only disk, a file
+    where a folder should be), naming the path; None for the rest, which stay tracebacks (a bug, most likely)."""
+    import errno
+
+    name = errno.errorcode.get(e.errno or 0)
+    if name not in _OS_FIXES:
+        return None
+    where = f": {e.filename}" if e.filename else ""
+    return FlameError(f"{e.strerror or name}{where}", _OS_FIXES[name])
+
+
 def read_json_object(
     path,
     error: type[FlameError],

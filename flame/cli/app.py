@@ -23,7 +23,7 @@ from flame.cli import convert, data
 from flame.cli import inspect as inspect_cli
 from flame.cli import resume as resume_cli
 from flame.cli import train as train_cli
-from flame.errors import FlameError
+from flame.errors import FlameError, from_os_error
 from flame.ui import error_line
 
 
@@ -49,6 +49,12 @@ class FlameGroup(TyperGroup):
             if os.environ.get("FLAME_DEBUG") == "1":
                 raise
             error_line(str(e))
+            raise typer.Exit(1) from None
+        except OSError as e:  # a full disk, no permission: the machine's refusal, with the path and the fix
+            known = from_os_error(e)
+            if known is None or os.environ.get("FLAME_DEBUG") == "1":
+                raise
+            error_line(str(known))
             raise typer.Exit(1) from None
         except UsageError as e:  # an unknown option or command, a value of the wrong type: click's exit 2
             if isinstance(e, NoArgsIsHelpError) or os.environ.get("FLAME_DEBUG") == "1":

@@ -43,6 +43,49 @@ def test_flame_error_is_one_line_and_exit_1(monkeypatch):
     assert isinstance(result.exception, DataError)
 
 
+def test_a_full_disk_or_no_permission_is_one_line_naming_the_path_and_a_bug_stays_a_traceback(monkeypatch):
+    import errno
+    import os
+
+    import typer
+
+    boom = typer.Typer(cls=FlameGroup)
+    raised = {}
+
+    @boom.command()
+    def fail():
+        raise raised["e"]
+
+    @boom.command()
+    def other():
+        pass
+
+    monkeypatch.delenv("FLAME_DEBUG", raising=False)
+    for e, line in [
+        (
+            OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/run/checkpoints/step-00000100"),
+            "error: No space left on device: /data/run/checkpoints/step-00000100: free space on that disk, or write "
+            "to another one",
+        ),
+        (
+            PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/shared/out"),
+            "error: Permission denied: /shared/out: give a path you can write to (or read, for an input)",
+        ),
+        (
+            NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), "notes.txt/sub"),
+            "error: Not a directory: notes.txt/sub: a part of the path is a file: give a folder path",
+        ),
+    ]:
+        raised["e"] = e
+        result = runner.invoke(boom, ["fail"])
+        assert result.exit_code == 1 and result.output.strip() == line
+    raised["e"] = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "x")  # not the machine's: a bug
+    assert isinstance(runner.invoke(boom, ["fail"]).exception, FileNotFoundError)
+    monkeypatch.setenv("FLAME_DEBUG", "1")
+    raised["e"] = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data")
+    assert isinstance(runner.invoke(boom, ["fail"]).exception, OSError)
+
+
 def test_usage_errors_are_one_line_naming_the_help_and_exit_2(monkeypatch):
     monkeypatch.delenv("FLAME_DEBUG", raising=False)
     for args, line in [

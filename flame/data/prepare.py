@@ -159,7 +159,10 @@ def prepare(config: PrepareConfig, on_progress=None) -> PrepareResult:
         parts = _tokenize(source, tokenizer, num_proc, config.batch_size, tmp, state, on_progress)
         tokenize_s = time.time() - started
         if not sum(p["documents"] for p in parts):
-            raise DataError(f"no documents in {config.dataset}", "check that the text column holds text")
+            raise DataError(
+                f"no documents in {config.dataset}: every text is empty",
+                "give files that hold text (for JSON, Parquet or CSV: name the text column with --column)",
+            )
         state.stage = "writing"
         if on_progress:
             on_progress(state)

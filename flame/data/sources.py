@@ -12,7 +12,6 @@ stays bounded by the batch, not the corpus.
 """
 
 import glob
-import io
 import json
 import os
 import re
@@ -145,14 +144,15 @@ def local_files(dataset: str) -> list[str]:
 
 def _resolve_local(dataset: str, name: str | None, split: str, column: str | None) -> Source:
     files = local_files(dataset)
-    column = column or _detect_column(_first_columns(files[0]), files[0])
-    if file_type(files[0]) != ".txt":
-        columns = _first_columns(files[0])
-        if column not in columns:
-            raise DataError(
-                f"no column {column!r} in {files[0]} (columns: {', '.join(columns) or 'none'})",
-                "pick one with --column",
-            )
+    # The columns of the first file that holds a record: an empty file says nothing (every file is checked for the
+    # column as it is read).
+    first, columns = next(((f, c) for f in files if (c := _first_columns(f))), (None, []))
+    if first is None:
+        what = files[0] if len(files) == 1 else f"{dataset!r} (all {len(files)} files)"
+        raise DataError(f"no records in {what}: the files are empty", "give files that hold documents")
+    column = column or _detect_column(columns, first)
+    if file_type(first) != ".txt":
+        _has_column(first, column, columns)
     return Source(
         kind="local",
         dataset=dataset,
@@ -236,6 +236,15 @@ def _columns_of(path: str) -> list[str]:
             raise DataError(f"{path} holds {type(record).__name__} records, not objects", "give one JSON object a line")
         return list(record)
     return []
+
+
+def _has_column(path: str, column: str, columns: list[str]) -> None:
+    """Every file of a source must hold the text column: documents without it would be lost without a word."""
+    if column not in columns:
+        raise DataError(
+            f"no column {column!r} in {path} (columns: {', '.join(map(str, columns)) or 'none'})",
+            "pick the one holding the text with --column, or give files that all hold it",
+        )
 
 
 def _detect_column(columns: list[str], where: str) -> str:
@@ -325,7 +334,7 @@ def read_unit(source: Source, unit: Unit, batch_size: int) -> Iterator[tuple[lis
     for path in unit.files:
         kind = file_type(path)
         if kind == ".txt":
-            with open(path, encoding="utf-8", errors="replace") as f:
+            with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a byte-order mark is no text
                 texts = [f.read()]
             done += os.path.getsize(path)
             yield texts, done
@@ -342,6 +351,7 @@ def _read_file(path: str, kind: str, unit: Unit, column: str, batch_size: int) -
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(path)
+        _has_column(path, column, list(pf.schema_arrow.names))
         groups = list(range(unit.start, unit.stop if unit.stop is not None else pf.num_row_groups))
         rows = sum(pf.metadata.row_group(g).num_rows for g in groups) or 1
         seen = 0
@@ -354,6 +364,7 @@ def _read_file(path: str, kind: str, unit: Unit, column: str, batch_size: int) -
         import pyarrow as pa
         import pyarrow.csv as pcsv
 
+        _has_column(path, column, _columns_of(path))
         size = os.path.getsize(path) or 1
         convert = pcsv.ConvertOptions(include_columns=[column], column_types={column: pa.string()})
         with open(path, "rb") as raw, pcsv.open_csv(raw, convert_options=convert) as reader:
@@ -363,7 +374,11 @@ def _read_file(path: str, kind: str, unit: Unit, column: str, batch_size: int) -
     texts: list = []
     chars = 0
     for record, pos in _json_records_with_pos(path, unit.start, unit.stop):
-        text = record.get(column) if isinstance(record, dict) else None
+        if not isinstance(record, dict):
+            raise DataError(f"{path} holds {type(record).__name__} records, not objects", "give one JSON object a line")
+        if column not in record:  # a null or empty text is an empty document; no such key is the wrong column
+            _has_column(path, column, list(record))
+        text = record[column]
         texts.append(text)
         chars += len(text) if isinstance(text, str) else 0
         # Long documents (books) make a batch of batch_size large; cap its size too.
@@ -397,12 +412,7 @@ def _json_records_with_pos(path: str, start: int, stop: int | None) -> Iterator[
                     yield record, size * (i + 1) // len(records)
                 return
         if kind == ".jsonl.zst":
-            import zstandard
-
-            # max_window_size: SlimPajama-style files are written with long-distance windows.
-            stream = zstandard.ZstdDecompressor(max_window_size=2**31).stream_reader(raw)
-            lines = io.BufferedReader(stream, buffer_size=1 << 20)
-            for n, line in enumerate(lines, 1):
+            for n, line in enumerate(_zst_lines(raw, path), 1):
                 if line.strip():
                     yield _parse_line(line, path, n), raw.tell()
             return
@@ -420,10 +430,39 @@ def _json_records_with_pos(path: str, start: int, stop: int | None) -> Iterator[
                 yield _parse_line(line, path, n), raw.tell() - start
 
 
+def _zst_lines(raw, path: str) -> Iterator[bytes]:
+    """The lines of a zstd file, frame after frame; a file that ends inside a frame (an interrupted download) is a
+    DataError, where zstandard's stream reader would stop there silently and lose the rest."""
+    import zstandard
+
+    # max_window_size: SlimPajama-style files are written with long-distance windows.
+    decompressor = zstandard.ZstdDecompressor(max_window_size=2**31)
+    frame, inside, pending = decompressor.decompressobj(), False, b""
+    while chunk := raw.read(1 << 20):
+        while chunk:
+            pending += frame.decompress(chunk)
+            inside, chunk = True, b""
+            if frame.eof:  # the next frame, if any, starts in what this one left
+                chunk, frame, inside = frame.unused_data, decompressor.decompressobj(), False
+        *lines, pending = pending.split(b"\n")
+        yield from lines
+    if inside:
+        raise DataError(f"{path} is truncated: its zstd data ends inside a frame", "download it again")
+    if pending:
+        yield pending
+
+
 def _parse_line(line: bytes, path: str, n: int):
     try:
         return json.loads(line)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: line {n} is not UTF-8 text", "save the file as UTF-8") from None
     except ValueError as e:
+        if file_type(path) == ".json":  # a pretty-printed object, most often
+            raise DataError(
+                f"{path}: line {n} is not JSON ({e}); a .json file holds an array of objects or one object a line",
+                "write it as JSON Lines (one document object a line) or as one array of objects",
+            ) from None
         raise DataError(f"{path}: line {n} is not JSON ({e})", "give one JSON object a line") from None
 
 

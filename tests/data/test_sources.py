@@ -125,6 +125,73 @@ def test_no_text_column_lists_the_columns(tmp_path):
         resolve_source(str(path), column="txt")
 
 
+def test_a_file_without_the_text_column_is_an_error_not_lost_documents(tmp_path):
+    docs = documents(6)
+    for i, kind in enumerate(["jsonl", "parquet", "csv"]):
+        root = tmp_path / kind
+        write_jsonl(root / "a.jsonl", docs[:3])  # the first file decides the column: text
+        other = root / f"b.{kind}"
+        if kind == "jsonl":
+            write_jsonl(other, docs[3:], column="content")
+        elif kind == "parquet":
+            pq.write_table(pa.table({"content": docs[3:]}), other)
+        else:
+            with open(other, "w", newline="") as f:
+                csv.writer(f).writerows([["content"], *[[d] for d in docs[3:]]])
+        source = resolve_source(str(root))
+        with pytest.raises(DataError, match=rf"no column 'text' in .*b.{kind} \(columns: content\): pick the one"):
+            read_all(source)
+    (tmp_path / "nulls.jsonl").write_text('{"text": "a"}\n{"text": null}\n{"text": ""}\n')
+    assert read_all(resolve_source(str(tmp_path / "nulls.jsonl"))) == ["a", None, ""]  # empty documents, skipped later
+    (tmp_path / "lists.jsonl").write_text('{"text": "a"}\n["b"]\n')
+    with pytest.raises(DataError, match=r"lists.jsonl holds list records, not objects"):
+        read_all(resolve_source(str(tmp_path / "lists.jsonl")))
+
+
+def test_a_truncated_zst_is_an_error_not_a_short_file(tmp_path):
+    docs = documents(300)
+    write_zst(tmp_path / "good" / "a.jsonl.zst", docs)
+    whole = (tmp_path / "good" / "a.jsonl.zst").read_bytes()
+    assert read_all(resolve_source(str(tmp_path / "good"))) == docs
+    (tmp_path / "two").mkdir()  # two frames in one file read as one
+    half = len(docs) // 2
+    frames = [(json.dumps({"text": d}) + "\n").encode() for d in docs]
+    compress = zstandard.ZstdCompressor().compress
+    two = compress(b"".join(frames[:half])) + compress(b"".join(frames[half:]))
+    (tmp_path / "two" / "a.jsonl.zst").write_bytes(two)
+    assert read_all(resolve_source(str(tmp_path / "two"))) == docs
+    for cut in (len(whole) // 3, len(whole) - 5):  # an interrupted download
+        (tmp_path / "good" / "b.jsonl.zst").write_bytes(whole[:cut])
+        with pytest.raises(DataError, match=r"b.jsonl.zst is truncated: its zstd data ends inside a frame: download"):
+            read_all(resolve_source(str(tmp_path / "good")))
+
+
+def test_empty_files_are_passed_over_and_only_empty_files_are_an_error(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.jsonl").write_text("\n\n")
+    write_jsonl(tmp_path / "c" / "b.jsonl", ["x", "y"], column="content")
+    source = resolve_source(str(tmp_path / "c"))
+    assert source.column == "content" and read_all(source) == ["x", "y"]
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "a.jsonl").write_text("")
+    (tmp_path / "e" / "b.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"no records in .*e' \(all 2 files\): the files are empty: give files"):
+        resolve_source(str(tmp_path / "e"))
+    with pytest.raises(DataError, match=r"no records in .*a.jsonl: the files are empty"):
+        resolve_source(str(tmp_path / "e" / "a.jsonl"))
+
+
+def test_what_is_not_json_lines_names_the_format(tmp_path):
+    (tmp_path / "pretty.json").write_text(json.dumps({"data": [{"text": "a"}]}, indent=2))
+    with pytest.raises(DataError, match=r"pretty.json: line 1 is not JSON .*; a .json file holds an array of objects"):
+        resolve_source(str(tmp_path / "pretty.json"))
+    (tmp_path / "u16.jsonl").write_bytes('{"text": "a"}\n'.encode("utf-16"))
+    with pytest.raises(DataError, match=r"u16.jsonl: line 1 is not UTF-8 text: save the file as UTF-8"):
+        resolve_source(str(tmp_path / "u16.jsonl"))
+    (tmp_path / "bom.txt").write_bytes("\ufeffhello".encode())
+    assert read_all(resolve_source(str(tmp_path / "bom.txt"))) == ["hello"]
+
+
 def test_paths_that_match_nothing(tmp_path):
     with pytest.raises(DataError, match="no file or folder matches"):
         resolve_source(str(tmp_path / "missing"))

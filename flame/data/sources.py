@@ -440,12 +440,16 @@ def _zst_lines(raw, path: str) -> Iterator[bytes]:
     frame, inside, pending = decompressor.decompressobj(), False, b""
     while chunk := raw.read(1 << 20):
         while chunk:
-            pending += frame.decompress(chunk)
+            lines = frame.decompress(chunk).split(b"\n")
+            last = lines.pop()  # a line may run across chunks and frames
+            if lines:
+                lines[0], pending = pending + lines[0], last
+                yield from lines
+            else:
+                pending += last
             inside, chunk = True, b""
             if frame.eof:  # the next frame, if any, starts in what this one left
                 chunk, frame, inside = frame.unused_data, decompressor.decompressobj(), False
-        *lines, pending = pending.split(b"\n")
-        yield from lines
     if inside:
         raise DataError(f"{path} is truncated: its zstd data ends inside a frame", "download it again")
     if pending:

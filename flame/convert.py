@@ -11,6 +11,7 @@ Memory: the source is read one tensor at a time, straight from its files (see `_
 was built once in the target dtype; so the peak stays near one copy of the target plus the largest source tensor.
 """
 
+import functools
 import gc
 import json
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from flame import models
-from flame.errors import CheckpointError, ConfigError, ModelError, check_output_dir
+from flame.errors import CheckpointError, ConfigError, ModelError, check_output_dir, first_line
 from flame.ui import RateColumn, err_console, interactive, progress
 
 # model_type -> the architecture name transformers writes for it. Qwen2 is Llama with q/k/v biases; Mistral is
@@ -147,17 +148,33 @@ class TensorInfo:
 
 def _safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """The tensor table of a safetensors file (format: u64 header length, JSON header, data)."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
+        try:
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        lfs = head.startswith(b"version ")  # "version https://git-lfs...": the clone did not fetch the file
+        raise CheckpointError(
+            f"{path} is not a safetensors file" + (" but a git-lfs pointer" if lfs else " (damaged or truncated)"),
+            "run `git lfs pull` in that clone" if lfs else "download or save the checkpoint again",
+        )
     start = 8 + n
-    return {
+    table = {
         name: TensorInfo(
             path, tuple(h["shape"]), h["dtype"], (start + h["data_offsets"][0], start + h["data_offsets"][1])
         )
         for name, h in header.items()
         if name != "__metadata__"
     }
+    if (end := max((t.offsets[1] for t in table.values()), default=start)) > size:
+        raise CheckpointError(
+            f"{path} is truncated ({size:,} of the {end:,} bytes its header lists)", "download or save it again"
+        )
+    return table
 
 
 def _read_tensor(info: TensorInfo) -> torch.Tensor:
@@ -167,7 +184,7 @@ def _read_tensor(info: TensorInfo) -> torch.Tensor:
     shard is closed; a 7B checkpoint has 5-10 GB shards. Reading into a fresh buffer keeps the peak at one tensor.
     """
     if info.file.suffix != ".safetensors":
-        return torch.load(info.file, map_location="cpu", mmap=True, weights_only=True)[info.key].clone()
+        return _load_bin(info.file)[info.key].clone()
     if info.dtype not in _ST_DTYPES:
         raise CheckpointError(f"{info.file} holds a tensor of dtype {info.dtype}", "convert it to bf16/fp16/fp32 first")
     begin, end = info.offsets
@@ -179,13 +196,19 @@ def _read_tensor(info: TensorInfo) -> torch.Tensor:
     return buf.view(_ST_DTYPES[info.dtype]).reshape(info.shape)
 
 
-def _tensor_table(model_dir: Path) -> dict[str, TensorInfo]:
-    """Name -> where the tensor lives, over all shards, without reading any data."""
+def tensor_table(model_dir: Path) -> dict[str, TensorInfo]:
+    """Name -> where the tensor lives, over all shards, without reading any data; a CheckpointError naming the file
+    for a missing shard, a git-lfs pointer, or a file shorter than its header says."""
     # model*.safetensors: Mistral's repos also hold consolidated.safetensors (mistral-inference's names, same data).
     files = sorted(model_dir.glob("model*.safetensors"))
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         files = sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+        if missing := [f.name for f in files if not f.is_file()]:
+            raise CheckpointError(
+                f"{index} names {len(missing)} shard(s) that are not there ({', '.join(missing[:3])})",
+                "download the checkpoint again, every shard",
+            )
     if files:
         table = {}
         for f in files:
@@ -199,9 +222,33 @@ def _tensor_table(model_dir: Path) -> dict[str, TensorInfo]:
     table = {}
     for f in bins:
         # mmap: only the tensor table is needed here, the data is read when copied.
-        for name, t in torch.load(f, map_location="cpu", mmap=True, weights_only=True).items():
+        for name, t in _load_bin(f).items():
             table[name] = TensorInfo(f, tuple(t.shape), str(t.dtype), key=name)
     return table
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A pytorch_model*.bin state dict, memory-mapped (its data is read when a tensor is used); a file saved in
+    torch's legacy (pre-1.6) format cannot be mapped and is read whole. Tensors are copied file by file, so the
+    last file read serves the next tensor too (kept while the file is unchanged)."""
+    stat = path.stat()
+    return _load_bin_once(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_bin_once(path: Path, mtime_ns: int, size: int) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "_use_new_zipfile_serialization" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path} cannot be read as a PyTorch state dict ({type(e).__name__}: {first_line(e)})",
+            "download or save the checkpoint again",
+        ) from e
 
 
 def _source_dtype(table: dict[str, TensorInfo], raw_config: dict) -> torch.dtype:
@@ -525,11 +572,12 @@ def verify(out: Path, planned: list[Planned], table: dict[str, TensorInfo]) -> i
 
 def convert_from_llama(opts: ConvertOptions) -> ConvertReport:
     """Convert; returns what was copied, reshaped and newly initialised. Nothing is written unless it all works."""
+    opts.output = Path(os.path.abspath(os.path.expanduser(opts.output)))  # `.` has no name to put a temp dir beside
     _check_output(opts)
     models.name_cpu_accelerator()
     source = resolve_source(opts.model)
     raw, src = read_source_config(source)
-    table = _tensor_table(source)
+    table = tensor_table(source)
     changes: list[tuple[str, object, object]] = []
     cfg = target_config(opts, src, table, changes)
     dtype = getattr(torch, opts.dtype.value) if opts.dtype else _source_dtype(table, raw)
@@ -576,6 +624,7 @@ def convert_from_llama(opts: ConvertOptions) -> ConvertReport:
         _place(tmp, opts.output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        _load_bin_once.cache_clear()
 
     return ConvertReport(
         output=opts.output,

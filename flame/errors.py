@@ -78,6 +78,12 @@ def check_output_dir(output, inputs, *, overwrite: bool, replaces: tuple[str, ..
         raise OutputExistsError(
             f"--output {output} exists", "pass --overwrite to replace it, or choose another --output"
         )
+    here = Path.cwd().resolve()
+    if out == here or out in here.parents:
+        raise OutputExistsError(
+            f"--output {output} is, or holds, the current folder, which --overwrite would replace under you",
+            "run from outside it, or choose another --output",
+        )
     if any(out.iterdir()) and not any((out / name).exists() for name in replaces):
         raise OutputExistsError(
             f"--overwrite: {output} is not {what} (no {' or '.join(replaces)} in it) and holds other files; flame "

@@ -329,7 +329,18 @@ def inspect_model(path: str | os.PathLike, options: InspectOptions, *, run: dict
     bf16_residual)."""
     with _quiet_fla():
         model, config = models.build_model(path, meta=True)
+    if _has_weights(Path(path)):  # the headers only: a missing shard, a git-lfs pointer, a truncated file
+        from flame.convert import tensor_table
+
+        try:
+            tensor_table(Path(path))
+        except CheckpointError as e:
+            raise ModelError(f"the weights of {path} are unusable: {e.message}", e.fix) from None
     return _model_facts(model, config, Path(path), options, run or {})
+
+
+def _has_weights(p: Path) -> bool:
+    return p.is_dir() and (any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin")))
 
 
 def _model_facts(model, config, p: Path, options: InspectOptions, run: dict) -> ModelFacts:
@@ -379,7 +390,7 @@ def _model_facts(model, config, p: Path, options: InspectOptions, run: dict) -> 
         heads=_config_value(config, "num_heads", "num_attention_heads", "n_head"),
         vocab_size=_config_value(config, "vocab_size"),
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        has_weights=p.is_dir() and any(p.glob("*.safetensors")),
+        has_weights=_has_weights(p),
         params=models.count_params(model),
         context=context,
         flops_per_token=flops["total"],

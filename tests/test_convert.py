@@ -269,6 +269,50 @@ def test_pytorch_bin_source(sources, tmp_path):
     torch.save(state, src / "pytorch_model.bin")
     report = run(src, tmp_path)
     assert report.verified == 21 and report.dtype == "float32"
+    # torch's legacy format (before 1.6) cannot be memory-mapped: it is read whole
+    torch.save(state, src / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    report = run(src, tmp_path, name="legacy")
+    assert report.verified == 21
+    assert torch.equal(load_converted(tmp_path / "legacy").model.embeddings.weight, state["model.embed_tokens.weight"])
+    (src / "pytorch_model.bin").write_bytes(b"\x80\x02 not a state dict")
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin cannot be read as a PyTorch state dict .*: download"):
+        run(src, tmp_path, name="bad")
+
+
+def test_a_weights_file_that_is_not_one_is_one_error(sources, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(sources["llama"], src)
+    weights = next(src.glob("*.safetensors"))
+    whole = weights.read_bytes()
+    for content, message in [
+        (
+            b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n",
+            "but a git-lfs pointer: run `git lfs pull`",
+        ),
+        (whole[:100], r"\(damaged or truncated\): download or save the checkpoint again"),
+        (b"", r"\(damaged or truncated\)"),
+    ]:
+        weights.write_bytes(content)
+        with pytest.raises(CheckpointError, match=rf"{weights.name} is not a safetensors file {message}"):
+            run(src, tmp_path)
+    weights.write_bytes(whole)
+    (src / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": weights.name, "b": "model-00002-of-00002.safetensors"}})
+    )
+    with pytest.raises(CheckpointError, match=r"index.json names 1 shard\(s\) that are not there \(model-00002-of"):
+        run(src, tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_paths_relative_to_the_current_folder(sources, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = target_config(tmp_path / "gla.json", "gla")
+    report = convert_from_llama(ConvertOptions(model=str(sources["llama"]), config=cfg, output=Path("out")))
+    assert report.output == tmp_path / "out" and (tmp_path / "out" / "config.json").exists()
+    monkeypatch.chdir(tmp_path / "out")  # replacing the folder one stands in would leave one in a deleted folder
+    with pytest.raises(OutputExistsError, match=r"--output \S+ is, or holds, the current folder.*: run from outside"):
+        convert_from_llama(ConvertOptions(model=str(sources["llama"]), config=cfg, output=Path("."), overwrite=True))
+    assert (tmp_path / "out" / "config.json").exists()
 
 
 def _meta_plan(source_type: str, source_fields: dict, config: Path):

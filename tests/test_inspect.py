@@ -144,6 +144,22 @@ def test_a_checkpoint_model_dir_is_a_model_with_weights(run):
     assert facts.params["total"] == 64 * 32 + 2 * (32 * 32 * 2 + 32 * 16 * 2 + 3 * 32 * 64 + 2 * 32) + 32
 
 
+def test_a_model_dir_with_unusable_weights_is_one_error(run, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(run / "checkpoints" / "step-00000006" / "model", model_dir)
+    weights = next(model_dir.glob("*.safetensors"))
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:-10])
+    with pytest.raises(ModelError, match=rf"weights of .*model are unusable: .*{weights.name} is truncated \("):
+        inspect(model_dir)
+    weights.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n")
+    with pytest.raises(ModelError, match=r"is not a safetensors file but a git-lfs pointer: run `git lfs pull`"):
+        inspect(model_dir)
+    weights.unlink()  # a dir with a PyTorch .bin has weights too
+    torch.save({"x": torch.zeros(2)}, model_dir / "pytorch_model.bin")
+    assert inspect(model_dir).has_weights
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # prepared datasets
 

@@ -349,6 +349,25 @@ def target_config(opts: ConvertOptions, src, table: dict[str, TensorInfo], chang
     return cfg
 
 
+def _check_vocab(target: int, rows: int, source: Path) -> None:
+    """A vocabulary cut below the copied tokenizer's size gives a model its own tokenizer's ids index past; cutting
+    only padding rows (embeddings larger than the tokenizer) is fine."""
+    if target >= rows or not any((source / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        size = len(AutoTokenizer.from_pretrained(source))
+    except Exception:  # a tokenizer transformers cannot load is copied as it is; nothing to count against
+        return
+    if target < size:
+        raise ConfigError(
+            f"--vocab config: the config's vocab_size {target:,} is below the {size:,} tokens of the source's "
+            "tokenizer, which is copied: its ids would index past the embedding",
+            f"set vocab_size to at least {size:,} in the config, or leave --vocab at source",
+        )
+
+
 def build_target(cfg, dtype: torch.dtype, seed: int):
     from transformers import AutoModelForCausalLM
 
@@ -580,6 +599,13 @@ def convert_from_llama(opts: ConvertOptions) -> ConvertReport:
     table = tensor_table(source)
     changes: list[tuple[str, object, object]] = []
     cfg = target_config(opts, src, table, changes)
+    if cfg.model_type in SOURCE_FAMILIES:  # e.g. configs/transformer_*.json, the baselines, are transformers' Llama
+        raise ConfigError(
+            f"--config {opts.config} is a {cfg.model_type} model, not an FLA one: there is nothing to convert into",
+            "give an FLA family's config (gla, gated_deltanet, delta_net, ...; FLA's softmax baseline is "
+            "model_type transformer)",
+        )
+    _check_vocab(cfg.vocab_size, src.vocab_size, source)
     dtype = getattr(torch, opts.dtype.value) if opts.dtype else _source_dtype(table, raw)
 
     with _phase(f"build: {cfg.model_type} model in {str(dtype).removeprefix('torch.')} (seed {opts.seed})"):
@@ -651,11 +677,18 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _counts(shapes: dict, planned: list[Planned], new: list[str]) -> dict[str, tuple[int, int]]:
-    out = {}
-    for kind, names in (
-        ("copied", [p.target for p in planned if p.kind == "copied"]),
-        ("reshaped", [p.target for p in planned if p.kind == "reshaped"]),
-        ("newly initialised", new),
-    ):
-        out[kind] = (len(names), sum(_numel(shapes[n]) for n in names))
-    return out
+    """kind -> (tensors, parameters). The rows an extended vocabulary adds keep the target's initialisation, so
+    their parameters count as newly initialised (the tensor counts as reshaped)."""
+
+    def from_source(p: Planned) -> int:
+        n = _numel(shapes[p.target])
+        return n if p.rows is None else n // shapes[p.target][0] * p.rows
+
+    copied = [p for p in planned if p.kind == "copied"]
+    reshaped = [p for p in planned if p.kind == "reshaped"]
+    added = sum(_numel(shapes[p.target]) - from_source(p) for p in reshaped)
+    return {
+        "copied": (len(copied), sum(map(from_source, copied))),
+        "reshaped": (len(reshaped), sum(map(from_source, reshaped))),
+        "newly initialised": (len(new), sum(_numel(shapes[n]) for n in new) + added),
+    }

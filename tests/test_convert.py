@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import flame.convert as convert
 from flame.convert import ConvertOptions, DType, TensorInfo, VocabPolicy, convert_from_llama, plan
@@ -177,11 +177,26 @@ def test_shape_mismatch_is_an_error_unless_allow_partial(sources, tmp_path):
     assert report.dropped == [f"model.layers.*.mlp.{x}_proj.weight (2)" for x in ("gate", "up", "down")]
 
 
-@pytest.mark.parametrize("vocab", [200, 400])
+def padded(source: Path, out: Path, rows: int) -> Path:
+    """A copy of a source whose embedding and LM head have padding rows past its tokenizer (as many models ship)."""
+    shutil.copytree(source, out)
+    state = source_state(source)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[name] = torch.cat([state[name], torch.randn(rows - state[name].shape[0], state[name].shape[1])])
+    for f in out.glob("model*.safetensors*"):
+        f.unlink()
+    save_file(state, out / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(config | {"vocab_size": rows}))
+    return out
+
+
+@pytest.mark.parametrize("vocab", [300, 400])
 def test_vocab_policy_config_truncates_or_extends(sources, tmp_path, vocab):
-    src = source_state(sources["llama"])["model.embed_tokens.weight"]
+    source = padded(sources["mistral"], tmp_path / "padded", 350)  # 350 rows for its tokenizer's 300 tokens
+    src = source_state(source)["model.embed_tokens.weight"]
     n = src.shape[0]
-    report = run(sources["llama"], tmp_path, config={"vocab_size": vocab}, vocab=VocabPolicy.config)
+    report = run(source, tmp_path, config={"vocab_size": vocab}, vocab=VocabPolicy.config)
     model = load_converted(tmp_path / "out")
     emb = model.model.embeddings.weight
     assert emb.shape[0] == vocab
@@ -191,8 +206,26 @@ def test_vocab_policy_config_truncates_or_extends(sources, tmp_path, vocab):
     assert f"model.embeddings.weight: vocab {n} -> {vocab} ({how})" in report.reshaped
     if vocab > n:
         assert emb[n:].abs().sum() > 0  # extended rows carry the target's initialisation
+    # the rows added count as newly initialised, not as taken from the source
+    hidden = emb.shape[1]
+    assert report.counts["reshaped"] == (2, 2 * rows * hidden)
+    assert sum(params for _, params in report.counts.values()) == report.total_params
     # The default policy takes the source's vocab size.
-    assert run(sources["llama"], tmp_path, name="default", config={"vocab_size": vocab}).reshaped == []
+    assert run(source, tmp_path, name="default", config={"vocab_size": vocab}).reshaped == []
+
+
+def test_a_llama_config_is_no_target(sources, tmp_path):
+    config = json.loads(target_config(tmp_path / "gla.json", "gla").read_text()) | {"model_type": "llama"}
+    (tmp_path / "llama.json").write_text(json.dumps(config))
+    options = ConvertOptions(model=str(sources["llama"]), config=tmp_path / "llama.json", output=tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"llama.json is a llama model, not an FLA one.*: give an FLA family"):
+        convert_from_llama(options)
+
+
+def test_a_vocab_below_the_tokenizer_is_refused(sources, tmp_path):
+    with pytest.raises(ConfigError, match=r"vocab_size 200 is below the 300 tokens of the source's tokenizer.*: set"):
+        run(sources["llama"], tmp_path, config={"vocab_size": 200}, vocab=VocabPolicy.config)
+    assert not (tmp_path / "out").exists()
 
 
 def test_not_llama_family_names_the_architecture(tmp_path):

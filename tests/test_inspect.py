@@ -77,6 +77,28 @@ def test_parameters_of_every_shipped_config_equal_the_built_model(config):
     assert facts.memory["total_gib"] == models.estimate_memory(built, 8, 2048, shared_casts=True)["total"]
 
 
+def _readme_row(config: Path) -> str:
+    """The README's row for a shipped config, from what `flame inspect` says (defaults: batch 8, share casts)."""
+
+    def n(x: int) -> str:
+        return f"{x / 1e9:.2f}B" if x >= 1e9 else f"{x / 1e6:.1f}M"
+
+    f, long = inspect(config), inspect(config, InspectOptions(context=8192))
+    p = f.params
+    return (
+        f"| `configs/{config.name}` | {f.model_type} | {f.layers} x {f.hidden} | {n(p['total'])} "
+        f"({n(p['embedding'])} / {n(p['non_embedding'])}) | {f.flops_per_token / 1e9:.2f}G / "
+        f"{long.flops_per_token / 1e9:.2f}G | {f.memory['total_gib']:.1f} |"
+    )
+
+
+def test_the_readme_table_of_shipped_configs_is_what_inspect_says():
+    """The table went stale once (its memory column predated shared casts by 10-15%); it is checked here."""
+    readme = (REPO / "README.md").read_text()
+    rows = [ln for ln in readme.splitlines() if ln.startswith("| `configs/") and ln.endswith(" |")]
+    assert rows == [_readme_row(config) for config in CONFIGS]
+
+
 def test_a_varlen_runs_estimate_counts_no_kept_gla_states(monkeypatch):
     """FLAME_GLA_STATES=keep keeps GLA's chunk states, except under --varlen, whose calls stay FLA's."""
     from flame.inspect import inspect_model

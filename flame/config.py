@@ -227,7 +227,9 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"--checkpoint {cfg.checkpoint} is a file; give a RUN/checkpoints/step-N folder")
     elif cfg.checkpoint and not Path(cfg.checkpoint).is_dir():
         problems.append(f"--checkpoint {cfg.checkpoint} does not exist")
-    for name in ("context", "batch", "update", "save", "logging", "max_bad_steps"):
+    if cfg.context < 2:
+        problems.append(f"--context must be >= 2 (a token and the next one to predict), got {cfg.context}")
+    for name in ("batch", "update", "save", "logging", "max_bad_steps"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name in ("steps", "warmup", "limit"):
@@ -235,6 +237,8 @@ def validate(cfg: TrainConfig) -> None:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.steps == 0 and cfg.epochs <= 0:
         problems.append(f"--epochs must be > 0 when --steps is 0, got {cfg.epochs}")
+    elif cfg.epochs < 0:
+        problems.append(f"--epochs must be >= 0, got {cfg.epochs}")
     if cfg.lr <= 0:
         problems.append(f"--lr must be > 0, got {cfg.lr}")
     if cfg.scheduler not in SCHEDULERS:

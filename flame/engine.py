@@ -249,11 +249,13 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
                 "set vocab_size in the model config to at least the tokenizer size, or prepare the data with the "
                 "model's tokenizer"
             )
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos and cfg.context > max_pos:
+    # Only a learned position table limits the length; GLA and its kin have none, RoPE computes positions on the fly
+    # (max_position_embeddings is then the length trained for, not a limit).
+    longest = models.max_context(config)
+    if longest is not None and cfg.context > longest:
         problems.append(
-            f"--context {cfg.context} is larger than the model supports (max_position_embeddings {max_pos}): "
-            "lower --context or raise max_position_embeddings in the model config"
+            f"--context {cfg.context} is longer than the model's position table ({longest} positions): "
+            "lower --context, or give the model a larger table in its config (n_positions for GPT-2)"
         )
     sharding, zero_stage = launcher_sharding(world)
     machines = launcher_machines(world)

@@ -28,12 +28,16 @@ def test_parse_cache_weights():
 
 
 def test_validate_collects_every_problem(tmp_path):
-    cfg = TrainConfig(model=str(tmp_path / "nope.json"), cache="", lr=-1, batch=0, scheduler="step")
+    cfg = TrainConfig(model=str(tmp_path / "nope.json"), cache="", lr=-1, batch=0, scheduler="step", context=1)
     with pytest.raises(ConfigError) as e:
         resolve(cfg)
     msg = str(e.value)
     for part in ("--model", "--cache is required", "--lr must be > 0", "--batch must be >= 1", "--scheduler"):
         assert part in msg
+    assert "--context must be >= 2 (a token and the next one to predict), got 1" in msg  # every update was NaN
+    cfg = TrainConfig(model=str(tmp_path / "nope.json"), cache="x", steps=10, epochs=-1)
+    with pytest.raises(ConfigError, match="--epochs must be >= 0, got -1"):
+        resolve(cfg)
 
 
 def test_resolve_fills_defaults(tmp_path):

@@ -116,11 +116,17 @@ def test_vocab_mismatch(files, tmp_path):
     _one_error(result, "has 64 tokens but the model's vocab_size is 32")
 
 
-def test_context_larger_than_the_model_supports(files, tmp_path):
+def test_context_longer_than_a_position_table(files, tmp_path):
+    gpt2 = {"model_type": "gpt2", "n_positions": 256, "n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": 64}
+    (tmp_path / "gpt2.json").write_text(json.dumps(gpt2))
     result = runner.invoke(
-        app, ["train", "--model", str(files / "llama.json"), "--cache", str(files / "ds"), "--context", "512"]
+        app, ["train", "--model", str(tmp_path / "gpt2.json"), "--cache", str(files / "ds"), "--context", "512"]
     )
-    _one_error(result, "--context 512 is larger than the model supports (max_position_embeddings 256)")
+    _one_error(result, "--context 512 is longer than the model's position table (256 positions): lower --context")
+    # RoPE (Llama's max_position_embeddings is 256 here) and recurrent models have no such table
+    for config in ("llama.json", "gla.json"):
+        result = _train(files, tmp_path, config, "--context", "512", "--dry-run")
+        assert result.exit_code == 0, result.output
 
 
 def test_context_longer_than_the_whole_dataset(files, tmp_path):

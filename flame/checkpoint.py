@@ -26,7 +26,8 @@ from flame.errors import CheckpointError, first_line, read_json_object
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.json"
-EARLIER = "continue from an earlier checkpoint of the run (--checkpoint RUN/checkpoints/step-N)"
+SET_ASIDE = "set-aside"
+EARLIER = "go back to an earlier checkpoint of the run: flame resume RUN --checkpoint step-N"
 _NAME = re.compile(r"^step-(\d{8,})$")
 
 
@@ -41,6 +42,24 @@ def complete(run_dir: str | os.PathLike) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+def set_aside_after(run_dir: str | os.PathLike, step: int) -> list[Path]:
+    """Move the run's checkpoints after `step` to RUN/set-aside/ (a run that went back to an earlier checkpoint
+    keeps one history; nothing is deleted). Returns where they went, oldest first."""
+    later = [p for p in complete(run_dir) if int(_NAME.match(p.name).group(1)) > step]
+    if not later:
+        return []
+    aside = Path(run_dir) / SET_ASIDE
+    aside.mkdir(exist_ok=True)
+    moved = []
+    for p in later:
+        target, n = aside / p.name, 1
+        while target.exists():  # set aside twice (went back twice): keep both
+            target, n = aside / f"{p.name}.{n}", n + 1
+        p.rename(target)
+        moved.append(target)
+    return moved
 
 
 def latest(run_dir: str | os.PathLike) -> Path | None:

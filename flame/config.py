@@ -220,7 +220,10 @@ def validate(cfg: TrainConfig) -> None:
             if Path(path).is_file():
                 problems.append(f"--cache {path} is a file; give the folder `flame data prepare` wrote")
             elif not Path(path).is_dir():
-                problems.append(f"--cache {path} does not exist (prepare it with `flame data prepare`)")
+                problems.append(
+                    f"--cache {path} does not exist (prepare it with `flame data prepare`; if a run's data moved, "
+                    "`flame resume RUN --cache NEW_PLACE`)"
+                )
             if not (math.isfinite(weight) and weight > 0):
                 problems.append(f"--cache weight of {path} must be a number > 0, got {weight}")
     if cfg.checkpoint and Path(cfg.checkpoint).is_file():

@@ -31,7 +31,14 @@ from flame import checkpoint as ckpt
 from flame import config as run_config
 from flame.config import TrainConfig
 from flame.data import loader as data_loader
-from flame.errors import CheckpointError, ConfigError, ModelError, OutputExistsError, TrainingError
+from flame.errors import (
+    CheckpointError,
+    ConfigError,
+    ModelError,
+    OutputExistsError,
+    TrainingError,
+    check_writable_dir,
+)
 from flame.firststep import FirstStep, triton_cache_dir
 from flame.logging import RunLogger, tensorboard_installed
 from flame.metrics import Throughput, eta, mfu, peak_flops, peak_memory_gib, reset_peak_memory
@@ -154,18 +161,25 @@ def skips_on_device(optimizer) -> torch.optim.Optimizer | None:
     return inner if inner.defaults.get("fused") else None
 
 
-def check_run_dir(cfg: TrainConfig) -> None:
+def check_run_dir(cfg: TrainConfig, *, rewind: bool = False) -> None:
     """--path must be new, or a run of flame's that this one continues: never another run's checkpoints, a model dir
     or a file, which training there would overwrite or rotate away."""
     run_dir = Path(cfg.path)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise OutputExistsError(f"--path {run_dir} is a file", "give a folder for the run (flame creates it)")
+    check_writable_dir(run_dir, "--path")
+    if (run_dir / ckpt.CHECKPOINTS).exists() and not (run_dir / ckpt.CHECKPOINTS).is_dir():
+        raise OutputExistsError(
+            f"--path {run_dir} holds a file named {ckpt.CHECKPOINTS}, where the run's checkpoints go",
+            "give another --path, or move that file",
+        )
     if (run_dir / run_config.CONFIG_FILE).is_file():
         try:
             run_config.load(run_dir)
         except ConfigError as e:
+            model = "model_type" in (run_dir / run_config.CONFIG_FILE).read_text()  # a model dir's, most often
             raise OutputExistsError(
-                f"--path {run_dir} has a {run_config.CONFIG_FILE} that flame train did not write ({e.message})",
+                f"--path {run_dir} is a model dir, not a run dir"
+                if model
+                else f"--path {run_dir} has a {run_config.CONFIG_FILE} that flame train did not write ({e.message})",
                 "give another --path (a model dir is read with --model, never trained into)",
             ) from e
     latest = ckpt.latest(run_dir)
@@ -180,6 +194,15 @@ def check_run_dir(cfg: TrainConfig) -> None:
         raise OutputExistsError(
             f"run dir {run_dir} has checkpoints of its own, and --checkpoint {cfg.checkpoint} is not one of them",
             f"give a new --path to continue {cfg.checkpoint} there, or continue this run with --checkpoint {latest}",
+        )
+    if Path(cfg.checkpoint).resolve() != Path(latest).resolve() and not rewind:
+        # Training on from an older checkpoint here would rotate the newer ones away, or leave them to be resumed
+        # later: two histories in one run dir, one metrics.jsonl.
+        raise OutputExistsError(
+            f"--checkpoint {cfg.checkpoint} is not the newest checkpoint of run dir {run_dir} ({Path(latest).name})",
+            f"give a new --path to branch off from {Path(cfg.checkpoint).name} there, or go back to it in this run "
+            f"with `flame resume {run_dir} --checkpoint {Path(cfg.checkpoint).name}` (the newer checkpoints are "
+            f"moved to {ckpt.SET_ASIDE}/)",
         )
 
 
@@ -581,14 +604,16 @@ def compile_blocks(model) -> None:
         block.compile()
 
 
-def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
+def train(cfg: TrainConfig, *, force: bool = False, rewind: bool = False) -> TrainResult:
     """Train as `cfg` says; returns where it stopped. Every process runs this (under `accelerate launch`).
 
     force: continue from a checkpoint (cfg.checkpoint) that was trained on other data than cfg.cache.
+    rewind: cfg.checkpoint is an older checkpoint of the run in cfg.path: the newer ones are moved to
+    RUN/set-aside/ before training goes on from it (`flame resume RUN --checkpoint step-N`).
     """
     try:
         with compile_settings() if cfg.compile else nullcontext():
-            return _train(cfg, force=force)
+            return _train(cfg, force=force, rewind=rewind)
     except torch.OutOfMemoryError as error:
         raise out_of_memory(error) from error  # one line at the CLI; FLAME_DEBUG=1 shows torch's paragraph
     finally:
@@ -625,7 +650,7 @@ def out_of_memory(error: BaseException) -> TrainingError:
     )
 
 
-def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
+def _train(cfg: TrainConfig, *, force: bool, rewind: bool = False) -> TrainResult:
     cuda = torch.cuda.is_available()
     models.name_cpu_accelerator()
     from accelerate import Accelerator
@@ -644,7 +669,7 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
         )
     p = plan(cfg, world=world)
     cfg = p.cfg
-    check_run_dir(cfg)
+    check_run_dir(cfg, rewind=rewind)
     run_dir = Path(cfg.path)
     capacity = memory_capacity_gib(accelerator.device, world // max(1, p.machines))
     if warning := memory_warning(p, *capacity, gpu=accelerator.device.type == "cuda"):
@@ -762,6 +787,8 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
         step, tokens, skipped, bad_in_a_row = state["step"], state["tokens"], state["skipped"], state["bad_in_a_row"]
         elapsed_before = state.get("elapsed", 0.0)
         loader.load_state_dict(state["data"])
+        if note := stretched_schedule(cfg, (state.get("config") or {}).get("steps"), p.steps, step):
+            ui.warn(note)
 
     if step >= p.steps:  # nothing to train: leave the run dir (config, metrics) as it is
         accelerator.end_training()
@@ -780,6 +807,8 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
         )
     if accelerator.is_main_process:
         run_config.save(cfg, run_dir)
+        if rewind and (moved := ckpt.set_aside_after(run_dir, step)):
+            ui.warn(f"went back to step {step}: moved {', '.join(p.name for p in moved)} to {moved[0].parent}")
     extra_files = sorted(f for f in tokenizer_dir.iterdir() if f.is_file()) if tokenizer_dir else []
     log = RunLogger(cfg, run_dir, total_steps=p.steps, start_step=step, enabled=accelerator.is_main_process)
     device_name = torch.cuda.get_device_name(accelerator.device) if cuda else None
@@ -1043,17 +1072,44 @@ def _train(cfg: TrainConfig, *, force: bool) -> TrainResult:
 #: batch, optimizer and seed stay as the run was started, so the continuation is exact).
 RESUME_OVERRIDES = (
     "steps", "logging", "save", "limit", "project", "tensorboard", "max_bad_steps", "eval", "eval_windows",
-    "cuda_graphs",
+    "cuda_graphs", "cache",
 )  # fmt: skip
+# --cache may change only as a new place for the same data: the checkpoint's data fingerprint (documents, tokens,
+# weight of each source) is checked against it, and other data needs --force.
 
 
-def resume(run_dir: str | os.PathLike, overrides: dict | None = None, *, force: bool = False) -> TrainResult:
+def stretched_schedule(cfg: TrainConfig, saved_steps: int | None, steps: int, step: int) -> str | None:
+    """The warning for a resumed run whose step count changed: the schedule (a function of the step and the total)
+    moves, so the learning rate jumps at the step it continues from. None when it stays within 1%."""
+    from flame.optim import schedule
+
+    if not saved_steps or saved_steps == steps or step >= steps:
+        return None
+    before, after = schedule(cfg, saved_steps)(step), schedule(cfg, steps)(step)  # update step + 1, either way
+    if abs(after - before) <= 0.01 * max(abs(before), 1e-12):
+        return None
+    return (
+        f"the {cfg.scheduler} schedule now spans {steps} updates instead of {saved_steps}: update {step + 1} runs at "
+        f"learning rate {after:.3g} where it would have run at {before:.3g}"
+    )
+
+
+def resume(
+    run_dir: str | os.PathLike,
+    overrides: dict | None = None,
+    *,
+    force: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+) -> TrainResult:
     """Continue a run from its newest complete checkpoint with the configuration it saved (RUN/config.json).
 
         flame resume exp/gla-340M-10B --steps 40960
 
     An interrupted save leaves only a `.step-N.tmp` folder, which is never picked: the run continues from the
     checkpoint before it, and the records logged after that checkpoint are dropped from metrics.jsonl.
+
+    checkpoint: go back to this earlier checkpoint of the run (a step-N folder or its name), e.g. when the newest
+    is damaged or diverged; the newer checkpoints are moved to RUN/set-aside/, never deleted.
     """
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     unsafe = sorted(set(overrides) - set(RESUME_OVERRIDES))
@@ -1073,5 +1129,14 @@ def resume(run_dir: str | os.PathLike, overrides: dict | None = None, *, force: 
             f"{run} has no complete checkpoint (an interrupted save's .tmp folder is never used)",
             "start it again with `flame train`, and pass --save to checkpoint more often",
         )
-    cfg = dataclasses.replace(run_config.load(run), checkpoint=str(latest), path=str(run), **overrides)
-    return train(cfg, force=force)
+    chosen = latest
+    if checkpoint is not None:
+        named = Path(checkpoint)
+        chosen = named if named.is_dir() else run / ckpt.CHECKPOINTS / named.name
+        if chosen.resolve() not in [c.resolve() for c in ckpt.complete(run)]:
+            names = ", ".join(c.name for c in ckpt.complete(run)[-5:])
+            raise CheckpointError(
+                f"--checkpoint {checkpoint} is not a complete checkpoint of {run}", f"give one of: {names}"
+            )
+    cfg = dataclasses.replace(run_config.load(run), checkpoint=str(chosen), path=str(run), **overrides)
+    return train(cfg, force=force, rewind=chosen != latest)

@@ -41,6 +41,26 @@ class TrainingError(FlameError):
     """Training cannot go on (e.g. the loss diverged); what was trained is saved first."""
 
 
+def check_writable_dir(path, option: str) -> None:
+    """A folder flame will create or write into must not be a file, lie under one, or be where nothing can be
+    written (permissions, a read-only disk): one error naming `option`, before any work is done."""
+    import os
+    from pathlib import Path
+
+    out = Path(path).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{option} {path} is a file", f"give a folder for {option} (flame creates it)")
+    above = next(p for p in out.parents if p.exists())  # "/" at the latest
+    if not out.exists() and not above.is_dir():
+        raise OutputExistsError(f"{option} {path} lies under the file {above}", f"give a folder path for {option}")
+    where = out if out.exists() else above
+    if not os.access(where, os.W_OK) or where.parts[:2] in (("/", "proc"), ("/", "sys")):
+        raise OutputExistsError(
+            f"{option} {path}: cannot write in {where} (no permission, or a read-only disk)",
+            f"give a {option} in a folder you can write to",
+        )
+
+
 def check_output_dir(output, inputs, *, overwrite: bool, replaces: tuple[str, ...], what: str) -> None:
     """Refuse an --output (one error naming the fix) that:
     - is a file, lies under one, or cannot be written (permissions, a read-only disk);
@@ -50,7 +70,6 @@ def check_output_dir(output, inputs, *, overwrite: bool, replaces: tuple[str, ..
     - with --overwrite, is a folder holding files but none of `replaces` (what this command writes, e.g. a
       manifest.json): flame replaces its own outputs only, never a folder of the user's.
     `what` names the kind of output in that last message ("a prepared dataset")."""
-    import os
     from pathlib import Path
 
     out = Path(output).expanduser().resolve()
@@ -62,16 +81,7 @@ def check_output_dir(output, inputs, *, overwrite: bool, replaces: tuple[str, ..
                     f"--output {output} is, holds, or lies inside the input {given}",
                     "give an --output outside the inputs",
                 )
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--output {output} is a file", "give a folder for the output (flame creates it)")
-    above = next(p for p in out.parents if p.exists())  # "/" at the latest
-    if not out.exists() and not above.is_dir():
-        raise OutputExistsError(f"--output {output} lies under the file {above}", "give a folder path for the output")
-    if not os.access(out if out.exists() else above, os.W_OK):
-        raise OutputExistsError(
-            f"--output {output}: cannot write in {out if out.exists() else above} (no permission, or a read-only disk)",
-            "give an --output in a folder you can write to",
-        )
+    check_writable_dir(output, "--output")
     if not out.exists():
         return
     if not overwrite:

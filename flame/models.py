@@ -115,6 +115,8 @@ def load_config(path: str | os.PathLike):
         raise ModelError(f"model config or dir {path} does not exist", "give a config JSON (configs/) or a model dir")
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
+        if (path / "model" / "config.json").is_file():  # a checkpoint folder: the model is inside
+            raise ModelError(f"{path} is a checkpoint, not a model dir", f"give its model dir, {path / 'model'}")
         raise ModelError(f"{path} has no config.json", "give a model dir written by flame train / flame convert")
     raw = read_json_object(
         file,
@@ -123,6 +125,12 @@ def load_config(path: str | os.PathLike):
         not_object_fix="a model config is a JSON object with a model_type",
     )
     model_type = raw.get("model_type")
+    if not model_type and {"cache", "path", "lr"} <= set(raw):  # what flame train writes to RUN/config.json
+        raise ModelError(
+            f"{path} is a flame run dir, not a model",
+            f"give one of its checkpoints' model dirs ({Path(path) / 'checkpoints' / 'step-N' / 'model'}), or continue "
+            f"the run with `flame resume {path}`",
+        )
     if not model_type:
         raise ModelError(f"{file} has no model_type", f'add "model_type": one of {", ".join(fla_model_types())}')
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING

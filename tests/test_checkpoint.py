@@ -45,5 +45,8 @@ def test_trainer_state_of_an_incomplete_folder_is_an_error(tmp_path):
 def test_a_damaged_trainer_state_is_one_error_pointing_at_an_earlier_checkpoint(tmp_path, text):
     path = _fake(tmp_path, 7)
     (path / "state" / ckpt.TRAINER_STATE).write_text(text)
-    with pytest.raises(CheckpointError, match="trainer.json is damaged .*: continue from an earlier checkpoint"):
+    with pytest.raises(
+        CheckpointError,
+        match="trainer.json is damaged .*: go back to an earlier checkpoint of the run: flame resume RUN --checkpoint",
+    ):
         ckpt.read_trainer_state(path)

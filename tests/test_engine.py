@@ -595,11 +595,20 @@ def test_a_run_dir_is_never_trained_over_by_another_run_or_a_model_dir(files, tm
         engine.train(_cfg(files, tmp_path / "b", steps=6, save=2, checkpoint=str(other)))
     # a model dir (its config.json is a model's) or a file as --path: refused
     model_dir = tmp_path / "b" / "checkpoints" / "step-00000004" / "model"
-    with pytest.raises(OutputExistsError, match="that flame train did not write"):
+    with pytest.raises(OutputExistsError, match=r"--path .*model is a model dir, not a run dir: give another --path"):
         engine.train(_cfg(files, model_dir, steps=2))
+    (tmp_path / "config.json").write_text('{"banana": 1}')
+    with pytest.raises(OutputExistsError, match="that flame train did not write"):
+        engine.train(_cfg(files, tmp_path, steps=2))
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputExistsError, match="is a file"):
         engine.train(_cfg(files, tmp_path / "file", steps=2))
+    with pytest.raises(OutputExistsError, match=r"--path .*file/run lies under the file"):
+        engine.train(_cfg(files, tmp_path / "file" / "run", steps=2))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "checkpoints").write_text("x")
+    with pytest.raises(OutputExistsError, match="holds a file named checkpoints, where the run's checkpoints go"):
+        engine.train(_cfg(files, tmp_path / "c", steps=2))
     assert {p: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()} == before
     # its own checkpoint continues it, as before
     assert engine.train(_cfg(files, tmp_path / "b", steps=6, save=2, checkpoint=str(model_dir.parent))).step == 6

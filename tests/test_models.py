@@ -178,6 +178,16 @@ def test_missing_path_and_dir_without_config(tmp_path):
         load_config(tmp_path / "nope.json")
     with pytest.raises(ModelError, match="no config.json"):
         load_config(tmp_path)
+    # what a user gives by mistake: a checkpoint folder (the model is inside), a run dir (its config is the run's)
+    (tmp_path / "step-00000010" / "model").mkdir(parents=True)
+    (tmp_path / "step-00000010" / "model" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(
+        ModelError, match=r"step-00000010 is a checkpoint, not a model dir: give its model dir, .*/model"
+    ):
+        load_config(tmp_path / "step-00000010")
+    (tmp_path / "config.json").write_text('{"model": "m.json", "cache": "data", "path": "exp/run", "lr": 0.001}')
+    with pytest.raises(ModelError, match=r"is a flame run dir, not a model: .*checkpoints/step-N/model.*flame resume"):
+        load_config(tmp_path)
 
 
 def test_gla_flops_by_hand():

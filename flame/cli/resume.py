@@ -2,6 +2,7 @@
 
 flame resume exp/gla-340M-10B                  # after a preemption, a crash or Ctrl-C
 flame resume exp/gla-340M-10B --steps 40960    # train further than planned
+flame resume exp/gla-340M-10B --checkpoint step-00002000    # go back (the newer checkpoints are set aside)
 accelerate launch --num_processes 8 -m flame resume exp/gla-340M-10B
 """
 
@@ -43,6 +44,24 @@ def resume(
         bool,
         typer.Option("--force", help="Continue even though the run's dataset changed since the checkpoint."),
     ] = False,
+    cache: Annotated[
+        str | None,
+        typer.Option(
+            "--cache",
+            help="The run's prepared dataset(s) at a new place (moved or copied); checked against the checkpoint's "
+            "data (documents and tokens of each), so other data needs --force.",
+            show_default=False,
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--checkpoint",
+            help="Go back to this earlier checkpoint of the run (step-N, e.g. when the newest is damaged or "
+            "diverged); the newer ones are moved to RUN/set-aside/, never deleted.",
+            show_default=False,
+        ),
+    ] = None,
 ):
     """Continue a run from its newest complete checkpoint, with the configuration it saved.
 
@@ -55,6 +74,7 @@ def resume(
 
     overrides = dict(steps=steps, logging=logging, save=save, limit=limit, project=project, max_bad_steps=max_bad_steps)
     overrides |= dict(eval=eval, eval_windows=eval_windows, cuda_graphs=cuda_graphs, tensorboard=tensorboard)
-    result = engine.resume(run_dir, overrides, force=force)
+    overrides |= dict(cache=cache)
+    result = engine.resume(run_dir, overrides, force=force, checkpoint=checkpoint)
     if ui.is_main_process():
         _render_result(result)

@@ -73,6 +73,46 @@ def test_resume_may_raise_steps(full_run, tmp_path):
     assert (run / "checkpoints" / "step-00000008").is_dir()
 
 
+def test_a_longer_run_warns_that_its_schedule_moves(full_run, tmp_path):
+    run = _interrupted_copy(full_run, tmp_path)  # at step 3 of 6: cosine, lr 3e-3, warmup 2
+    result = runner.invoke(app, ["resume", str(run), "--steps", "12"])
+    assert result.exit_code == 0, result.output
+    line = "warning: the cosine schedule now spans 12 updates instead of 6: update 4 runs at learning rate"
+    assert line in " ".join(result.output.split())
+    assert [r["step"] for r in _records(run)] == list(range(1, 13))
+
+
+def test_going_back_to_an_earlier_checkpoint_sets_the_newer_ones_aside(full_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(full_run / "full", run)
+    result = runner.invoke(app, ["resume", str(run), "--checkpoint", "step-00000003"])
+    assert result.exit_code == 0, result.output
+    assert "went back to step 3: moved step-00000006 to" in " ".join(result.output.split())
+    # one history: the records after step 3 are this run's (the same, bit for bit, as nothing else changed)
+    assert [(r["step"], r["loss"]) for r in _records(run)] == [
+        (r["step"], r["loss"]) for r in _records(full_run / "full")
+    ]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+    assert [p.name for p in (run / "set-aside").iterdir()] == ["step-00000006"]  # kept, never deleted
+    result = runner.invoke(app, ["resume", str(run), "--checkpoint", "step-00000004"])
+    assert result.exit_code == 1
+    assert "--checkpoint step-00000004 is not a complete checkpoint of" in result.output
+    assert "give one of: step-00000003, step-00000006" in " ".join(result.output.split())
+
+
+def test_train_from_an_older_checkpoint_of_the_same_run_is_refused(full_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(full_run / "full", run)
+    config = json.loads((run / "config.json").read_text())
+    args = ["train", "--model", config["model"], "--cache", config["cache"], "--path", str(run)]
+    result = runner.invoke(app, [*args, "--checkpoint", str(run / "checkpoints" / "step-00000003"), "--steps", "7"])
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())
+    assert "is not the newest checkpoint of run dir" in text and "(step-00000006)" in text
+    assert f"flame resume {run} --checkpoint step-00000003" in text
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+
+
 def test_resume_may_start_evaluating_without_changing_the_training(full_run, tmp_path):
     run = _interrupted_copy(full_run, tmp_path)
     result = runner.invoke(app, ["resume", str(run), "--eval", "2", "--eval-windows", "4"])
@@ -118,6 +158,24 @@ def test_other_data_is_refused_unless_forced(full_run, tmp_path):
     result = runner.invoke(app, ["resume", str(run), "--force"])
     assert result.exit_code == 0, result.output
     assert "finished at step 6" in result.output
+
+
+def test_data_that_moved_is_given_anew_and_checked(full_run, tmp_path):
+    run = _interrupted_copy(full_run, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    config["cache"] = str(tmp_path / "gone")  # the dataset was moved after the run started
+    (run / "config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, ["resume", str(run)])
+    assert result.exit_code == 1 and "if a run's data moved, `flame resume RUN --cache NEW_PLACE`" in result.output
+    result = runner.invoke(app, ["resume", str(run), "--cache", str(full_run / "other")])
+    assert result.exit_code == 1 and "was trained on other data" in result.output  # a new place, not new data
+    shutil.copytree(full_run / "ds", tmp_path / "moved")
+    result = runner.invoke(app, ["resume", str(run), "--cache", str(tmp_path / "moved")])
+    assert result.exit_code == 0, result.output
+    assert [(r["step"], r["loss"]) for r in _records(run)] == [
+        (r["step"], r["loss"]) for r in _records(full_run / "full")
+    ]
+    assert json.loads((run / "config.json").read_text())["cache"] == str(tmp_path / "moved")
 
 
 def test_model_shape_mismatch(full_run, tmp_path):

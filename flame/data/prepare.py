@@ -16,6 +16,7 @@ the end; a crash or Ctrl-C leaves no folder that could be taken for a prepared d
 """
 
 import json
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -114,7 +115,9 @@ def validate(config: PrepareConfig) -> list[str]:
         problems.append(f"--context_length must be positive, got {config.context_length}")
     if config.num_proc is not None and config.num_proc < 1:
         problems.append(f"--num-proc must be at least 1, got {config.num_proc}")
-    if config.val_docs is not None and (config.val_docs < 0 or (config.val_docs >= 1 and config.val_docs % 1)):
+    if config.val_docs is not None and (
+        not math.isfinite(config.val_docs) or config.val_docs < 0 or (config.val_docs >= 1 and config.val_docs % 1)
+    ):
         problems.append(f"--val-docs takes a count or a fraction below 1, got {config.val_docs}")
     if config.batch_size < 1:
         problems.append(f"batch_size must be at least 1, got {config.batch_size}")

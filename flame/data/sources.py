@@ -35,6 +35,13 @@ LFS_POINTER = b"version https://git-lfs"  # how a file that `git lfs pull` has n
 # A batch ends at batch_size documents or at this many characters, whichever comes first: a batch's Encodings
 # take ~100 bytes a token, so this keeps a worker near 100 MB whatever the document lengths.
 BATCH_CHARS = 1 << 20
+# Files a folder of data holds that are not documents, passed over in a folder (a file named on its own is read):
+# the hub's and `save_to_disk`'s metadata, flame's manifest, a tokenizer's and a model's files.
+NOT_DOCUMENTS = frozenset({
+    "dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json", "manifest.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "config.json", "generation_config.json",
+})  # fmt: skip
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -115,7 +122,11 @@ def local_files(dataset: str) -> list[str]:
     """Every supported file under a folder (recursively), a single file, or a glob; sorted; errors name the fix."""
     path = os.path.expanduser(dataset)
     if os.path.isdir(path):
-        found = sorted(str(p) for p in Path(path).rglob("*") if p.is_file() and not p.name.startswith("."))
+        found = sorted(
+            str(p)
+            for p in Path(path).rglob("*")
+            if p.is_file() and not p.name.startswith(".") and p.name not in NOT_DOCUMENTS
+        )
     elif glob.has_magic(path):
         found = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
     elif os.path.isfile(path):

@@ -28,6 +28,11 @@ def load_tokenizer(name_or_path: str):
         path = os.path.expanduser(name_or_path)
         if not os.path.isdir(path):
             raise DataError(f"tokenizer dir {name_or_path!r} does not exist", OFFLINE_FIX)
+        inner = os.path.join(path, "tokenizer")  # a prepared dataset, or a run's checkpoint, keeps it there
+        if not os.path.isfile(os.path.join(path, "tokenizer.json")) and os.path.isdir(inner):
+            raise DataError(
+                f"{name_or_path!r} holds its tokenizer in a subfolder, not at the top", f"give --tokenizer {inner}"
+            )
         name_or_path = path
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)

@@ -221,6 +221,9 @@ def test_bad_text_column_type_and_options(tmp_path, tokenizer_dir):
     cfg = PrepareConfig(dataset=str(path), context_length=0, num_proc=0, val_docs=2.5)
     with pytest.raises(ConfigError, match="--context_length must be positive.*--num-proc.*--val-docs"):
         prepare(cfg)
+    for bad in (float("nan"), float("inf")):  # nan failed only after the whole corpus was tokenized, with a traceback
+        with pytest.raises(ConfigError, match=f"--val-docs takes a count or a fraction below 1, got {bad}"):
+            prepare(PrepareConfig(dataset=str(path), val_docs=bad))
     write_jsonl(tmp_path / "t.jsonl", ["a", "b"])
     cfg = PrepareConfig(
         dataset=str(tmp_path / "t.jsonl"), tokenizer=str(tokenizer_dir), output=str(tmp_path / "v"), val_docs=2

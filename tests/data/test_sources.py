@@ -71,8 +71,10 @@ def test_slimpajama_tree_is_found_recursively(tmp_path):
         "train/chunk2/example_train_0.jsonl.zst",
     ]
     assert read_all(source) == docs
-    # A folder may hold a README; only the data files count.
+    # A folder may hold a README and the hub's metadata (an HF clone's dataset_infos.json); only the data files count.
+    (root / "dataset_infos.json").write_text(json.dumps({"default": {"splits": {}}}))
     assert len(resolve_source(str(root)).files) == 3
+    assert read_all(resolve_source(str(root))) == docs
 
 
 def test_glob_and_progress_weights(tmp_path):

@@ -31,6 +31,12 @@ def test_missing_tokenizer_says_how_to_build_one_offline(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"cannot load tokenizer .*empty.*flame data tokenizer"):
         load_tokenizer(str(tmp_path / "empty"))
+    (tmp_path / "dataset" / "tokenizer").mkdir(parents=True)  # a prepared dataset given as --tokenizer
+    inner = tmp_path / "dataset" / "tokenizer"
+    with pytest.raises(
+        DataError, match=rf"holds its tokenizer in a subfolder, not at the top: give --tokenizer {inner}"
+    ):
+        load_tokenizer(str(tmp_path / "dataset"))
 
 
 def test_tokenizer_without_eos_is_refused(tmp_path):

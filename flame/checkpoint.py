@@ -44,6 +44,47 @@ def complete(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+class RunLock:
+    """RUN/.lock, held (flock) by the process that trains the run, so that a second launch on the same run dir
+    (a job requeued while the first still runs) stops with one line instead of both writing one metrics.jsonl and
+    one checkpoints/ folder. The kernel drops it when the process ends, however it ends: nothing stale is left."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / self.NAME
+        self._file = None
+
+    def acquire(self) -> str | None:
+        """Take the lock: None once held, else who holds it ("pid N on HOST")."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            return holder
+        import socket
+
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._file = f
+        return None
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the flock
+            self._file = None
+
+
 def set_aside_after(run_dir: str | os.PathLike, step: int) -> list[Path]:
     """Move the run's checkpoints after `step` to RUN/set-aside/ (a run that went back to an earlier checkpoint
     keeps one history; nothing is deleted). Returns where they went, oldest first."""

@@ -20,7 +20,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import ExitStack, closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -612,8 +612,8 @@ def train(cfg: TrainConfig, *, force: bool = False, rewind: bool = False) -> Tra
     RUN/set-aside/ before training goes on from it (`flame resume RUN --checkpoint step-N`).
     """
     try:
-        with compile_settings() if cfg.compile else nullcontext():
-            return _train(cfg, force=force, rewind=rewind)
+        with compile_settings() if cfg.compile else nullcontext(), ExitStack() as cleanup:
+            return _train(cfg, force=force, rewind=rewind, cleanup=cleanup)
     except torch.OutOfMemoryError as error:
         raise out_of_memory(error) from error  # one line at the CLI; FLAME_DEBUG=1 shows torch's paragraph
     finally:
@@ -650,7 +650,7 @@ def out_of_memory(error: BaseException) -> TrainingError:
     )
 
 
-def _train(cfg: TrainConfig, *, force: bool, rewind: bool = False) -> TrainResult:
+def _train(cfg: TrainConfig, *, force: bool, rewind: bool = False, cleanup: ExitStack) -> TrainResult:
     cuda = torch.cuda.is_available()
     models.name_cpu_accelerator()
     from accelerate import Accelerator
@@ -804,6 +804,19 @@ def _train(cfg: TrainConfig, *, force: bool, rewind: bool = False) -> TrainResul
         ui.warn(
             f"--warmup {cfg.warmup} is not below the run's {p.steps} steps: the learning rate never reaches --lr "
             f"{cfg.lr:g}; lower --warmup"
+        )
+    # One launch trains a run dir at a time; the main process holds its lock, and every process learns the outcome.
+    lock = ckpt.RunLock(run_dir) if accelerator.is_main_process else None
+    holder = lock.acquire() if lock else None
+    if lock:
+        cleanup.callback(lock.release)
+    taken = holder is not None
+    if world > 1:
+        taken = bool(accelerator.reduce(torch.tensor(float(taken), device=accelerator.device), reduction="sum") > 0)
+    if taken:
+        raise OutputExistsError(
+            f"run dir {run_dir} is being trained by {holder or 'another launch'}",
+            "wait for it to end or stop it; a run dir is trained by one launch at a time",
         )
     if accelerator.is_main_process:
         run_config.save(cfg, run_dir)

@@ -160,6 +160,26 @@ def test_other_data_is_refused_unless_forced(full_run, tmp_path):
     assert "finished at step 6" in result.output
 
 
+def test_a_run_dir_being_trained_is_not_trained_by_a_second_launch(full_run, tmp_path):
+    import os
+    import socket
+
+    from flame.checkpoint import RunLock
+
+    run = _interrupted_copy(full_run, tmp_path)
+    other = RunLock(run)  # as the first launch holds it (a requeued job started while it still runs)
+    assert other.acquire() is None
+    result = runner.invoke(app, ["resume", str(run)])
+    assert result.exit_code == 1
+    line = f"is being trained by pid {os.getpid()} on {socket.gethostname()}: wait for it to end or stop it"
+    assert line in " ".join(result.output.split())
+    assert not (run / "checkpoints" / "step-00000006").exists() and len(_records(run)) == 6  # nothing written
+    other.release()
+    result = runner.invoke(app, ["resume", str(run)])
+    assert result.exit_code == 0, result.output
+    assert RunLock(run).acquire() is None  # released when the training ended
+
+
 def test_data_that_moved_is_given_anew_and_checked(full_run, tmp_path):
     run = _interrupted_copy(full_run, tmp_path)
     config = json.loads((run / "config.json").read_text())

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from flame import models
+from flame import hub, models
 from flame.errors import CheckpointError, ConfigError, ModelError, check_output_dir, first_line
 from flame.ui import RateColumn, err_console, interactive, progress
 
@@ -275,6 +275,7 @@ def resolve_source(model: str) -> Path:
         raise ModelError(f"--model {model}: no such directory", "pass a local model dir or a hub id like org/name")
     from huggingface_hub import snapshot_download
 
+    hub.offline_unless_reachable()
     try:
         patterns = ["*.json", "model*.safetensors", "*.model", "*.txt", "*.jinja"]
         return Path(snapshot_download(model, allow_patterns=patterns))

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flame import hub
 from flame.errors import DataError, FlameError, first_line
 
 # Longest suffix first: `.jsonl.zst` must win over a plain `.zst` lookup.
@@ -271,6 +272,7 @@ def _detect_column(columns: list[str], where: str) -> str:
 def _resolve_hub(dataset: str, name: str | None, split: str, column: str | None, streaming: bool) -> Source:
     import datasets
 
+    hub.offline_unless_reachable()
     try:
         ds = datasets.load_dataset(dataset, name, split=split, streaming=streaming)
     except (ConnectionError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as e:

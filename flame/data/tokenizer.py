@@ -10,6 +10,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from flame import hub
 from flame.errors import ConfigError, DataError, check_output_dir, first_line
 
 DEFAULT_TOKENIZER = "fla-hub/gla-1.3B-100B"
@@ -34,6 +35,8 @@ def load_tokenizer(name_or_path: str):
                 f"{name_or_path!r} holds its tokenizer in a subfolder, not at the top", f"give --tokenizer {inner}"
             )
         name_or_path = path
+    else:
+        hub.offline_unless_reachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:  # OSError offline/not found, ValueError for a dir without tokenizer files

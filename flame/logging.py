@@ -22,8 +22,6 @@ import sys
 import uuid
 from pathlib import Path
 
-from rich.progress import TextColumn
-
 from flame import ui
 from flame.config import TrainConfig
 from flame.errors import ConfigError
@@ -90,10 +88,12 @@ class RunLogger:
             self.__exit__(*sys.exc_info())  # what was opened is closed (wandb told the run failed)
             raise
         if ui.interactive():
-            self.progress = ui.progress(TextColumn("{task.fields[line]}"))
+            # The bar (steps, elapsed, ETA) stays at the bottom; each logged step prints a line above it, so the
+            # history stays on screen and a narrow terminal cuts nothing.
+            self.progress = ui.progress()
             self.progress.start()
             self.task = self.progress.add_task(
-                f"train {self.cfg.type}", total=self.total_steps, completed=self.start_step, line=""
+                f"train {self.cfg.type}", total=self.total_steps, completed=self.start_step
             )
         return self
 
@@ -147,10 +147,9 @@ class RunLogger:
                     self.tensorboard.add_scalar(k, v, record["step"])
             self.tensorboard.flush()  # a killed run keeps what it logged, as metrics.jsonl does
         if self.progress is not None:
-            self.progress.update(self.task, completed=record["step"], line=_fmt(record))
-        else:
-            ui.print0(_fmt(record))
-            ui.flush()
+            self.progress.update(self.task, completed=record["step"])
+        ui.print0(_fmt(record))
+        ui.flush()
 
     def warn(self, message: str) -> None:
         ui.warn(message)

@@ -41,8 +41,13 @@ def interactive() -> bool:
 
 
 def print0(*args, **kwargs) -> None:
-    """Print on rank 0 only (nanoGPT's print0)."""
-    if is_main_process():
+    """Print on rank 0 only (nanoGPT's print0). While a progress display is live on a terminal, above it: rich
+    draws the display on stderr and would not see a line written to stdout, which then ran into the bar."""
+    if not is_main_process():
+        return
+    if _LIVE and console.is_terminal:
+        _LIVE[-1].console.print(*args, **kwargs)
+    else:
         console.print(*args, **kwargs)
 
 
@@ -70,9 +75,26 @@ class RateColumn(ProgressColumn):
         return Text(f"{human(done / elapsed)} {self.unit}/s", style="progress.data.speed")
 
 
+_LIVE: list[Progress] = []  # the progress displays now live, innermost last
+
+
+class _Progress(Progress):
+    """Progress that says when it is live, so print0 can print above it."""
+
+    def start(self) -> None:
+        super().start()
+        if not self.disable:
+            _LIVE.append(self)
+
+    def stop(self) -> None:
+        if self in _LIVE:
+            _LIVE.remove(self)
+        super().stop()
+
+
 def progress(*extra_columns: ProgressColumn) -> Progress:
     """A rich progress display with rate and ETA; disabled (callers print plain lines) when not interactive."""
-    return Progress(
+    return _Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),

@@ -164,7 +164,11 @@ def _render_result(r) -> None:
     how = {"done": "finished", "signal": "stopped on request"}[r.stopped]
     loss = "-" if r.loss is None else f"{r.loss:.4f}"
     first = "-" if r.first_loss is None else f"{r.first_loss:.4f}"
-    ui.console.print(f"{how} at step {r.step}: loss {first} -> {loss}, {ui.human(r.tokens)} tokens", highlight=False)
+    # The updates' own losses, where the logged lines average each --logging window: said, so they are not compared.
+    ui.console.print(
+        f"{how} at step {r.step}: loss {first} (first update) -> {loss} (last update), {ui.human(r.tokens)} tokens",
+        highlight=False,
+    )
     if r.skipped:
         ui.console.print(f"{r.skipped} updates skipped (NaN/inf loss or gradient)")
     if r.checkpoint:

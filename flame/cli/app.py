@@ -39,6 +39,29 @@ if os.environ.get("FLAME_DEBUG") != "1":
     warnings.formatwarning = one_line_warning
 
 
+def _help_layout() -> None:
+    """--help as a user reads it. Piped (`flame train --help | less`), rich would lay the help out 80 columns wide
+    and cut paths and option names with an ellipsis; it gets 120 (TERMINAL_WIDTH still decides). typer 0.29 shows a
+    flag's type (`--overwrite <bool>`), which reads as if it took a value (`--overwrite true` is an error); flags show
+    none."""
+    from typer import rich_utils
+    from typer.core import TyperOption
+
+    if rich_utils.MAX_WIDTH is None and not os.isatty(1):
+        rich_utils.MAX_WIDTH = 120
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is not None and not getattr(shown, "_flame", False):
+
+        def display_type_rich(self, ctx):
+            return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+        display_type_rich._flame = True
+        TyperOption.display_type_rich = display_type_rich
+
+
+_help_layout()
+
+
 class FlameGroup(TyperGroup):
     """Turns FlameError into one readable line. Lives on the click group so CliRunner tests see it too."""
 

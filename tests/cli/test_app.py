@@ -116,3 +116,13 @@ def test_library_warnings_print_as_one_line_naming_their_source():
     )
     mine = one_line_warning("x", DeprecationWarning, "/work/x.py", 3)
     assert mine == "warning: x (DeprecationWarning, /work/x.py:3)\n"
+
+
+def test_help_shows_flags_without_a_type_and_whole_paths_when_piped():
+    prepare = runner.invoke(app, ["data", "prepare", "--help"]).output
+    assert "data/{dataset}/{name}/{split}" in prepare and "--context_length,--context-length" in prepare
+    assert "…" not in prepare  # nothing cut at 80 columns (piped help is 120 wide)
+    convert = runner.invoke(app, ["convert", "from-llama", "--help"]).output
+    assert "--overwrite" in convert and "<bool>" not in convert  # a flag takes no value; `<bool>` read as if it did
+    assert "<path>" in convert  # options that take a value still show its type
+

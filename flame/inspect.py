@@ -660,7 +660,10 @@ def inspect_checkpoint(path: str | os.PathLike, options: InspectOptions, on_prog
         checks.append(Check("shapes match config", False, "not checked: the config or the weights are unreadable"))
     nan, inf = sum(t.nan for t in tensors), sum(t.inf for t in tensors)
     bad = [f"{t.name} ({t.nan} NaN, {t.inf} inf)" for t in tensors if t.nan or t.inf]
-    checks.append(Check("finite weights", not bad, _summary(bad, "no NaN or inf")))
+    if read_problems and not bad:  # what could not be read was not checked either
+        checks.append(Check("finite weights", False, "not checked: the weights are unreadable"))
+    else:
+        checks.append(Check("finite weights", not bad, _summary(bad, "no NaN or inf")))
 
     stats = {
         "tensors": len(tensors),

@@ -125,4 +125,3 @@ def test_help_shows_flags_without_a_type_and_whole_paths_when_piped():
     convert = runner.invoke(app, ["convert", "from-llama", "--help"]).output
     assert "--overwrite" in convert and "<bool>" not in convert  # a flag takes no value; `<bool>` read as if it did
     assert "<path>" in convert  # options that take a value still show its type
-

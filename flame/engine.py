@@ -40,7 +40,7 @@ from flame.errors import (
     check_writable_dir,
 )
 from flame.firststep import FirstStep, triton_cache_dir
-from flame.logging import RunLogger, tensorboard_installed
+from flame.logging import METRICS, RunLogger, tensorboard_installed
 from flame.metrics import Throughput, eta, mfu, peak_flops, peak_memory_gib, reset_peak_memory
 from flame.optim import build_optimizer, fill_state, schedule
 
@@ -184,6 +184,12 @@ def check_run_dir(cfg: TrainConfig, *, rewind: bool = False) -> None:
             ) from e
     latest = ckpt.latest(run_dir)
     if latest is None:
+        logged = run_dir / METRICS
+        if logged.is_file() and (n := sum(1 for line in logged.read_text().splitlines() if line.strip())):
+            ui.warn(
+                f"--path {run_dir} holds a run that saved no checkpoint ({n} records in {METRICS}): it starts over, "
+                f"and its {METRICS} is replaced"
+            )
         return
     if not cfg.checkpoint:
         raise OutputExistsError(

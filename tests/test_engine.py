@@ -614,6 +614,17 @@ def test_a_run_dir_is_never_trained_over_by_another_run_or_a_model_dir(files, tm
     assert engine.train(_cfg(files, tmp_path / "b", steps=6, save=2, checkpoint=str(model_dir.parent))).step == 6
 
 
+def test_a_run_that_saved_no_checkpoint_starts_over_with_a_warning(files, tmp_path, capsys):
+    engine.train(_cfg(files, tmp_path / "run", steps=3))
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if it crashed before its first save
+    capsys.readouterr()
+    engine.train(_cfg(files, tmp_path / "run", steps=2))
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--path {tmp_path / 'run'} holds a run that saved no checkpoint (3 records in metrics.jsonl): it " in err
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+
+
 def test_a_run_resumes_from_any_working_directory(files, tmp_path, monkeypatch):
     files_copy = tmp_path / "work"
     shutil.copytree(files, files_copy)

@@ -7,6 +7,7 @@ traceback instead. Only commands that work are registered here.
 """
 
 import os
+import re
 import warnings
 from typing import Annotated
 
@@ -83,7 +84,15 @@ class FlameGroup(TyperGroup):
             if isinstance(e, NoArgsIsHelpError) or os.environ.get("FLAME_DEBUG") == "1":
                 raise
             where = e.ctx.command_path if e.ctx else "flame"
-            error_line(f"{e.format_message().rstrip('.')}: see `{where} --help`")
+            message = e.format_message().rstrip(".")
+            if re.search(r"No such option: --(gpus|nodes|num[_-]processes|nproc)\b", message):  # old train.sh knobs
+                unknown = re.split(r" \(?Possible", message)[0]
+                error_line(
+                    f"{unknown}: the processes come from accelerate, e.g. `accelerate launch --num_processes 8 -m "
+                    f"{where} ...` (README, Training: the train.sh table)"
+                )
+            else:
+                error_line(f"{message}: see `{where} --help`")
             raise typer.Exit(2) from None
 
 

@@ -92,6 +92,11 @@ def test_usage_errors_are_one_line_naming_the_help_and_exit_2(monkeypatch):
         (["train", "--bogus"], "error: No such option: --bogus: see `flame train --help`"),
         (["nosuch"], "error: No such command 'nosuch': see `flame --help`"),
         (["train", "--batch", "abc"], "error: Invalid value for '--batch': "),
+        (
+            ["train", "--gpus", "8"],  # the old train.sh's knob: the launcher's now
+            "error: No such option: --gpus: the processes come from accelerate, e.g. `accelerate launch "
+            "--num_processes 8 -m flame train ...`",
+        ),
     ]:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output

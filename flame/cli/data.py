@@ -162,6 +162,8 @@ def prepare_command(
     )
     if manifest["settings"]["skipped_empty"]:
         ui.warn(f"skipped {manifest['settings']['skipped_empty']:,} empty documents")
+    for note in result.notes:
+        ui.warn(note)
 
 
 @app.command("tokenizer")

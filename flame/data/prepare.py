@@ -93,6 +93,42 @@ class Progress:
 class PrepareResult:
     output: str
     manifest: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """What the user should know (leftovers of interrupted runs removed or found), one line each."""
+
+
+OWNER = ".owner"  # in a temp folder: "HOST PID" of the run writing it
+
+
+def leftovers(output: str) -> tuple[list[str], list[str]]:
+    """Temp folders of earlier runs of this output that were killed (SIGKILL, a node lost) before cleaning up:
+    (removed, kept). A folder written by a process of this machine that is gone is removed; one of another machine,
+    or of a process still running, is kept and named (on a shared disk another machine may still be writing it)."""
+    import glob
+    import socket
+
+    parent, name = os.path.dirname(output), os.path.basename(output)
+    removed, kept = [], []
+    for path in sorted(glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.incomplete-*"))):
+        try:
+            host, pid = Path(path, OWNER).read_text().split()
+            gone = host == socket.gethostname() and not _running(int(pid))
+        except (OSError, ValueError):
+            gone = False
+        if gone:
+            shutil.rmtree(path, ignore_errors=True)
+        (removed if gone else kept).append(path)
+    return removed, kept
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
 
 
 def default_output(config: PrepareConfig) -> str:
@@ -143,7 +179,8 @@ def prepare(config: PrepareConfig, on_progress=None) -> PrepareResult:
     problems = validate(config)
     if problems:
         raise ConfigError("; ".join(problems))
-    output = os.path.abspath(os.path.expanduser(config.output or default_output(config)))
+    # realpath: an output that is a link to a bigger disk is written there (the link stays), not replaced by a folder
+    output = os.path.realpath(os.path.expanduser(config.output or default_output(config)))
     check_output_dir(
         output, [config.dataset, config.tokenizer], overwrite=config.overwrite, replaces=(MANIFEST,),
         what="a prepared dataset",
@@ -154,9 +191,18 @@ def prepare(config: PrepareConfig, on_progress=None) -> PrepareResult:
     num_proc = max(1, min(config.num_proc or os.cpu_count() or 1, len(source.units)))
     state = Progress(total=source.total, unit=source.weight_unit)
 
+    removed, kept = leftovers(output)
+    notes = [f"removed {p}, left by an interrupted run of this output" for p in removed]
+    notes += [
+        f"{p} is left by another run of this output (another machine's, or still running): remove it if none is"
+        for p in kept
+    ]
     tmp = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.incomplete-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, "parts"))
+    import socket
+
+    Path(tmp, OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
     try:
         started = time.time()
         parts = _tokenize(source, tokenizer, num_proc, config.batch_size, tmp, state, on_progress)
@@ -199,7 +245,7 @@ def prepare(config: PrepareConfig, on_progress=None) -> PrepareResult:
         replace_dir(os.path.join(tmp, "dataset"), output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return PrepareResult(output=output, manifest=manifest)
+    return PrepareResult(output=output, manifest=manifest, notes=notes)
 
 
 def _tokenize(source: Source, tokenizer, num_proc, batch_size, tmp, state: Progress, on_progress) -> list[dict]:

@@ -185,6 +185,49 @@ def test_an_output_where_nothing_can_be_written_is_one_error(tmp_path, tokenizer
     assert os.listdir(tmp_path / "ro") == []
 
 
+def test_leftovers_of_killed_runs_are_removed_when_surely_dead_and_named_otherwise(tmp_path, tokenizer_dir):
+    import socket
+    import subprocess
+    import sys
+
+    corpus(tmp_path / "corpus", n=12)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process of this machine that has ended
+    owners = {"mine": f"{socket.gethostname()} {pid}", "other": f"node-17 {pid}", "unknown": None}
+    for i, owner in enumerate(owners.values()):
+        left = tmp_path / f".out.incomplete-{i}"
+        (left / "parts").mkdir(parents=True)
+        if owner:
+            (left / prepare_module.OWNER).write_text(owner)
+    cfg = PrepareConfig(
+        dataset=str(tmp_path / "corpus"), tokenizer=str(tokenizer_dir), output=str(tmp_path / "out"), num_proc=1
+    )
+    notes = prepare(cfg).notes
+    assert notes == [
+        f"removed {tmp_path / '.out.incomplete-0'}, left by an interrupted run of this output",
+        *(
+            f"{tmp_path / f'.out.incomplete-{i}'} is left by another run of this output (another machine's, or still "
+            "running): remove it if none is"
+            for i in (1, 2)
+        ),
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.incomplete-1", ".out.incomplete-2", "corpus", "out"]
+
+
+def test_an_output_that_is_a_link_is_written_where_it_points(tmp_path, tokenizer_dir):
+    corpus(tmp_path / "corpus", n=12)
+    (tmp_path / "big-disk").mkdir()
+    (tmp_path / "data").symlink_to(tmp_path / "big-disk")
+    cfg = PrepareConfig(
+        dataset=str(tmp_path / "corpus"), tokenizer=str(tokenizer_dir), output=str(tmp_path / "data" / "ds"), num_proc=1
+    )
+    prepare(cfg)
+    (tmp_path / "big-disk" / "ds-link").symlink_to(tmp_path / "big-disk" / "ds")
+    prepare(dataclasses.replace(cfg, output=str(tmp_path / "big-disk" / "ds-link"), overwrite=True))
+    assert (tmp_path / "big-disk" / "ds-link").is_symlink() and (tmp_path / "big-disk" / "ds" / MANIFEST).is_file()
+    assert sorted(p.name for p in (tmp_path / "big-disk").iterdir()) == ["ds", "ds-link"]  # no .old- folder left
+
+
 def test_a_failed_run_leaves_no_output(tmp_path, tokenizer_dir, monkeypatch):
     corpus(tmp_path / "corpus", n=12)
 

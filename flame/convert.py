@@ -1,6 +1,7 @@
 """Start an FLA model from a Llama-family checkpoint (the GSA paper's recipe, arXiv 2409.07146, section 4.2).
 
-    flame convert from-llama --model mistralai/Mistral-7B-v0.1 --config configs/gla_7B.json --output converted/gla-7B
+    flame convert from-llama --model mistralai/Mistral-7B-v0.1 --config configs/gla_7B_mistral.json \\
+        --output converted/gla-7B
 
 The target model is built from an FLA config (GLA, Gated DeltaNet, DeltaNet, GSA, RetNet, FLA's transformer: every
 family whose layers have q/k/v/o projections and a gated MLP) and keeps its own initialisation for what Llama does
@@ -67,7 +68,8 @@ class ConvertOptions:
     model: str
     """Source model: a local transformers model dir or a hub id (Llama, Mistral or Qwen2 architecture)."""
     config: Path
-    """FLA model config JSON (e.g. configs/gla_7B.json); its hidden size and layer count must match the source."""
+    """FLA model config JSON (e.g. configs/gla_7B_mistral.json for Mistral-7B); its hidden size and layer count must
+    match the source."""
     output: Path
     """Model dir to write: config.json, *.safetensors and the source's tokenizer."""
     dtype: DType | None = None
@@ -480,7 +482,7 @@ def plan(
                 )
         else:
             used.discard(sname)  # not copied: listed with the dropped source tensors
-            mismatched.append((f"{name} {list(shape)} vs {list(sshape)}", sname))
+            mismatched.append((f"{name} {list(shape)} (target) vs {list(sshape)} (source)", sname))
             new.append(name)
     # A tied source may still store its LM head; it is the embedding, so nothing is lost.
     dropped = [n for n in table if n not in used and not (src_tied and n == "lm_head.weight")]
@@ -622,11 +624,16 @@ def convert_from_llama(opts: ConvertOptions) -> ConvertReport:
         unfit = [d for d in dropped if d not in {src_name for _, src_name in mismatched}]
         what = [f"shapes differ: {m}" for m in group_names([m for m, _ in mismatched])[:3]]
         what += [f"no place in the target: {d}" for d in group_names(unfit)[:3]]
+        fix = (
+            "fix the config (heads, intermediate_size, expand_k/expand_v, head_dim), or pass --allow-partial to keep "
+            "the target's initialisation for them"
+            if mismatched
+            else "pass --allow-partial to leave them out (each is listed; no config gives them a place)"
+        )
         raise ConfigError(
             f"{len(mismatched)} tensors do not fit and {len(unfit)} source tensors have no place in the "
             f"{cfg.model_type} model ({'; '.join(what)})",
-            "fix the config (heads, intermediate_size, expand_k/expand_v, head_dim), or pass --allow-partial to keep "
-            "the target's initialisation for them",
+            fix,
         )
 
     params = dict(model.named_parameters())

@@ -19,8 +19,9 @@ that never form a T x T matrix. Here the count is
     flops_per_token = 3 * (2 * N_matmul + sum over layers of F_mixer)
 
 - 3x: the backward pass costs twice the forward (gradients w.r.t. inputs and weights), so training = 3 x forward.
-- N_matmul: the weights of every nn.Linear and nn.Conv1d of the model, the LM head included (counted even when
-  tied to the input embedding: the output matmul happens regardless); each weight does one multiply-add per token,
+- N_matmul: the weights of every nn.Linear and nn.Conv1d (and transformers' Conv1D, GPT-2's linear) of the model,
+  the LM head included (counted even when tied to the input embedding: the output matmul happens regardless); each
+  weight does one multiply-add per token,
   2 FLOPs. The embedding lookup, norms, gates and activations are elementwise and left out (< 1%).
   So 6 * N_matmul is the familiar "6N", with N = non-embedding parameters + LM head.
 - F_mixer: the token mixer's own forward FLOPs per token, beyond its projections. C = chunk size (64 for FLA's
@@ -563,7 +564,9 @@ def flops_breakdown(config, context: int) -> dict:
     if context <= 0:
         raise ValueError(f"context must be positive, got {context}")
     model = _as_model(config)
-    n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d)))
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers (a transposed nn.Linear)
+
+    n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, Conv1D)))
     # a tied LM head shares its weight with the embedding and is an nn.Linear: counted above once already;
     # an LM head that is not an nn.Linear (rare) is added here
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

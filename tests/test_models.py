@@ -190,6 +190,15 @@ def test_missing_path_and_dir_without_config(tmp_path):
         load_config(tmp_path)
 
 
+def test_gpt2_linears_count_as_matmul_weights():
+    """GPT-2's linears are transformers' Conv1D, not nn.Linear: they once went uncounted (N was the LM head only)."""
+    from transformers import GPT2Config
+
+    config = GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4, vocab_size=100)
+    per_layer = 64 * 3 * 64 + 64 * 64 + 64 * 256 + 256 * 64  # c_attn, c_proj, c_fc, mlp c_proj
+    assert flops_breakdown(config, 64)["n_matmul"] == 2 * per_layer + 100 * 64  # + the (tied) LM head
+
+
 def test_gla_flops_by_hand():
     # one GLA layer: hidden 64, 2 heads, expand_k 0.5 (dk = 16 per head), expand_v 1 (dv = 32), vocab 100,
     # intermediate 128, no conv; projections q (64x32) k (64x32) v (64x64) g (64x64) gk (64x16 + 16x32) o (64x64),

@@ -30,8 +30,10 @@ def from_llama(
     overwrite: Annotated[bool, typer.Option("--overwrite", help=_HELP["overwrite"])] = False,
     seed: Annotated[int, typer.Option("--seed", help=_HELP["seed"])] = 0,
 ):
-    """Initialise an FLA model from a Llama, Mistral or Qwen2 checkpoint: copy embeddings, norms, q/k/v/o, MLP and
-    LM head; FLA's own parameters (gates, convolutions, ...) keep their initialisation.
+    """Initialise an FLA model from a Llama, Mistral or Qwen2 checkpoint.
+
+    Copies the embeddings, norms, q/k/v/o, MLP and LM head; FLA's own parameters (gates, convolutions, ...) keep
+    their initialisation.
 
     [bold]Examples[/bold]
 

@@ -220,10 +220,14 @@ def validate(cfg: TrainConfig) -> None:
             if Path(path).is_file():
                 problems.append(f"--cache {path} is a file; give the folder `flame data prepare` wrote")
             elif not Path(path).is_dir():
-                problems.append(
-                    f"--cache {path} does not exist (prepare it with `flame data prepare`; if a run's data moved, "
-                    "`flame resume RUN --cache NEW_PLACE`)"
-                )
+                base, _, weight_text = path.rpartition(":")
+                if base and Path(base).is_dir():  # DIR:WEIGHT with a weight that is no number
+                    problems.append(f"--cache {path}: the weight after the colon, {weight_text!r}, is not a number")
+                else:
+                    problems.append(
+                        f"--cache {path} does not exist (prepare it with `flame data prepare`; if a run's data "
+                        "moved, `flame resume RUN --cache NEW_PLACE`)"
+                    )
             if not (math.isfinite(weight) and weight > 0):
                 problems.append(f"--cache weight of {path} must be a number > 0, got {weight}")
     if cfg.checkpoint and Path(cfg.checkpoint).is_file():

@@ -27,6 +27,14 @@ def test_parse_cache_weights():
     assert parse_cache("x:y") == [("x:y", 1.0)]
 
 
+def test_a_weight_that_is_no_number_is_named(tmp_path):
+    (tmp_path / "m.json").write_text("{}")
+    (tmp_path / "data").mkdir()
+    cfg = TrainConfig(model=str(tmp_path / "m.json"), cache=f"{tmp_path / 'data'}:abc")
+    with pytest.raises(ConfigError, match=r"--cache .*data:abc: the weight after the colon, 'abc', is not a number"):
+        resolve(cfg)
+
+
 def test_validate_collects_every_problem(tmp_path):
     cfg = TrainConfig(model=str(tmp_path / "nope.json"), cache="", lr=-1, batch=0, scheduler="step", context=1)
     with pytest.raises(ConfigError) as e:

@@ -74,6 +74,11 @@ class FlameGroup(TyperGroup):
                 raise
             error_line(str(e))
             raise typer.Exit(1) from None
+        except KeyboardInterrupt:  # Ctrl-C outside training (which saves and stops on its own): said, exit 130
+            if os.environ.get("FLAME_DEBUG") == "1":
+                raise
+            error_line("interrupted (Ctrl-C): what was being written is removed, what was there before is kept")
+            raise typer.Exit(130) from None
         except OSError as e:  # a full disk, no permission: the machine's refusal, with the path and the fix
             known = from_os_error(e)
             if known is None or os.environ.get("FLAME_DEBUG") == "1":

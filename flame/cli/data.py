@@ -157,7 +157,8 @@ def prepare_command(
     tok = manifest["tokenizer"]
     ui.print0(
         f"column {source['column']!r}, tokenizer {tok['name_or_path']} (vocab {tok['vocab_size']:,}, "
-        f"eos {tok['eos_token_id']}), {manifest['settings']['num_proc']} processes, "
+        f"eos {tok['eos_token_id']}), {manifest['settings']['num_proc']} "
+        f"process{'es' if manifest['settings']['num_proc'] != 1 else ''}, "
         f"{manifest['settings']['tokenize_seconds']:.1f}s tokenizing"
     )
     if manifest["settings"]["skipped_empty"]:

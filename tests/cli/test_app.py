@@ -79,6 +79,12 @@ def test_a_full_disk_or_no_permission_is_one_line_naming_the_path_and_a_bug_stay
         raised["e"] = e
         result = runner.invoke(boom, ["fail"])
         assert result.exit_code == 1 and result.output.strip() == line
+    raised["e"] = KeyboardInterrupt()
+    result = runner.invoke(boom, ["fail"])
+    assert result.exit_code == 130
+    assert result.output.strip() == (
+        "error: interrupted (Ctrl-C): what was being written is removed, what was there before is kept"
+    )
     raised["e"] = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "x")  # not the machine's: a bug
     assert isinstance(runner.invoke(boom, ["fail"]).exception, FileNotFoundError)
     monkeypatch.setenv("FLAME_DEBUG", "1")

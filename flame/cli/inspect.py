@@ -190,7 +190,8 @@ def _relative(path: str, root: str) -> str:
 
 
 def _count(n: int | None) -> str:
-    return "-" if n is None else f"{ui.human(n)} ({n:,})"
+    """1.23M (1,234,567); below 1,000 the number once ("100", not "100 (100)")."""
+    return "-" if n is None else f"{n:,}" if abs(n) < 1000 else f"{ui.human(n)} ({n:,})"
 
 
 def _num(value: float | None, spec: str = ".4f") -> str:

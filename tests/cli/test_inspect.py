@@ -295,3 +295,9 @@ def test_a_run_says_where_else_its_records_went(run, tmp_path):
     assert json.loads(flame(copy, "--json").stdout)["logged_to"] == {
         "wandb": "abc123def456", "tensorboard": str(copy / "tensorboard"),
     }  # fmt: skip
+
+
+def test_counts_read_once_below_a_thousand():
+    from flame.cli.inspect import _count
+
+    assert (_count(100), _count(999), _count(1_234_567), _count(None)) == ("100", "999", "1.23M (1,234,567)", "-")

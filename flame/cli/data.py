@@ -43,6 +43,7 @@ class _Display:
         self.started = time.time()
         self.last_line = 0.0
         self.stage = None
+        self.baseline = None  # (time, done) of the first update with work done: the ETA's rate starts there
 
     def __enter__(self):
         return self
@@ -52,10 +53,11 @@ class _Display:
             self.bar.stop()
 
     def __call__(self, state) -> None:
-        # Bytes are shown in MB so the done/total column stays readable.
-        scale = 1e6 if state.unit == "B" else 1
+        # Bytes are shown in MB (KB below 10 MB, where MB would read 0/0) so the done/total column stays readable.
+        scale = (1e6 if (state.total or 0) >= 10e6 else 1e3) if state.unit == "B" else 1
         done, total = state.done / scale, (state.total / scale if state.total else None)
-        label = f"{state.stage} ({'MB' if scale > 1 else 'docs'})"
+        unit = {1e6: "MB", 1e3: "KB"}.get(scale, "docs")
+        label = f"{state.stage} ({unit})"
         if self.task is None:
             # Started on the first update, after prepare has forked its workers: rich's refresh thread should not
             # exist at fork time (a forked child inherits locks, never the threads holding them).
@@ -73,9 +75,15 @@ class _Display:
         elapsed = max(now - self.started, 1e-9)
         line = f"{state.stage}: {ui.human(state.docs)} docs, {ui.human(state.tokens)} tokens"
         line += f", {ui.human(state.docs / elapsed)} docs/s, {ui.human(state.tokens / elapsed)} tokens/s"
+        if self.baseline is None and done:
+            self.baseline = (now, done)
         if total and done:
-            eta = max(0.0, elapsed * (total - done) / done)
-            line += f", {100 * done / total:.0f}%, ETA {int(eta // 60)}m{int(eta % 60):02d}s"
+            line += f", {100 * done / total:.0f}%"
+            # The rate since the first work done: the start (the tokenizer's load, the workers' start) is no rate
+            t0, done0 = self.baseline
+            if done > done0:
+                eta = max(0.0, (now - t0) * (total - done) / (done - done0))
+                line += f", ETA {int(eta // 60)}m{int(eta % 60):02d}s"
         if ui.is_main_process():
             ui.err_console.print(line)
 

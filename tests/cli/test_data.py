@@ -160,3 +160,24 @@ def test_tokenizer_command(tmp_path):
     assert "trained on 60 documents" in result.output and (tmp_path / "tok" / "tokenizer.json").exists()
     one_error_line(run("tokenizer", tmp_path / "c", "--output", tmp_path / "tok"), "exists", "--overwrite")
     one_error_line(run("tokenizer", tmp_path / "none", "--output", tmp_path / "t2"), "no file or folder matches")
+
+
+def test_plain_progress_gives_an_eta_from_the_rate_of_work_not_from_the_start(monkeypatch, capsys):
+    import itertools
+
+    from flame.cli import data as data_cli
+    from flame.data.prepare import Progress
+
+    # created at 100; a minute of start-up; then 10 s per 10% of the work
+    clock = itertools.chain([100.0, 160.0, 170.0, 180.0], itertools.repeat(190.0))
+    monkeypatch.setattr(data_cli.time, "time", lambda: next(clock))
+    monkeypatch.setattr(data_cli, "PLAIN_EVERY_S", 0.0)
+    display = data_cli._Display()
+    for done in (10, 20, 30):
+        display(Progress(docs=done, tokens=10 * done, done=done * 10**5, total=10**7, unit="B"))
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split("tokens/s, ")[1] for ln in lines] == ["10%", "20%, ETA 1m20s", "30%, ETA 1m10s"]
+    assert display.bar.tasks[0].description == "tokenizing (MB)"
+    small = data_cli._Display()
+    small(Progress(done=4000, total=8000, unit="B"))
+    assert small.bar.tasks[0].description == "tokenizing (KB)" and small.bar.tasks[0].total == 8.0  # was 0/0 in MB

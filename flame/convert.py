@@ -611,9 +611,12 @@ def convert_from_llama(opts: ConvertOptions) -> ConvertReport:
     _check_vocab(cfg.vocab_size, src.vocab_size, source)
     dtype = getattr(torch, opts.dtype.value) if opts.dtype else _source_dtype(table, raw)
 
-    with _phase(f"build: {cfg.model_type} model in {str(dtype).removeprefix('torch.')} (seed {opts.seed})"):
-        model = build_target(cfg, dtype, opts.seed)
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}  # tied weights appear once
+    # Shapes first, from a model on the meta device (no memory, no time): a config that does not fit is one line in
+    # seconds, not after a 7B model is built.
+    with torch.device("meta"):
+        meta = build_target(cfg, dtype, opts.seed)
+    shapes = {n: tuple(p.shape) for n, p in meta.named_parameters()}  # tied weights appear once
+    del meta
     if not any(_PROJ.search(n) for n in shapes) or not any(_MLP.search(n) for n in shapes):
         raise ModelError(
             f"the {cfg.model_type} model has no q/k/v/o projections and gated MLP to copy Llama's into",
@@ -636,6 +639,8 @@ def convert_from_llama(opts: ConvertOptions) -> ConvertReport:
             fix,
         )
 
+    with _phase(f"build: {cfg.model_type} model in {str(dtype).removeprefix('torch.')} (seed {opts.seed})"):
+        model = build_target(cfg, dtype, opts.seed)
     params = dict(model.named_parameters())
     with torch.no_grad():
         items = sorted(planned, key=lambda p: (str(table[p.source].file), table[p.source].offsets))

@@ -170,13 +170,18 @@ def test_qwen2_biases_have_no_place_in_gla(sources, tmp_path):
     assert sorted(report.dropped) == [f"model.layers.*.self_attn.{x}_proj.bias (2)" for x in "kqv"]
 
 
-def test_shape_mismatch_is_an_error_unless_allow_partial(sources, tmp_path):
+def test_shape_mismatch_is_an_error_unless_allow_partial(sources, tmp_path, monkeypatch):
+    built = []
+    real = convert.build_target
+    monkeypatch.setattr(convert, "build_target", lambda *a: built.append(torch.empty(0).device.type) or real(*a))
     message = (
         r"6 tensors do not fit and 0 .*shapes differ: model.layers.\*.mlp.gate_proj.weight \[96, 64\] \(target\) vs"
     )
     with pytest.raises(ConfigError, match=message):
         run(sources["llama"], tmp_path, config={"intermediate_size": 96})
+    assert built == ["meta"]  # found on the meta device, before a real model (minutes at 7B) was built
     report = run(sources["llama"], tmp_path, config={"intermediate_size": 96}, allow_partial=True)
+    assert built == ["meta", "meta", "cpu"]
     assert "model.layers.*.mlp.gate_proj.weight (2)" in report.new
     assert report.dropped == [f"model.layers.*.mlp.{x}_proj.weight (2)" for x in ("gate", "up", "down")]
 
@@ -387,7 +392,10 @@ def test_shipped_gla_7B_halves_keys_so_llama2_7B_fits_only_partially():
     planned, new, mismatched, dropped = _meta_plan("llama", LLAMA2_7B, CONFIGS / "gla_7B.json")
     assert len(mismatched) == 64 and all(".attn.q_proj." in m or ".attn.k_proj." in m for m, _ in mismatched)
     what, source = mismatched[0]
-    assert (what, source) == ("model.layers.0.attn.q_proj.weight [2048, 4096] vs [4096, 4096]", LLAMA_Q0)
+    assert (what, source) == (
+        "model.layers.0.attn.q_proj.weight [2048, 4096] (target) vs [4096, 4096] (source)",
+        LLAMA_Q0,
+    )
     assert sorted(dropped) == sorted(s for _, s in mismatched)
 
 

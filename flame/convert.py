@@ -280,7 +280,12 @@ def resolve_source(model: str) -> Path:
     hub.offline_unless_reachable()
     try:
         patterns = ["*.json", "model*.safetensors", "*.model", "*.txt", "*.jinja"]
-        return Path(snapshot_download(model, allow_patterns=patterns))
+        path = Path(snapshot_download(model, allow_patterns=patterns))
+        if not any(path.glob("model*.safetensors")):  # an older repo: its weights only as PyTorch .bin files
+            path = Path(
+                snapshot_download(model, allow_patterns=["pytorch_model*.bin", "pytorch_model*.bin.index.json"])
+            )
+        return path
     except Exception as e:  # the hub client raises many kinds (offline, gated, not found); all mean the same here
         raise ModelError(
             f"--model {model} is not a local directory and could not be fetched from the hub ({type(e).__name__})",

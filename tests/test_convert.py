@@ -281,6 +281,28 @@ def test_missing_source_and_config(tmp_path, sources):
         convert_from_llama(ConvertOptions(str(sources["llama"]), config=tmp_path / "x.json", output=tmp_path / "o"))
 
 
+def test_a_hub_model_with_only_pytorch_bin_weights(sources, tmp_path, monkeypatch):
+    """An older hub repo ships pytorch_model.bin only: fetched after the safetensors patterns found no weights (from
+    an offline hub cache here, laid out as huggingface_hub writes it)."""
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "hub" / "models--old-org--llama-bin" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    for f in sources["llama"].iterdir():
+        if not f.name.startswith("model"):  # config and tokenizer files
+            shutil.copy(f, snapshot / f.name)
+    torch.save(source_state(sources["llama"]), snapshot / "pytorch_model.bin")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    asked, real = [], huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append(kw) or real(repo, **kw))
+    report = run("old-org/llama-bin", tmp_path)
+    assert report.verified == 21
+    assert [kw["allow_patterns"][1] for kw in asked] == ["model*.safetensors", "pytorch_model*.bin.index.json"]
+
+
 def test_target_without_attention_projections(sources, tmp_path):
     cfg = tmp_path / "mamba2.json"
     cfg.write_text(json.dumps({"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "num_heads": 4,

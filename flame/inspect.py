@@ -93,6 +93,8 @@ def validate(options: InspectOptions) -> None:
         problems.append(f"--precision must be bf16 or fp32, got {options.precision}")
     if options.zero_stage not in (0, 1, 2, 3):
         problems.append(f"--zero-stage must be 0, 1, 2 or 3, got {options.zero_stage}")
+    elif options.fsdp and options.zero_stage == 1:  # FSDP's strategies match stages 3, 2 and 0 (engine.FSDP_STAGES)
+        problems.append("--fsdp has no --zero-stage 1: FULL_SHARD is 3, SHARD_GRAD_OP 2, NO_SHARD 0")
     if options.sample < 0:
         problems.append(f"--sample must be >= 0, got {options.sample}")
     if options.plot is not None and not options.plot.lower().endswith(".png"):

@@ -556,3 +556,5 @@ def test_bad_options_are_all_reported_at_once():
         "--context must be >= 1, got 0; --precision must be bf16 or fp32, got fp8; "
         "--zero-stage must be 0, 1, 2 or 3, got 4"
     )
+    with pytest.raises(ConfigError, match="--fsdp has no --zero-stage 1: FULL_SHARD is 3, SHARD_GRAD_OP 2, NO_SHARD 0"):
+        inspect(REPO / "configs" / "demo_gla.json", InspectOptions(fsdp=True, zero_stage=1))

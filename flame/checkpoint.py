@@ -45,31 +45,44 @@ def complete(run_dir: str | os.PathLike) -> list[Path]:
 
 
 class RunLock:
-    """RUN/.lock, held (flock) by the process that trains the run, so that a second launch on the same run dir
-    (a job requeued while the first still runs) stops with one line instead of both writing one metrics.jsonl and
-    one checkpoints/ folder. The kernel drops it when the process ends, however it ends: nothing stale is left."""
+    """FOLDER/.lock, held (flock) by the process that writes the folder: a run dir while it trains, so that a second
+    launch on the same run dir (a job requeued while the first still runs) stops with one line instead of both
+    writing one metrics.jsonl and one checkpoints/ folder; prepare's temp folder, so that a later run can tell a
+    killed run's leftover from one still being written. The kernel drops the lock when the process (and any child
+    forked while it held it) ends, however it ends. A file system that cannot lock (NFSv3 without lockd, Lustre
+    mounted noflock) locks nothing: `unsupported` says why, and the work goes on unguarded."""
 
     NAME = ".lock"
 
-    def __init__(self, run_dir: str | os.PathLike):
-        self.path = Path(run_dir) / self.NAME
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / self.NAME
         self._file = None
+        self.unsupported: str | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
 
     def acquire(self) -> str | None:
-        """Take the lock: None once held, else who holds it ("pid N on HOST")."""
+        """Take the lock: None once held (or where nothing can be locked), else who holds it ("pid N on HOST")."""
         try:
             import fcntl
-        except ImportError:  # not POSIX: no lock
+        except ImportError:  # not POSIX
+            self.unsupported = "no flock on this platform"
             return None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held: by whom, as the holder wrote it
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
             return holder
+        except OSError as e:  # ENOLCK, ENOSYS, EOPNOTSUPP: the file system does not lock
+            f.close()
+            self.unsupported = f"{self.path.parent} cannot be locked ({e.strerror or e})"
+            return None
         import socket
 
         f.seek(0)

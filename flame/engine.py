@@ -161,6 +161,40 @@ def skips_on_device(optimizer) -> torch.optim.Optimizer | None:
     return inner if inner.defaults.get("fused") else None
 
 
+def hold_run_dir(run_dir: Path, accelerator, cleanup: ExitStack) -> None:
+    """One launch trains a run dir at a time: the main process takes RUN/.lock (checkpoint.RunLock) before anything
+    of the run is read or written, and every process learns whether it got it. A run dir made only for the lock is
+    removed again if the run stops before writing anything into it (see _tidy)."""
+    check_writable_dir(run_dir, "--path")
+    lock = None
+    if accelerator.is_main_process:
+        lock = ckpt.RunLock(run_dir)
+        made_dir, made_lock = not run_dir.exists(), not lock.path.exists()
+        holder = lock.acquire()
+        cleanup.callback(_tidy, run_dir, made_dir, made_lock and lock.held)
+        cleanup.callback(lock.release)  # first: the stack unwinds last in, first out
+        if lock.unsupported:
+            ui.warn(f"{lock.unsupported}: a second launch on this run dir would not be stopped")
+    taken = lock is not None and not lock.held and not lock.unsupported
+    if accelerator.num_processes > 1:
+        flag = torch.tensor(float(taken), device=accelerator.device)
+        taken = bool(accelerator.reduce(flag, reduction="sum") > 0)
+    if taken:
+        raise OutputExistsError(
+            f"run dir {run_dir} is being trained by {holder if lock else 'another launch'}",
+            "wait for it to end or stop it; a run dir is trained by one launch at a time",
+        )
+
+
+def _tidy(run_dir: Path, made_dir: bool, made_lock: bool) -> None:
+    """A run that stopped before it logged anything leaves no lock file (in a folder that is no run dir, a model dir
+    given as --path, say) and no run dir that was made only for the lock."""
+    if made_lock and not (run_dir / METRICS).exists():
+        (run_dir / ckpt.RunLock.NAME).unlink(missing_ok=True)
+    if made_dir and run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
 def check_run_dir(cfg: TrainConfig, *, rewind: bool = False) -> None:
     """--path must be new, or a run of flame's that this one continues: never another run's checkpoints, a model dir
     or a file, which training there would overwrite or rotate away."""
@@ -675,8 +709,9 @@ def _train(cfg: TrainConfig, *, force: bool, rewind: bool = False, cleanup: Exit
         )
     p = plan(cfg, world=world)
     cfg = p.cfg
-    check_run_dir(cfg, rewind=rewind)
     run_dir = Path(cfg.path)
+    hold_run_dir(run_dir, accelerator, cleanup)
+    check_run_dir(cfg, rewind=rewind)
     capacity = memory_capacity_gib(accelerator.device, world // max(1, p.machines))
     if warning := memory_warning(p, *capacity, gpu=accelerator.device.type == "cuda"):
         ui.warn(warning)
@@ -810,19 +845,6 @@ def _train(cfg: TrainConfig, *, force: bool, rewind: bool = False, cleanup: Exit
         ui.warn(
             f"--warmup {cfg.warmup} is not below the run's {p.steps} steps: the learning rate never reaches --lr "
             f"{cfg.lr:g}; lower --warmup"
-        )
-    # One launch trains a run dir at a time; the main process holds its lock, and every process learns the outcome.
-    lock = ckpt.RunLock(run_dir) if accelerator.is_main_process else None
-    holder = lock.acquire() if lock else None
-    if lock:
-        cleanup.callback(lock.release)
-    taken = holder is not None
-    if world > 1:
-        taken = bool(accelerator.reduce(torch.tensor(float(taken), device=accelerator.device), reduction="sum") > 0)
-    if taken:
-        raise OutputExistsError(
-            f"run dir {run_dir} is being trained by {holder or 'another launch'}",
-            "wait for it to end or stop it; a run dir is trained by one launch at a time",
         )
     if accelerator.is_main_process:
         run_config.save(cfg, run_dir)

@@ -614,6 +614,32 @@ def test_a_run_dir_is_never_trained_over_by_another_run_or_a_model_dir(files, tm
     assert engine.train(_cfg(files, tmp_path / "b", steps=6, save=2, checkpoint=str(model_dir.parent))).step == 6
 
 
+def test_a_run_that_fails_before_writing_leaves_no_run_dir_behind(files, tmp_path, monkeypatch):
+    from flame import models
+    from flame.errors import ModelError
+
+    def broken(*args, **kwargs):
+        raise ModelError("cannot build it", "fix it")
+
+    monkeypatch.setattr(models, "build_model", broken)
+    with pytest.raises(ModelError, match="cannot build it"):
+        engine.train(_cfg(files, tmp_path / "new" / "run", steps=2))
+    assert not (tmp_path / "new" / "run").exists()  # the dir made for its lock went again
+
+
+def test_a_file_system_that_cannot_lock_trains_unguarded_with_a_warning(files, tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(f, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert engine.train(_cfg(files, tmp_path / "run", steps=2)).step == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "cannot be locked (No locks available): a second launch on this run dir would not be stopped" in err
+
+
 def test_a_run_that_saved_no_checkpoint_starts_over_with_a_warning(files, tmp_path, capsys):
     engine.train(_cfg(files, tmp_path / "run", steps=3))
     shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if it crashed before its first save

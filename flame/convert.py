@@ -546,7 +546,12 @@ def _copy_tokenizer(source: Path, out: Path) -> list[str]:
 
 def _check_output(opts: ConvertOptions) -> None:
     check_output_dir(
-        opts.output, [opts.model, opts.config], overwrite=opts.overwrite, replaces=("config.json",), what="a model dir"
+        opts.output,
+        [opts.model, opts.config],
+        overwrite=opts.overwrite,
+        replaces=("config.json",),
+        what="a model dir",
+        never=("checkpoints", "metrics.jsonl", "manifest.json"),  # a run dir's config.json is no model's
     )
 
 

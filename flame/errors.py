@@ -61,14 +61,17 @@ def check_writable_dir(path, option: str) -> None:
         )
 
 
-def check_output_dir(output, inputs, *, overwrite: bool, replaces: tuple[str, ...], what: str) -> None:
+def check_output_dir(
+    output, inputs, *, overwrite: bool, replaces: tuple[str, ...], what: str, never: tuple[str, ...] = ()
+) -> None:
     """Refuse an --output (one error naming the fix) that:
     - is a file, lies under one, or cannot be written (permissions, a read-only disk);
     - is, holds, or lies inside one of the inputs: --overwrite would delete them, or a later run would read the
       output as input;
     - exists, without --overwrite;
     - with --overwrite, is a folder holding files but none of `replaces` (what this command writes, e.g. a
-      manifest.json): flame replaces its own outputs only, never a folder of the user's.
+      manifest.json), or any of `never` (what it does not write: a run dir's checkpoints/ beside its config.json):
+      flame replaces its own outputs only, never a folder of the user's.
     `what` names the kind of output in that last message ("a prepared dataset")."""
     from pathlib import Path
 
@@ -93,6 +96,11 @@ def check_output_dir(output, inputs, *, overwrite: bool, replaces: tuple[str, ..
         raise OutputExistsError(
             f"--output {output} is, or holds, the current folder, which --overwrite would replace under you",
             "run from outside it, or choose another --output",
+        )
+    if found := [name for name in never if (out / name).exists()]:
+        raise OutputExistsError(
+            f"--overwrite: {output} is not {what} (it holds {', '.join(found)}); flame replaces only what it wrote",
+            "choose another --output, or remove that folder yourself",
         )
     if any(out.iterdir()) and not any((out / name).exists() for name in replaces):
         raise OutputExistsError(

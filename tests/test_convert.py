@@ -264,6 +264,12 @@ def test_existing_output_needs_overwrite(sources, tmp_path):
     with pytest.raises(OutputExistsError, match="is not a model dir .no config.json in it"):
         run(sources["mistral"], tmp_path, overwrite=True)  # a folder of the user's is never replaced
     assert os.listdir(tmp_path / "out") == ["keep.txt"]
+    (tmp_path / "run").mkdir()  # a run dir has a config.json too (the run's), and its checkpoints
+    (tmp_path / "run" / "config.json").write_text("{}")
+    (tmp_path / "run" / "checkpoints").mkdir()
+    with pytest.raises(OutputExistsError, match=r"--overwrite: .*run is not a model dir \(it holds checkpoints"):
+        run(sources["mistral"], tmp_path, name="run", overwrite=True)
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoints", "config.json"]
     (tmp_path / "out" / "keep.txt").unlink()
     run(sources["mistral"], tmp_path, overwrite=True)  # an empty folder is replaced
     (tmp_path / "out" / "stale.txt").write_text("from the earlier run")

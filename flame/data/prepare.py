@@ -183,7 +183,7 @@ def prepare(config: PrepareConfig, on_progress=None) -> PrepareResult:
     output = os.path.realpath(os.path.expanduser(config.output or default_output(config)))
     check_output_dir(
         output, [config.dataset, config.tokenizer], overwrite=config.overwrite, replaces=(MANIFEST,),
-        what="a prepared dataset",
+        what="a prepared dataset", never=("config.json", "checkpoints"),
     )  # fmt: skip
     tokenizer = load_tokenizer(config.tokenizer)
     tokenizer_name = os.path.abspath(config.tokenizer) if os.path.isdir(config.tokenizer) else config.tokenizer

@@ -110,7 +110,15 @@ def train_tokenizer(config: TokenizerConfig, show_progress: bool = False) -> dic
         raise ConfigError("; ".join(problems))
     output = os.path.abspath(os.path.expanduser(config.output))
     check_output_dir(
-        output, config.inputs, overwrite=config.overwrite, replaces=("tokenizer.json",), what="a tokenizer folder"
+        output,
+        config.inputs,
+        overwrite=config.overwrite,
+        replaces=("tokenizer.json",),
+        what="a tokenizer folder",
+        never=(
+            "config.json",
+            "manifest.json",
+        ),  # a model dir's or a prepared dataset's tokenizer is not ours to replace
     )
     sources = [resolve_source(path, column=config.column) for path in config.inputs]
 

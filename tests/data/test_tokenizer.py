@@ -77,7 +77,11 @@ def test_train_overwrite_replaces_and_max_docs(tmp_path):
     config = TokenizerConfig(inputs=[str(tmp_path / "c")], output=str(out), vocab_size=300, max_docs=10, overwrite=True)
     with pytest.raises(OutputExistsError, match="is not a tokenizer folder .no tokenizer.json in it"):
         train_tokenizer(config)  # a folder of the user's is never replaced
-    (out / "tokenizer.json").write_text("{}")  # an earlier tokenizer is
+    (out / "tokenizer.json").write_text("{}")
+    (out / "config.json").write_text("{}")  # a model dir has a tokenizer.json too
+    with pytest.raises(OutputExistsError, match=r"is not a tokenizer folder \(it holds config.json\)"):
+        train_tokenizer(config)
+    (out / "config.json").unlink()  # an earlier tokenizer is replaced
     result = train_tokenizer(config)
     assert result["documents"] == 10 and 257 < result["vocab_size"] <= 300
     assert not (out / "stale.txt").exists() and (out / "tokenizer.json").exists()

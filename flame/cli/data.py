@@ -170,7 +170,7 @@ def prepare_command(
         f"{manifest['settings']['tokenize_seconds']:.1f}s tokenizing"
     )
     if manifest["settings"]["skipped_empty"]:
-        ui.warn(f"skipped {manifest['settings']['skipped_empty']:,} empty documents")
+        ui.warn(f"skipped {manifest['settings']['skipped_empty']:,} empty documents (empty, null or missing text)")
     for note in result.notes:
         ui.warn(note)
 

@@ -386,12 +386,14 @@ def _read_file(path: str, kind: str, unit: Unit, column: str, batch_size: int) -
         return
     texts: list = []
     chars = 0
+    first = True
     for record, pos in _json_records_with_pos(path, unit.start, unit.stop):
         if not isinstance(record, dict):
             raise DataError(f"{path} holds {type(record).__name__} records, not objects", "give one JSON object a line")
-        if column not in record:  # a null or empty text is an empty document; no such key is the wrong column
+        if first:  # a file (or its part) whose first record lacks the column holds another: its documents go nowhere
             _has_column(path, column, list(record))
-        text = record[column]
+            first = False
+        text = record.get(column)  # further on, a record without it is an empty document, skipped and counted
         texts.append(text)
         chars += len(text) if isinstance(text, str) else 0
         # Long documents (books) make a batch of batch_size large; cap its size too.

@@ -17,6 +17,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from flame.errors import (
     check_writable_dir,
 )
 from flame.firststep import FirstStep, triton_cache_dir
-from flame.logging import METRICS, RunLogger, tensorboard_installed
+from flame.logging import METRICS, WANDB_ID, RunLogger, tensorboard_installed
 from flame.metrics import Throughput, eta, mfu, peak_flops, peak_memory_gib, reset_peak_memory
 from flame.optim import build_optimizer, fill_state, schedule
 
@@ -849,7 +850,17 @@ def _train(cfg: TrainConfig, *, force: bool, rewind: bool = False, cleanup: Exit
     if accelerator.is_main_process:
         run_config.save(cfg, run_dir)
         if rewind and (moved := ckpt.set_aside_after(run_dir, step)):
-            ui.warn(f"went back to step {step}: moved {', '.join(p.name for p in moved)} to {moved[0].parent}")
+            # The branch left keeps its records too (metrics.jsonl is cut at `step` below), and wandb, which drops a
+            # step at or below its run's highest, goes on in a new wandb run.
+            kept = moved[0].parent / f"metrics-until-{moved[-1].name}.jsonl"
+            if (run_dir / METRICS).is_file():
+                shutil.copyfile(run_dir / METRICS, kept)
+            wandb = " and the wandb run goes on as a new one" if (run_dir / WANDB_ID).exists() else ""
+            (run_dir / WANDB_ID).unlink(missing_ok=True)
+            ui.warn(
+                f"went back to step {step}: moved {', '.join(p.name for p in moved)} to {moved[0].parent}, with "
+                f"the records logged until then ({kept.name}){wandb}"
+            )
     extra_files = sorted(f for f in tokenizer_dir.iterdir() if f.is_file()) if tokenizer_dir else []
     log = RunLogger(cfg, run_dir, total_steps=p.steps, start_step=step, enabled=accelerator.is_main_process)
     device_name = torch.cuda.get_device_name(accelerator.device) if cuda else None

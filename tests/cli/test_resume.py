@@ -85,15 +85,24 @@ def test_a_longer_run_warns_that_its_schedule_moves(full_run, tmp_path):
 def test_going_back_to_an_earlier_checkpoint_sets_the_newer_ones_aside(full_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(full_run / "full", run)
+    (run / "wandb-id").write_text("abc123\n")  # as a run logged to wandb has (wandb is not started: no --project)
+    before = (run / "metrics.jsonl").read_text()
     result = runner.invoke(app, ["resume", str(run), "--checkpoint", "step-00000003"])
     assert result.exit_code == 0, result.output
-    assert "went back to step 3: moved step-00000006 to" in " ".join(result.output.split())
+    text = " ".join(result.output.split())
+    assert "went back to step 3: moved step-00000006 to" in text
+    assert "with the records logged until then (metrics-until-step-00000006.jsonl) and the wandb run goes on" in text
+    assert (run / "set-aside" / "metrics-until-step-00000006.jsonl").read_text() == before
+    assert not (run / "wandb-id").exists()  # a new wandb run: wandb drops the steps at or below its run's highest
     # one history: the records after step 3 are this run's (the same, bit for bit, as nothing else changed)
     assert [(r["step"], r["loss"]) for r in _records(run)] == [
         (r["step"], r["loss"]) for r in _records(full_run / "full")
     ]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
-    assert [p.name for p in (run / "set-aside").iterdir()] == ["step-00000006"]  # kept, never deleted
+    assert sorted(p.name for p in (run / "set-aside").iterdir()) == [
+        "metrics-until-step-00000006.jsonl",
+        "step-00000006",
+    ]
     result = runner.invoke(app, ["resume", str(run), "--checkpoint", "step-00000004"])
     assert result.exit_code == 1
     assert "--checkpoint step-00000004 is not a complete checkpoint of" in result.output

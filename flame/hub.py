@@ -13,7 +13,7 @@ import socket
 import sys
 from urllib.parse import urlparse
 
-PROXIES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 _offline: bool | None = None  # this process's answer, once asked
 
 
@@ -27,11 +27,13 @@ def offline_unless_reachable(timeout: float = 3.0) -> bool:
     if is_offline():
         return True
     if _offline is None:
-        url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+        endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         _offline = False
-        if not any(os.environ.get(name) for name in PROXIES):
+        if url.hostname and not any(os.environ.get(name) for name in PROXIES):
             try:
-                socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+                port = url.port or (80 if url.scheme == "http" else 443)
+                socket.create_connection((url.hostname, port), timeout=timeout).close()
             except OSError as e:
                 from flame import ui
 

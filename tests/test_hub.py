@@ -56,9 +56,16 @@ def test_a_proxy_or_a_set_endpoint_is_respected(online, monkeypatch):
     assert hub.offline_unless_reachable() is False and online == [] and not hub.is_offline()
     monkeypatch.delenv("HTTPS_PROXY")
     monkeypatch.setattr(hub, "_offline", None)
-    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example.org:8443")
-    assert hub.offline_unless_reachable() is True
-    assert online == [(("hf-mirror.example.org", 8443), 3.0)]
+    for endpoint, address in [
+        ("https://hf-mirror.example.org:8443", ("hf-mirror.example.org", 8443)),
+        ("http://mirror.local", ("mirror.local", 80)),  # a plain-http mirror on its own port, not 443
+        ("hf-mirror.com", ("hf-mirror.com", 443)),
+    ]:
+        monkeypatch.setattr(hub, "_offline", None)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the last round went offline
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        assert hub.offline_unless_reachable() is True
+        assert online[-1] == (address, 3.0)
 
 
 def test_a_reachable_hub_changes_nothing(online, monkeypatch):

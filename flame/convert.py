@@ -604,7 +604,8 @@ def verify(out: Path, planned: list[Planned], table: dict[str, TensorInfo]) -> i
 
 def convert_from_llama(opts: ConvertOptions) -> ConvertReport:
     """Convert; returns what was copied, reshaped and newly initialised. Nothing is written unless it all works."""
-    opts.output = Path(os.path.abspath(os.path.expanduser(opts.output)))  # `.` has no name to put a temp dir beside
+    # realpath: `.` has no name to put a temp dir beside, and a link is written where it points (the link stays)
+    opts.output = Path(os.path.realpath(os.path.expanduser(opts.output)))
     _check_output(opts)
     models.name_cpu_accelerator()
     source = resolve_source(opts.model)

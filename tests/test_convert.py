@@ -379,6 +379,10 @@ def test_output_paths_relative_to_the_current_folder(sources, tmp_path, monkeypa
     cfg = target_config(tmp_path / "gla.json", "gla")
     report = convert_from_llama(ConvertOptions(model=str(sources["llama"]), config=cfg, output=Path("out")))
     assert report.output == tmp_path / "out" and (tmp_path / "out" / "config.json").exists()
+    (tmp_path / "link").symlink_to(tmp_path / "out")  # a link is written where it points, and stays a link
+    convert_from_llama(ConvertOptions(model=str(sources["llama"]), config=cfg, output=Path("link"), overwrite=True))
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "out" / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gla.json", "link", "out"]  # no .old- or temp dir left
     monkeypatch.chdir(tmp_path / "out")  # replacing the folder one stands in would leave one in a deleted folder
     with pytest.raises(OutputExistsError, match=r"--output \S+ is, or holds, the current folder.*: run from outside"):
         convert_from_llama(ConvertOptions(model=str(sources["llama"]), config=cfg, output=Path("."), overwrite=True))

@@ -108,7 +108,7 @@ def train_tokenizer(config: TokenizerConfig, show_progress: bool = False) -> dic
         problems.append("no inputs: give one or more folders, files or globs of text")
     if problems:
         raise ConfigError("; ".join(problems))
-    output = os.path.abspath(os.path.expanduser(config.output))
+    output = os.path.realpath(os.path.expanduser(config.output))  # a link is written where it points
     check_output_dir(
         output,
         config.inputs,

@@ -19,7 +19,7 @@ try:  # typer 0.2x parses with its own copy of click
 except ImportError:
     from click.exceptions import NoArgsIsHelpError, UsageError
 
-from flame import __version__
+from flame import __version__, ui
 from flame.cli import convert, data
 from flame.cli import inspect as inspect_cli
 from flame.cli import resume as resume_cli
@@ -77,7 +77,8 @@ class FlameGroup(TyperGroup):
         except KeyboardInterrupt:  # Ctrl-C outside training (which saves and stops on its own): said, exit 130
             if os.environ.get("FLAME_DEBUG") == "1":
                 raise
-            error_line("interrupted (Ctrl-C): what was being written is removed, what was there before is kept")
+            if ui.is_main_process():  # under accelerate launch every process gets the signal
+                error_line("interrupted (Ctrl-C): what was being written is removed, what was there before is kept")
             raise typer.Exit(130) from None
         except OSError as e:  # a full disk, no permission: the machine's refusal, with the path and the fix
             known = from_os_error(e)
@@ -90,7 +91,8 @@ class FlameGroup(TyperGroup):
                 raise
             where = e.ctx.command_path if e.ctx else "flame"
             message = e.format_message().rstrip(".")
-            if re.search(r"No such option: --(gpus|nodes|num[_-]processes|nproc)\b", message):  # old train.sh knobs
+            launched = where.endswith((" train", " resume"))  # the old train.sh's knobs, now the launcher's
+            if launched and re.search(r"No such option: --(gpus|nodes|num[_-]processes|nproc)\b", message):
                 unknown = re.split(r" \(?Possible", message)[0]
                 error_line(
                     f"{unknown}: the processes come from accelerate, e.g. `accelerate launch --num_processes 8 -m "

@@ -103,6 +103,7 @@ def test_usage_errors_are_one_line_naming_the_help_and_exit_2(monkeypatch):
             "error: No such option: --gpus: the processes come from accelerate, e.g. `accelerate launch "
             "--num_processes 8 -m flame train ...`",
         ),
+        (["data", "prepare", "--gpus", "1"], "error: No such option: --gpus: see `flame data prepare --help`"),
     ]:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output

@@ -832,6 +832,11 @@ def _train(cfg: TrainConfig, *, force: bool, rewind: bool = False, cleanup: Exit
         if note := stretched_schedule(cfg, (state.get("config") or {}).get("steps"), p.steps, step):
             ui.warn(note)
 
+    if rewind and step >= p.steps:  # going back to a checkpoint only to stop there would set nothing aside
+        raise ConfigError(
+            f"--checkpoint {Path(cfg.checkpoint).name} is at step {step}, and --steps is {p.steps}: nothing to train",
+            "raise --steps to go on from it",
+        )
     if step >= p.steps:  # nothing to train: leave the run dir (config, metrics) as it is
         accelerator.end_training()
         return TrainResult(run_dir, step, tokens, None, None, None, "done", skipped)

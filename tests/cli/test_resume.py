@@ -103,6 +103,8 @@ def test_going_back_to_an_earlier_checkpoint_sets_the_newer_ones_aside(full_run,
         "metrics-until-step-00000006.jsonl",
         "step-00000006",
     ]
+    result = runner.invoke(app, ["resume", str(run), "--checkpoint", "step-00000003", "--steps", "3"])
+    assert result.exit_code == 1 and "is at step 3, and --steps is 3: nothing to train" in result.output
     result = runner.invoke(app, ["resume", str(run), "--checkpoint", "step-00000004"])
     assert result.exit_code == 1
     assert "--checkpoint step-00000004 is not a complete checkpoint of" in result.output

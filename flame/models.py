@@ -277,6 +277,9 @@ def _load_pretrained(path: Path, dtype: torch.dtype):
     return model
 
 
+POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")  # GPT-2, OPT/BART, BERT-style
+
+
 def max_context(config) -> int | None:
     """The longest sequence the model can run at all, or None when nothing in it limits the length.
 
@@ -285,9 +288,9 @@ def max_context(config) -> int | None:
     max_position_embeddings is the length they were trained for, not a limit.
     """
     model = _as_model(config)
-    table = model.get_input_embeddings()
-    for module in model.modules():
-        if isinstance(module, nn.Embedding) and module is not table:
+    for name, module in model.named_modules():
+        # by name: another embedding (FLA's CAT compresses with one of the vocabulary's size) is no position table
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
             return module.num_embeddings - getattr(module, "offset", 0)
     return None
 

@@ -406,6 +406,13 @@ def test_max_context():
     assert max_context(load_config(CONFIGS / "gla_340M.json")) is None  # recurrent: no position table
     assert max_context(load_config(CONFIGS / "transformer_340M.json")) is None  # RoPE: no table
     assert max_context(GPT2Config(n_positions=256, n_embd=64, n_layer=1, n_head=2, vocab_size=100)) == 256
+    # an embedding that is no position table (FLA's CAT compresses with one of the vocabulary's size) limits nothing
+    from torch import nn
+
+    other = nn.ModuleDict(
+        {"embed_tokens": nn.Embedding(100, 8), "compressor": nn.ModuleDict({"wte": nn.Embedding(100, 8)})}
+    )
+    assert max_context(other) is None
 
 
 def test_fp32_shares_the_normed_input():

@@ -331,13 +331,16 @@ def inspect_model(path: str | os.PathLike, options: InspectOptions, *, run: dict
     bf16_residual)."""
     with _quiet_fla():
         model, config = models.build_model(path, meta=True)
-    if _has_weights(Path(path)):  # the headers only: a missing shard, a git-lfs pointer, a truncated file
-        from flame.convert import tensor_table
-
-        try:
-            tensor_table(Path(path))
-        except CheckpointError as e:
-            raise ModelError(f"the weights of {path} are unusable: {e.message}", e.fix) from None
+    if Path(path).is_dir() and any(Path(path).glob("*.safetensors")):
+        # Headers against sizes only (checkpoint.damaged, as for a checkpoint's state): a missing shard, a git-lfs
+        # pointer, a truncated file. PyTorch .bin files are not opened (a legacy one would be read whole).
+        files, problems = _weight_files(Path(path))
+        problems += [f"{f.name} is {why}" for f in files if (why := ckpt.damaged(f))]
+        if problems:
+            raise ModelError(
+                f"the weights of {path} are unusable: {'; '.join(problems)}",
+                "download or save them again (in a git clone: `git lfs pull`)",
+            )
     return _model_facts(model, config, Path(path), options, run or {})
 
 

@@ -172,10 +172,10 @@ def test_a_model_dir_with_unusable_weights_is_one_error(run, tmp_path):
     weights = next(model_dir.glob("*.safetensors"))
     whole = weights.read_bytes()
     weights.write_bytes(whole[:-10])
-    with pytest.raises(ModelError, match=rf"weights of .*model are unusable: .*{weights.name} is truncated \("):
+    with pytest.raises(ModelError, match=rf"weights of .*model are unusable: {weights.name} is [\d,]+ bytes where its"):
         inspect(model_dir)
     weights.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n")
-    with pytest.raises(ModelError, match=r"is not a safetensors file but a git-lfs pointer: run `git lfs pull`"):
+    with pytest.raises(ModelError, match=r"is not a safetensors file: download or save them again .*git lfs pull"):
         inspect(model_dir)
     weights.unlink()  # a dir with a PyTorch .bin has weights too
     torch.save({"x": torch.zeros(2)}, model_dir / "pytorch_model.bin")

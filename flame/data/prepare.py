@@ -30,6 +30,7 @@ from itertools import chain
 from pathlib import Path
 
 from flame import __version__
+from flame.checkpoint import RunLock
 from flame.data import FORMAT, MANIFEST, TOKENIZER_DIR, TOKENS_COLUMN
 from flame.data.sources import Source, Unit, read_unit, resolve_source
 from flame.data.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, replace_dir, rust_tokenizer
@@ -97,38 +98,25 @@ class PrepareResult:
     """What the user should know (leftovers of interrupted runs removed or found), one line each."""
 
 
-OWNER = ".owner"  # in a temp folder: "HOST PID" of the run writing it
-
-
 def leftovers(output: str) -> tuple[list[str], list[str]]:
     """Temp folders of earlier runs of this output that were killed (SIGKILL, a node lost) before cleaning up:
-    (removed, kept). A folder written by a process of this machine that is gone is removed; one of another machine,
-    or of a process still running, is kept and named (on a shared disk another machine may still be writing it)."""
+    (removed, kept). A run holds its temp folder's lock (checkpoint.RunLock) while it writes: a folder whose lock
+    can be taken is a dead run's, and is removed; one whose lock is held, or on a file system that cannot lock, is
+    kept and named."""
     import glob
-    import socket
 
     parent, name = os.path.dirname(output), os.path.basename(output)
     removed, kept = [], []
     for path in sorted(glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.incomplete-*"))):
-        try:
-            host, pid = Path(path, OWNER).read_text().split()
-            gone = host == socket.gethostname() and not _running(int(pid))
-        except (OSError, ValueError):
-            gone = False
-        if gone:
+        probe = RunLock(path)
+        probe.acquire()
+        if probe.held:
             shutil.rmtree(path, ignore_errors=True)
-        (removed if gone else kept).append(path)
+            probe.release()
+            removed.append(path)
+        else:
+            kept.append(path)
     return removed, kept
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's: alive
-        return True
-    return True
 
 
 def default_output(config: PrepareConfig) -> str:
@@ -200,9 +188,8 @@ def prepare(config: PrepareConfig, on_progress=None) -> PrepareResult:
     tmp = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.incomplete-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, "parts"))
-    import socket
-
-    Path(tmp, OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    lock = RunLock(tmp)  # held while this run writes tmp: a later run tells a killed run's leftover by it
+    lock.acquire()
     try:
         started = time.time()
         parts = _tokenize(source, tokenizer, num_proc, config.batch_size, tmp, state, on_progress)
@@ -245,6 +232,7 @@ def prepare(config: PrepareConfig, on_progress=None) -> PrepareResult:
         replace_dir(os.path.join(tmp, "dataset"), output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        lock.release()
     return PrepareResult(output=output, manifest=manifest, notes=notes)
 
 

@@ -185,33 +185,27 @@ def test_an_output_where_nothing_can_be_written_is_one_error(tmp_path, tokenizer
     assert os.listdir(tmp_path / "ro") == []
 
 
-def test_leftovers_of_killed_runs_are_removed_when_surely_dead_and_named_otherwise(tmp_path, tokenizer_dir):
-    import socket
-    import subprocess
-    import sys
+def test_leftovers_of_killed_runs_are_removed_and_one_being_written_is_named(tmp_path, tokenizer_dir):
+    from flame.checkpoint import RunLock
 
     corpus(tmp_path / "corpus", n=12)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    pid = int(dead.stdout)  # a process of this machine that has ended
-    owners = {"mine": f"{socket.gethostname()} {pid}", "other": f"node-17 {pid}", "unknown": None}
-    for i, owner in enumerate(owners.values()):
-        left = tmp_path / f".out.incomplete-{i}"
-        (left / "parts").mkdir(parents=True)
-        if owner:
-            (left / prepare_module.OWNER).write_text(owner)
+    for i in range(2):
+        (tmp_path / f".out.incomplete-{i}" / "parts").mkdir(parents=True)
+    writing = RunLock(tmp_path / ".out.incomplete-1")  # another run, still writing (or another machine's, alive)
+    assert writing.acquire() is None and writing.held
     cfg = PrepareConfig(
         dataset=str(tmp_path / "corpus"), tokenizer=str(tokenizer_dir), output=str(tmp_path / "out"), num_proc=1
     )
-    notes = prepare(cfg).notes
-    assert notes == [
+    assert prepare(cfg).notes == [
         f"removed {tmp_path / '.out.incomplete-0'}, left by an interrupted run of this output",
-        *(
-            f"{tmp_path / f'.out.incomplete-{i}'} is left by another run of this output (another machine's, or still "
-            "running): remove it if none is"
-            for i in (1, 2)
-        ),
+        f"{tmp_path / '.out.incomplete-1'} is left by another run of this output (another machine's, or still "
+        "running): remove it if none is",
     ]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.incomplete-1", ".out.incomplete-2", "corpus", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.incomplete-1", "corpus", "out"]
+    writing.release()
+    assert prepare(dataclasses.replace(cfg, overwrite=True)).notes == [
+        f"removed {tmp_path / '.out.incomplete-1'}, left by an interrupted run of this output"
+    ]
 
 
 def test_an_output_that_is_a_link_is_written_where_it_points(tmp_path, tokenizer_dir):

@@ -829,7 +829,8 @@ def _train(cfg: TrainConfig, *, force: bool, rewind: bool = False, cleanup: Exit
         step, tokens, skipped, bad_in_a_row = state["step"], state["tokens"], state["skipped"], state["bad_in_a_row"]
         elapsed_before = state.get("elapsed", 0.0)
         loader.load_state_dict(state["data"])
-        if note := stretched_schedule(cfg, (state.get("config") or {}).get("steps"), p.steps, step):
+        saved_steps = state.get("total_steps") or (state.get("config") or {}).get("steps")  # older: --steps only
+        if note := stretched_schedule(cfg, saved_steps, p.steps, step):
             ui.warn(note)
 
     if rewind and step >= p.steps:  # going back to a checkpoint only to stop there would set nothing aside
@@ -897,6 +898,7 @@ def _train(cfg: TrainConfig, *, force: bool, rewind: bool = False, cleanup: Exit
             "elapsed": elapsed_before + time.time() - started,
             "wandb_id": log.wandb_id,
             "config": cfg.to_dict(),
+            "total_steps": p.steps,  # the schedule's length, --steps or what --epochs came to
         }
         path = ckpt.save(accelerator, model, run_dir, step, trainer_state, extra_files)
         if tuning is not None:  # kernels first tuned after step 1 (an evaluation's shapes, say)

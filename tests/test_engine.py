@@ -651,6 +651,16 @@ def test_a_run_that_saved_no_checkpoint_starts_over_with_a_warning(files, tmp_pa
     assert [r["step"] for r in records] == [1, 2]
 
 
+def test_an_epochs_run_resumed_longer_warns_that_its_schedule_moves(files, tmp_path, capsys):
+    make_prepared(tmp_path / "small", counting_docs(20, 64), 64)  # a few updates an epoch
+    cfg = _cfg(files, tmp_path / "run", steps=0, epochs=1, cache=str(tmp_path / "small"), save=100)
+    n = engine.train(cfg).step  # the schedule's length came from --epochs: the saved config says steps 0
+    capsys.readouterr()
+    assert engine.resume(tmp_path / "run", {"steps": n + 2}).step == n + 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"the cosine schedule now spans {n + 2} updates instead of {n}: update {n + 1} runs at learning rate" in err
+
+
 def test_a_run_resumes_from_any_working_directory(files, tmp_path, monkeypatch):
     files_copy = tmp_path / "work"
     shutil.copytree(files, files_copy)

@@ -39,6 +39,7 @@ from flame.errors import (
     OutputExistsError,
     TrainingError,
     check_writable_dir,
+    disk_full,
 )
 from flame.firststep import FirstStep, triton_cache_dir
 from flame.logging import METRICS, WANDB_ID, RunLogger, tensorboard_installed
@@ -900,7 +901,15 @@ def _train(cfg: TrainConfig, *, force: bool, rewind: bool = False, cleanup: Exit
             "config": cfg.to_dict(),
             "total_steps": p.steps,  # the schedule's length, --steps or what --epochs came to
         }
-        path = ckpt.save(accelerator, model, run_dir, step, trainer_state, extra_files)
+        try:
+            path = ckpt.save(accelerator, model, run_dir, step, trainer_state, extra_files)
+        except Exception as e:  # safetensors' write fails as its own error kind, with the OS's words
+            if full := disk_full(e, run_dir):
+                raise TrainingError(
+                    f"{full.message}, saving checkpoint step {step} (the checkpoints before it are whole)",
+                    f"{full.fix}; then `flame resume {run_dir}`",
+                ) from e
+            raise
         if tuning is not None:  # kernels first tuned after step 1 (an evaluation's shapes, say)
             autotune.save(tuning.paths, run_dir)
         if accelerator.is_main_process:

@@ -133,6 +133,22 @@ def from_os_error(e: OSError) -> FlameError | None:
     return FlameError(f"{e.strerror or name}{where}", _OS_FIXES[name])
 
 
+def disk_full(e: BaseException, where) -> FlameError | None:
+    """The error line for a write that ran out of space, or None. Libraries written in Rust or C++ (safetensors,
+    tokenizers) raise their own exception kinds with the OS's words in the message, not an OSError."""
+    import errno
+
+    text = str(e)
+    if not (
+        (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+        or "No space left on device" in text
+        or "os error 28" in text
+        or "Disk quota exceeded" in text
+    ):
+        return None
+    return FlameError(f"no space left on the disk of {where}", _OS_FIXES["ENOSPC"])
+
+
 def read_json_object(
     path,
     error: type[FlameError],

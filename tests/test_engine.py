@@ -640,6 +640,22 @@ def test_a_file_system_that_cannot_lock_trains_unguarded_with_a_warning(files, t
     assert "cannot be locked (No locks available): a second launch on this run dir would not be stopped" in err
 
 
+def test_a_full_disk_at_a_checkpoint_is_one_error_naming_the_run(files, tmp_path, monkeypatch):
+    from flame import checkpoint as ckpt
+    from flame.errors import TrainingError
+
+    def full(*args, **kwargs):  # what safetensors raises: its own kind, the OS's words
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "save", full)
+    with pytest.raises(TrainingError) as e:
+        engine.train(_cfg(files, tmp_path / "run", steps=2))
+    assert str(e.value) == (
+        f"no space left on the disk of {tmp_path / 'run'}, saving checkpoint step 2 (the checkpoints before it are "
+        f"whole): free space on that disk, or write to another one; then `flame resume {tmp_path / 'run'}`"
+    )
+
+
 def test_a_run_that_saved_no_checkpoint_starts_over_with_a_warning(files, tmp_path, capsys):
     engine.train(_cfg(files, tmp_path / "run", steps=3))
     shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if it crashed before its first save

@@ -34,7 +34,7 @@ from flame.checkpoint import RunLock
 from flame.data import FORMAT, MANIFEST, TOKENIZER_DIR, TOKENS_COLUMN
 from flame.data.sources import Source, Unit, read_unit, resolve_source
 from flame.data.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, replace_dir, rust_tokenizer
-from flame.errors import ConfigError, DataError, FlameError, check_output_dir
+from flame.errors import ConfigError, DataError, FlameError, check_output_dir, disk_full
 
 # Clear the BPE cache this often (batches per worker): often enough to bound it, rarely enough to keep its speed-up.
 CLEAR_CACHE_EVERY = 8
@@ -357,6 +357,8 @@ def _tokenize_unit(unit: Unit, batch_size: int, tmp: str) -> dict:
     except FlameError as e:
         return {"error": (type(e).__name__, e.message, e.fix)}
     except Exception as e:  # a corrupt file, a missing column deep in a corpus: name the unit
+        if full := disk_full(e, os.path.dirname(tmp)):  # writing the tokens, not reading the input, failed
+            return {"error": ("DataError", full.message, full.fix)}
         where = ", ".join(unit.files[:2]) or f"{source.dataset} part {unit.index}"
         return {"error": ("DataError", f"cannot read {where} ({type(e).__name__}: {e})", None)}
     if not source.streaming and unit.weight > reported:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from flame import hub
-from flame.errors import ConfigError, DataError, check_output_dir, first_line
+from flame.errors import ConfigError, DataError, check_output_dir, disk_full, first_line
 
 DEFAULT_TOKENIZER = "fla-hub/gla-1.3B-100B"
 EOS_TOKEN = "<|endoftext|>"
@@ -155,7 +155,12 @@ def train_tokenizer(config: TokenizerConfig, show_progress: bool = False) -> dic
     tmp = f"{output}.incomplete-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tokenizer.save_pretrained(tmp)
+        try:
+            tokenizer.save_pretrained(tmp)
+        except Exception as e:  # the Rust tokenizer's write fails as a plain Exception
+            if full := disk_full(e, os.path.dirname(tmp)):
+                raise full from e
+            raise
         replace_dir(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -222,6 +222,23 @@ def test_an_output_that_is_a_link_is_written_where_it_points(tmp_path, tokenizer
     assert sorted(p.name for p in (tmp_path / "big-disk").iterdir()) == ["ds", "ds-link"]  # no .old- folder left
 
 
+def test_a_full_disk_names_the_output_not_the_input(tmp_path, tokenizer_dir, monkeypatch):
+    import errno
+
+    corpus(tmp_path / "corpus", n=12)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prepare_module, "_to_arrow", full)
+    cfg = PrepareConfig(
+        dataset=str(tmp_path / "corpus"), tokenizer=str(tokenizer_dir), output=str(tmp_path / "out"), num_proc=1
+    )
+    with pytest.raises(DataError, match=rf"^no space left on the disk of {tmp_path}: free space on that disk"):
+        prepare(cfg)  # it said "cannot read corpus/a.jsonl (OSError: ... No space left on device)"
+    assert sorted(os.listdir(tmp_path)) == ["corpus"]
+
+
 def test_a_failed_run_leaves_no_output(tmp_path, tokenizer_dir, monkeypatch):
     corpus(tmp_path / "corpus", n=12)
 

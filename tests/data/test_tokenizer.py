@@ -95,6 +95,22 @@ def test_train_refuses_to_write_over_its_input_even_with_overwrite(tmp_path):
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["a.jsonl"]
 
 
+def test_a_full_disk_is_one_error(tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerFast
+
+    from flame.errors import FlameError
+
+    def full(self, *args, **kwargs):  # what the Rust tokenizer raises: a plain Exception with the OS's words
+        raise Exception("No space left on device (os error 28)")
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", full)
+    write_jsonl(tmp_path / "c" / "a.jsonl", documents(20))
+    config = TokenizerConfig(inputs=[str(tmp_path / "c")], output=str(tmp_path / "tok"), vocab_size=300)
+    with pytest.raises(FlameError, match=rf"^no space left on the disk of {tmp_path}: free space on that disk"):
+        train_tokenizer(config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
 def test_train_on_empty_text_fails(tmp_path):
     write_jsonl(tmp_path / "c" / "a.jsonl", ["", ""])
     with pytest.raises(DataError, match="no documents in"):

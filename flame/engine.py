@@ -1191,6 +1191,15 @@ def resume(
         raise CheckpointError(
             f"{run} is not a flame run (no {run_config.CONFIG_FILE})", "give the --path of a `flame train` run"
         )
+    if ui.is_main_process():  # a run being trained: said before its checkpoints are looked at (they are changing)
+        probe = ckpt.RunLock(run)
+        holder = probe.acquire()
+        probe.release()
+        if holder is not None:
+            raise OutputExistsError(
+                f"run dir {run} is being trained by {holder}",
+                "wait for it to end or stop it; a run dir is trained by one launch at a time",
+            )
     latest = ckpt.latest(run)
     if latest is None:
         raise CheckpointError(

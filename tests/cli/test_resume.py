@@ -185,7 +185,11 @@ def test_a_run_dir_being_trained_is_not_trained_by_a_second_launch(full_run, tmp
     line = f"is being trained by pid {os.getpid()} on {socket.gethostname()}: wait for it to end or stop it"
     assert line in " ".join(result.output.split())
     assert not (run / "checkpoints" / "step-00000006").exists() and len(_records(run)) == 6  # nothing written
+    shutil.rmtree(run / "checkpoints")  # a live run before its first save: not "no complete checkpoint"
+    result = runner.invoke(app, ["resume", str(run)])
+    assert result.exit_code == 1 and "is being trained by pid" in result.output
     other.release()
+    run = _interrupted_copy(full_run, tmp_path / "again")
     result = runner.invoke(app, ["resume", str(run)])
     assert result.exit_code == 0, result.output
     assert RunLock(run).acquire() is None  # released when the training ended

@@ -168,7 +168,7 @@ def hold_run_dir(run_dir: Path, accelerator, cleanup: ExitStack) -> None:
     of the run is read or written, and every process learns whether it got it. A run dir made only for the lock is
     removed again if the run stops before writing anything into it (see _tidy)."""
     check_writable_dir(run_dir, "--path")
-    lock = None
+    holder = None  # who holds the lock, when another process does
     if accelerator.is_main_process:
         lock = ckpt.RunLock(run_dir)
         made_dir, made_lock = not run_dir.exists(), not lock.path.exists()
@@ -177,15 +177,20 @@ def hold_run_dir(run_dir: Path, accelerator, cleanup: ExitStack) -> None:
         cleanup.callback(lock.release)  # first: the stack unwinds last in, first out
         if lock.unsupported:
             ui.warn(f"{lock.unsupported}: a second launch on this run dir would not be stopped")
-    taken = lock is not None and not lock.held and not lock.unsupported
+    taken = holder is not None
     if accelerator.num_processes > 1:
         flag = torch.tensor(float(taken), device=accelerator.device)
         taken = bool(accelerator.reduce(flag, reduction="sum") > 0)
     if taken:
-        raise OutputExistsError(
-            f"run dir {run_dir} is being trained by {holder if lock else 'another launch'}",
-            "wait for it to end or stop it; a run dir is trained by one launch at a time",
-        )
+        raise being_trained(run_dir, holder or "another launch")
+
+
+def being_trained(run_dir, holder: str) -> OutputExistsError:
+    """The error for a run dir whose lock another process holds (`holder`: "pid N on HOST")."""
+    return OutputExistsError(
+        f"run dir {run_dir} is being trained by {holder}",
+        "wait for it to end or stop it; a run dir is trained by one launch at a time",
+    )
 
 
 def _tidy(run_dir: Path, made_dir: bool, made_lock: bool) -> None:
@@ -1196,10 +1201,7 @@ def resume(
         holder = probe.acquire()
         probe.release()
         if holder is not None:
-            raise OutputExistsError(
-                f"run dir {run} is being trained by {holder}",
-                "wait for it to end or stop it; a run dir is trained by one launch at a time",
-            )
+            raise being_trained(run, holder)
     latest = ckpt.latest(run)
     if latest is None:
         raise CheckpointError(

@@ -109,16 +109,14 @@ def train_tokenizer(config: TokenizerConfig, show_progress: bool = False) -> dic
     if problems:
         raise ConfigError("; ".join(problems))
     output = os.path.realpath(os.path.expanduser(config.output))  # a link is written where it points
+    # never: a model dir and a prepared dataset hold a tokenizer too, and are not ours to replace
     check_output_dir(
         output,
         config.inputs,
         overwrite=config.overwrite,
         replaces=("tokenizer.json",),
         what="a tokenizer folder",
-        never=(
-            "config.json",
-            "manifest.json",
-        ),  # a model dir's or a prepared dataset's tokenizer is not ours to replace
+        never=("config.json", "manifest.json"),
     )
     sources = [resolve_source(path, column=config.column) for path in config.inputs]
 

@@ -37,7 +37,8 @@ model (built by flame.models.build_model from the same config and seed, fp32 wei
   hf          transformers.Trainer on the same random tokens; keeps its loss on the GPU until a logging step
               (here none), so, like bare-async, it reads nothing back per step
 On a GPU, flame runs FLA's kernels with flame.kernels' own in front of those it beats (the norm backward, GLA's
-bf16 chunk states, SwiGLU's elementwise kernels, as `flame train` does); bare and hf run FLA's as FLA ships them
+bf16 chunk states, SwiGLU's elementwise kernels, and its AdamW with the clip folded in, as `flame train` does); bare
+and hf run FLA's as FLA ships them, and torch's fused AdamW
 (what a loop or the Trainer gets). :fla-kernels and :flame-kernels swap that for one engine (flame:fla-kernels:
 what flame's own kernels add, side by side).
 Step 1 (Triton compilation and FLA autotuning on a fresh machine) is timed alone (first_s), then --warmup steps,

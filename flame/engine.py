@@ -760,7 +760,7 @@ def _train(cfg: TrainConfig, *, force: bool, rewind: bool = False, cleanup: Exit
         )
     blocks = None if ungroupable or cfg.group_projections is False else models.blocks(model)
     set_seed(cfg.seed + rank)  # per-process RNG (dropout); data order does not use it
-    optimizer = build_optimizer(model, cfg, accelerator.device.type)
+    optimizer = build_optimizer(model, cfg, accelerator.device.type, own_step=p.sharding in graphs.SETUPS)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         if note := fill_deepspeed_config(accelerator.state.deepspeed_plugin, cfg.batch, cfg.norm):
             ui.warn(note)
@@ -931,6 +931,7 @@ def _train(cfg: TrainConfig, *, force: bool, rewind: bool = False, cleanup: Exit
     vote = StopVote(accelerator.device, accelerator.reduce) if several else None  # one process alone: its own flag
     stopped = "done"
     max_norm = cfg.norm if cfg.norm > 0 else float("inf")
+    clips_in_step = hasattr(on_device, "clip_") and p.sharding in graphs.SETUPS  # flame's AdamW (build_optimizer)
 
     def forward_backward(batches: list[dict]):
         """Forward and backward of the update's micro-batches (on the device), then clipping: (loss, grad norm)."""
@@ -944,6 +945,8 @@ def _train(cfg: TrainConfig, *, force: bool, rewind: bool = False, cleanup: Exit
                 accelerator.backward(loss * update * world)
             loss_sum += loss.detach().float()
         loss_total = accelerator.reduce(loss_sum, reduction="sum")
+        if clips_in_step:  # the same norm and coefficient as accelerate's clip here (torch's); the step applies it
+            return loss_total, on_device.clip_(model.parameters(), max_norm)
         return loss_total, accelerator.clip_grad_norm_(model.parameters(), max_norm)
 
     def step_on_device(loss_total, norm) -> None:

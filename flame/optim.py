@@ -62,12 +62,17 @@ def schedule(cfg: TrainConfig, steps: int):
     )
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+def build_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, device_type: str, own_step: bool = False
+) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (embeddings and projections), not on norms, biases or gates.
 
     Fused (one kernel for the whole update) on CUDA and on the CPU, where torch has it for every float dtype; the
     foreach implementation elsewhere. The fused kernel also takes `found_inf`, with which the engine skips an update
     whose loss or gradient is not finite without waiting for the GPU to say so (flame.engine.Updates).
+
+    own_step (where the launcher leaves the optimizer whole: one process, DDP): flame's AdamW
+    (flame.kernels.adamw), torch's with flame's one-kernel step on a GPU and the clip folded into it (`clip_`).
     """
     decay, no_decay = [], []
     for p in model.parameters():
@@ -75,7 +80,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) 
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = True if device_type in ("cuda", "cpu") else None
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+    kind = torch.optim.AdamW
+    if own_step and fused:
+        from flame.kernels.adamw import AdamW as kind  # Triton: imported only where it is used
+    return kind(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
 def fill_state(optimizer: torch.optim.Optimizer) -> None:

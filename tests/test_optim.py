@@ -52,6 +52,18 @@ def test_weight_decay_only_on_matrices():
     assert decayed["betas"] == (0.8, 0.9)
 
 
+def test_flames_adamw_where_the_launcher_leaves_the_optimizer_whole():
+    """One process and DDP get flame's AdamW (its step and folded clip on a GPU, flame.kernels.adamw); FSDP and
+    DeepSpeed, which shard or wrap the optimizer, torch's. Both keep torch's state, so checkpoints move between them."""
+    from flame.kernels.adamw import AdamW
+
+    model = torch.nn.Linear(4, 4)
+    own = build_optimizer(model, TrainConfig(), "cpu", own_step=True)
+    plain = build_optimizer(model, TrainConfig(), "cpu")
+    assert type(own) is AdamW and type(plain) is torch.optim.AdamW
+    assert own.defaults == plain.defaults and own.defaults["fused"] is True
+
+
 def test_an_fsdp_checkpoint_gives_a_new_optimizer_its_moments(tmp_path):
     """accelerate loads FSDP's sharded optimizer state into what the live optimizer holds: nothing, in a new one,
     unless flame.optim.fill_state gave it a state first (2 CPU processes on gloo, accelerate's own save and load)."""

@@ -109,36 +109,46 @@ class _Tables:
         self.launch = launch
         self.sizes: tuple | None = None
         self.blocks: torch.Tensor | None = None
+        self.numels: torch.Tensor | None = None
         self.addresses: dict[tuple, torch.Tensor] = {}
-        self.captured: list[torch.Tensor] = []  # written by a CUDA graph's replays: kept as long as this optimizer
+        self.captured: list[torch.Tensor] = []  # a CUDA graph's tables and the host memory its replays copy from
+
+    def _blocks(self, sizes: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each program's tensor and block within it, int32 [2, programs]; the sizes, int64 [T]) on the host."""
+        counts = torch.tensor([triton.cdiv(n, self.launch.block) for n in sizes], dtype=torch.int64)
+        which = torch.repeat_interleave(torch.arange(len(sizes)), counts)
+        within = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[which]
+        return torch.stack([which, within]).to(torch.int32), torch.tensor(sizes, dtype=torch.int64)
 
     def get(self, tensors: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        params = tensors[0]
-        device = params[0].device
-        sizes = tuple(p.numel() for p in params)
-        if sizes != self.sizes:
-            counts = torch.tensor([triton.cdiv(n, self.launch.block) for n in sizes], dtype=torch.int64)
-            which = torch.repeat_interleave(torch.arange(len(sizes)), counts)
-            starts = torch.cumsum(counts, 0) - counts
-            within = torch.arange(int(counts.sum())) - starts[which]
-            self.blocks = _to(torch.stack([which, within]).to(torch.int32), device)
-            self.numels = _to(torch.tensor(sizes, dtype=torch.int64), device)
-            self.sizes, self.addresses = sizes, {}
+        """(addresses, sizes, blocks) on the tensors' device for `tensors` (weights, gradients, exp_avgs,
+        exp_avg_sqs)."""
+        device = tensors[0][0].device
+        sizes = tuple(p.numel() for p in tensors[0])
         key = tuple(t.data_ptr() for ts in tensors for t in ts)
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            # the copy is recorded, not run: this table holds values only once the graph replays
-            table = _to(torch.tensor(key, dtype=torch.int64).view(4, -1), device)
-            self.captured.append(table)
-            return table, self.numels, self.blocks
+        addresses = torch.tensor(key, dtype=torch.int64).view(4, -1)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # A capture records the copies without running them, and each replay copies again from the same host
+            # memory: these tables hold values only once the graph replays, and they and their pinned host copies
+            # are kept as long as this optimizer (freed, the host memory could be handed to another copy).
+            hosts = [t.pin_memory() for t in (addresses, *self._blocks(sizes))]
+            tables = [t.to(device, non_blocking=True) for t in hosts]
+            self.captured += hosts + tables
+            return tables[0], tables[2], tables[1]
+        if sizes != self.sizes:
+            blocks, numels = self._blocks(sizes)
+            self.blocks, self.numels = _to(blocks, device), _to(numels, device)
+            self.sizes, self.addresses = sizes, {}
         if key not in self.addresses:
             if len(self.addresses) >= 4:
                 self.addresses.pop(next(iter(self.addresses)))
-            self.addresses[key] = _to(torch.tensor(key, dtype=torch.int64).view(4, -1), device)
+            self.addresses[key] = _to(addresses, device)
         return self.addresses[key], self.numels, self.blocks
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`t` on `device` without the host waiting (through pinned memory onto a GPU)."""
+    """`t` on `device` without the host waiting (through pinned memory onto a GPU; torch's pinned-memory cache keeps
+    the host copy until the copy has run)."""
     cuda = device.type == "cuda"
     return (t.pin_memory() if cuda else t).to(device, non_blocking=cuda)
 

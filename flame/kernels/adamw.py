@@ -16,6 +16,7 @@ clip coefficient applied first as torch's clip does.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -207,6 +208,12 @@ def covers(tensors: list[torch.Tensor]) -> bool:
     )
 
 
+def _torch_step():
+    """torch's AdamW step without the optimizer hooks that torch wraps around the `step` of an optimizer class once it
+    has an instance (the hooks of a flame AdamW run around its own step; through super().step() they ran twice)."""
+    return inspect.unwrap(torch.optim.AdamW.step, stop=lambda f: not getattr(f, "hooked", False))
+
+
 class AdamW(torch.optim.AdamW):
     """torch's fused AdamW, stepping with flame's kernel where it applies (see the module's docstring).
 
@@ -243,7 +250,7 @@ class AdamW(torch.optim.AdamW):
         if not self._own_step(groups):
             if coef is not None and (grads := [g for tensors in groups for g in tensors[1]]):
                 torch._foreach_mul_(grads, coef.to(grads[0].device))  # torch's clip
-            super().step()
+            _torch_step()(self)  # not super().step(): torch's hooks already ran around this step
             return loss
         found_inf = getattr(self, "found_inf", None)
         for i, (group, (params, grads, exp_avgs, exp_avg_sqs, steps)) in enumerate(zip(self.param_groups, groups)):

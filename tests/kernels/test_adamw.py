@@ -114,6 +114,8 @@ def test_on_the_cpu_it_is_torchs_adamw_after_torchs_clip():
     theirs, mine = _model(), _model()
     reference = torch.optim.AdamW(_groups(theirs), lr=1e-2, fused=True)
     optimizer = AdamW(_groups(mine), lr=1e-2)
+    hooked = []
+    optimizer.register_step_post_hook(lambda *args: hooked.append(1))
     their_norms = _train(theirs, reference, lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.5), "cpu", skip=1)
     my_norms = _train(mine, optimizer, lambda ps: optimizer.clip_(ps, 0.5), "cpu", skip=1)
     assert my_norms == their_norms
@@ -123,6 +125,7 @@ def test_on_the_cpu_it_is_torchs_adamw_after_torchs_clip():
     for a, b in zip(optimizer.state.values(), reference.state.values(), strict=True):
         assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
     assert optimizer.clip_coef is None  # one step's: used and dropped
+    assert len(hooked) == 4  # torch's step hooks, once an update (torch's step runs inside flame's)
 
 
 def _max_relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -389,7 +389,13 @@ def run_flame(config_path: str, args, device, work: Path, clock: _GcClock | None
     records = [json.loads(ln) for ln in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     # Records come at step 1, every 1 + warmup steps and the last: "time" (seconds since the loop started) is taken
     # when the GPU has caught up, so the steps between the record of step 1 + warmup and the last are the timed ones.
-    a, b = next(r for r in records if r["step"] == 1 + args.warmup), records[-1]
+    timed = [r for r in records if r["step"] == 1 + args.warmup]
+    if not timed or records[-1]["step"] != steps:  # seen once per device call on an H200, not yet explained
+        raise RuntimeError(
+            f"flame's run logged steps {[r['step'] for r in records]}, expected {1 + args.warmup} and {steps} among "
+            f"them; its records: {records}"
+        )
+    a, b = timed[0], records[-1]
     row = {
         "first_s": records[0]["first_step_s"],
         "tokens_per_s": (b["tokens"] - a["tokens"]) / (b["time"] - a["time"]),

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Set up a bare GPU machine without network for this repo, then run timed steps, each with its own log.
+#
+#   bash benchmarks/gpu_machine.sh 'SECONDS:COMMAND' ['SECONDS:COMMAND' ...]
+#   bash benchmarks/gpu_machine.sh '120:python3 -m pytest -q -m gpu tests/kernels/test_adamw.py' \
+#       '200:PYTHONPATH=. python3 benchmarks/throughput.py --models gla-1.3B --engines flame,hf'
+#
+# Setup: the wheels in .wheelhouse/ (built here by the wheelhouse script beside the device docs, resolved against
+# the GPU image) and this repo, installed without the network; FLA's tuning for the shapes in benchmarks/tuning/
+# restored into ~/.triton/cache (else each new shape tunes for minutes). Then each step runs under `timeout
+# SECONDS`, its output in LOGS/stepN.log (LOGS: $OUT where the device tool sets it, else ./gpu-logs), a step that
+# fails or runs out of time does not stop the next, and a table of every step's exit code and seconds comes last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+logs=${OUT:-gpu-logs}
+mkdir -p "$logs"
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline NCCL_NVLS_ENABLE=0  # NVLink multicast off on several GPUs
+install() {  # quiet unless pip fails; then its output and a stop (one wheel pip refuses stops them all)
+    local out
+    out=$(python3 -m pip install -q --no-deps "$@" 2>&1) || { echo "$out" >&2; echo "gpu_machine: pip install failed" >&2; exit 1; }
+}
+if [ -d .wheelhouse ]; then
+    install --no-index .wheelhouse/*.whl
+fi
+install --no-build-isolation -e .
+mkdir -p ~/.triton/cache && for f in benchmarks/tuning/*.tgz; do tar xzf "$f" -C ~/.triton/cache; done
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c "import torch, triton, fla; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', fla.__version__)"
+summary=()
+n=0
+for step in "$@"; do
+    n=$((n + 1))
+    limit=${step%%:*}
+    command=${step#*:}
+    echo "== step $n (${limit} s): $command"
+    start=$(date +%s)
+    timeout "$limit" bash -c "$command" 2>&1 | tee "$logs/step$n.log" | tail -25
+    rc=${PIPESTATUS[0]}
+    summary+=("step $n  rc $rc  $(($(date +%s) - start)) s  $command")
+done
+echo "== $(date -u +%FT%TZ)"
+printf '%s\n' "${summary[@]}"

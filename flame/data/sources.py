@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flame import hub
+from flame import hub, ui
 from flame.errors import DataError, FlameError, first_line
 
 # Longest suffix first: `.jsonl.zst` must win over a plain `.zst` lookup.
@@ -307,6 +307,12 @@ def _resolve_hub(dataset: str, name: str | None, split: str, column: str | None,
         raise DataError(
             f"no column {column!r} in {dataset} (columns: {', '.join(columns) or 'none'})", "pick one with --column"
         )
+    chosen = getattr(ds, "config_name", None) or (ds.info.config_name if ds.info else None)
+    if name is None and chosen and chosen != "default":
+        # Offline, datasets serves whichever configuration its cache holds when none is named (its log says so in
+        # passing): the dataset's manifest names it, and so does this line.
+        ui.warn(f"dataset {dataset!r}: no --name given, so its configuration {chosen!r} is used (--name {chosen})")
+        name = chosen
     return Source(
         kind="hub",
         dataset=dataset,

@@ -254,6 +254,16 @@ def test_hub_dataset_from_the_offline_cache(hub_cache):
     assert source.manifest()["name"] == "sample"
 
 
+def test_hub_dataset_without_a_name_says_which_configuration_it_read(hub_cache, capsys):
+    # offline, datasets serves the cached configuration when none is named: flame says which, and records it
+    source = resolve_source("tester/tiny", split="train")
+    assert source.name == "sample" and source.manifest()["name"] == "sample"
+    assert read_all(source) == hub_cache
+    assert "dataset 'tester/tiny': no --name given, so its configuration 'sample' is used (--name sample)" in (
+        " ".join(capsys.readouterr().err.split())
+    )
+
+
 def test_hub_dataset_streamed_from_the_offline_cache(hub_cache):
     source = resolve_source("tester/tiny", name="sample", split="train", streaming=True)
     assert source.streaming and source.units

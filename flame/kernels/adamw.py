@@ -5,9 +5,9 @@ torch's fused AdamW moves each weight's bytes (the weight, its gradient and the 
 `clip_grad_norm_` then the step took 15.9 ms of GLA-1.3B's 311 ms step at batch 8 (benchmarks/RESULTS.md,
 twenty-fourth session). Here one launch updates every tensor of a parameter group (a table of their addresses), and
 multiplies each gradient by the clip coefficient as it reads it, so the clip writes nothing. The arithmetic is
-torch's fused AdamW's (aten/src/ATen/native/cuda/fused_adam_utils.cuh) in fp32 (torch runs some of its steps in
-double: a weight differs from torch's by about one fp32 rounding per update), the per-tensor scalars in double, and
-the optimizer's state is torch's, so checkpoints move between the two either way.
+torch's fused AdamW's on a GPU (aten/src/ATen/native/cuda/fused_adam_utils.cuh), in fp32 with betas rounded to fp32
+(the per-tensor scalars, the bias corrections among them, in double: a weight differs from torch's by about one fp32
+rounding an update), and the optimizer's state is torch's, so checkpoints move between the two either way.
 
 `AdamW` is torch.optim.AdamW (fused) with that step where it applies: CUDA, the `auto` kernels mode, fp32 weights,
 no amsgrad, maximize or grad scaler; everywhere else (the CPU, other dtypes, sharded weights) torch's step runs, the
@@ -154,6 +154,13 @@ def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return (t.pin_memory() if cuda else t).to(device, non_blocking=cuda)
 
 
+def _one_minus(beta: float) -> float:
+    """1 - beta as torch's fused AdamW takes it on a GPU: beta rounded to fp32 first (its kernel computes in the
+    weights' precision), so the two weights of each moment's average add up to 1 in fp32. In double, 1 - 0.999 would
+    weight the squared gradient 1.3e-5 more than torch does."""
+    return 1.0 - float(torch.tensor(beta, dtype=torch.float32))
+
+
 def adamw_step_(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -185,7 +192,7 @@ def adamw_step_(
     _adamw_kernel[(programs,)](
         addresses, numels, per_tensor, blocks, len(params), programs,
         found_inf if found_inf is not None else per_tensor, clip_coef if clip_coef is not None else per_tensor,
-        BETA1=beta1, BETA2=beta2, ONE_MINUS_BETA1=1 - beta1, ONE_MINUS_BETA2=1 - beta2, EPS=eps,
+        BETA1=beta1, BETA2=beta2, ONE_MINUS_BETA1=_one_minus(beta1), ONE_MINUS_BETA2=_one_minus(beta2), EPS=eps,
         HAS_DECAY=weight_decay != 0, HAS_FOUND_INF=found_inf is not None, HAS_COEF=clip_coef is not None,
         BLOCK=tables.launch.block, num_warps=tables.launch.warps,
     )  # fmt: skip

@@ -176,8 +176,10 @@ def _render_result(r) -> None:
         run, checkpoint = shlex.quote(str(r.run_dir)), shlex.quote(str(r.checkpoint))  # to paste into a shell
         ui.console.print(f"  continue:  flame resume {run} --steps MORE")
         ui.console.print(f"  inspect:   flame inspect {run}  /  flame inspect {checkpoint}")
+        # flame.kernels first (it imports fla, which registers the model types): on a CPU FLA's Triton kernels cannot
+        # run, and a model loaded without it fails at its first forward; on a GPU it puts flame's kernels in front.
         model = shlex.quote(
-            "import fla; from transformers import AutoModelForCausalLM; "
-            f"AutoModelForCausalLM.from_pretrained({json.dumps(str(r.checkpoint / 'model'))})"
+            "import flame.kernels; flame.kernels.install(); from transformers import AutoModelForCausalLM; "
+            f"model = AutoModelForCausalLM.from_pretrained({json.dumps(str(r.checkpoint / 'model'))})"
         )
         ui.console.print(f"  load:      python -c {model}")

@@ -66,6 +66,25 @@ def test_gla_varlen_checkpoint_loads_and_generates(files, tmp_path):
     assert out.shape == (1, 7)
 
 
+def test_the_printed_load_command_gives_a_model_that_runs_on_the_cpu(files, tmp_path):
+    """The `load:` line after training, pasted into a fresh Python (no flame.kernels installed by a test fixture),
+    loads the checkpoint's model, which then runs a forward on the CPU."""
+    import shlex
+    import subprocess
+    import sys
+
+    result = _train(files, tmp_path, "gla.json", "--steps", "2", "--logging", "1")
+    assert result.exit_code == 0, result.output
+    line = " ".join(result.output.split("load:", 1)[1].split("\n", 1)[0].split())
+    python, flag, code = shlex.split(line)
+    assert (python, flag) == ("python", "-c") and "step-00000002" in code
+    run = code + "; import torch; print(tuple(model(torch.tensor([[1, 2, 3]])).logits.shape))"
+    done = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    vocab = json.loads((files / "gla.json").read_text())["vocab_size"]
+    assert done.stdout.strip().splitlines()[-1] == f"(1, 3, {vocab})"
+
+
 def test_dry_run_prints_the_plan_and_trains_nothing(files, tmp_path):
     result = _train(files, tmp_path, "gla.json", "--steps", "10", "--dry-run")
     assert result.exit_code == 0, result.output

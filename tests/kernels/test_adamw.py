@@ -129,6 +129,25 @@ def test_on_the_cpu_it_is_torchs_adamw_after_torchs_clip():
     assert len(hooked) == 4  # torch's step hooks, once an update (torch's step runs inside flame's)
 
 
+def test_a_torch_adamw_checkpoint_continues_in_flames_and_back():
+    """flame's AdamW keeps torch's state: a run saved with torch's optimizer goes on with flame's, and the other way,
+    the same updates as staying with one (on the CPU, where both step with torch's kernel)."""
+    clip = torch.nn.utils.clip_grad_norm_
+    for first, second in ((torch.optim.AdamW, AdamW), (AdamW, torch.optim.AdamW)):
+        staying, moving = _model(), _model()
+        stay = first(_groups(staying), lr=1e-2, fused=True)
+        before = first(_groups(moving), lr=1e-2, fused=True)
+        _train(staying, stay, lambda ps: clip(ps, 0.5), "cpu", updates=3)
+        _train(moving, before, lambda ps: clip(ps, 0.5), "cpu", updates=3)
+        after = second(_groups(moving), lr=1e-2, fused=True)
+        after.load_state_dict(before.state_dict())
+        _train(staying, stay, lambda ps: clip(ps, 0.5), "cpu", updates=3)
+        _train(moving, after, lambda ps: clip(ps, 0.5), "cpu", updates=3)
+        for a, b in zip(moving.parameters(), staying.parameters(), strict=True):
+            assert torch.equal(a, b)
+        assert [s["step"].item() for s in after.state.values()] == [6.0] * 6
+
+
 def _max_relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 

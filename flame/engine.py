@@ -931,7 +931,7 @@ def _train(cfg: TrainConfig, *, force: bool, rewind: bool = False, cleanup: Exit
     vote = StopVote(accelerator.device, accelerator.reduce) if several else None  # one process alone: its own flag
     stopped = "done"
     max_norm = cfg.norm if cfg.norm > 0 else float("inf")
-    clips_in_step = hasattr(on_device, "clip_") and p.sharding in graphs.SETUPS  # flame's AdamW (build_optimizer)
+    clips_in_step = hasattr(on_device, "clip_")  # flame's AdamW: one process or DDP (build_optimizer)
 
     def forward_backward(batches: list[dict]):
         """Forward and backward of the update's micro-batches (on the device), then clipping: (loss, grad norm)."""

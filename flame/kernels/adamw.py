@@ -17,21 +17,12 @@ clip coefficient applied first as torch's clip does.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from flame.kernels.config import settings
-
-
-@dataclass(frozen=True)
-class Launch:
-    block: int
-    """Elements per program."""
-    warps: int
-
+from flame.kernels.config import Launch, settings
 
 LAUNCH = Launch(block=1024, warps=4)
 

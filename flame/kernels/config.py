@@ -1,4 +1,5 @@
-"""Settings of the portable kernels (one process-wide instance, `settings`)."""
+"""Settings of the portable kernels (one process-wide instance, `settings`), and the launch of flame's elementwise GPU
+kernels over flat offsets (`Launch`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,15 @@ from flame.errors import ConfigError
 
 MODES = ("auto", "torch", "triton")
 GLA_STATES = ("fla", "recompute", "keep")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How a kernel over flat offsets (flame.kernels.swiglu, flame.kernels.adamw) is launched."""
+
+    block: int
+    """Elements per program."""
+    warps: int
 
 
 def _mode_from_env() -> str:

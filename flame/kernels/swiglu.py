@@ -11,21 +11,12 @@ inputs, mixed dtypes) goes to FLA's.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from flame.kernels.config import settings
-
-
-@dataclass(frozen=True)
-class Launch:
-    block: int
-    """Elements per program."""
-    warps: int
-
+from flame.kernels.config import Launch, settings
 
 LAUNCH = Launch(block=4096, warps=8)
 """The default launch, from benchmarks/swiglu.py --sweep on an H200 (RESULTS.md, twenty-fourth session)."""

@@ -84,9 +84,11 @@ def _adamw_kernel(
 def scalars(steps: list[torch.Tensor], lr, beta1: float, beta2: float, weight_decay: float) -> torch.Tensor:
     """Each tensor's per-update scalars, float32 [3, T], computed on the device in double from its fp32 step (as
     torch's fused AdamW computes its bias corrections): lr / (1 - beta1^step), sqrt(1 - beta2^step), and the weight
-    decay's factor 1 - lr * weight_decay. `lr` a float or a 0-d tensor on the steps' device."""
+    decay's factor 1 - lr * weight_decay. `lr` a float or a 0-d tensor on the steps' device, rounded to fp32 either
+    way: a CUDA graph reads it from an fp32 tensor, and an eager update must be the captured one's (with a float in
+    double, DDP's eager and captured runs parted at their first update on 2 H200s)."""
     counted = torch.stack(steps).double()
-    lr = lr.double() if isinstance(lr, torch.Tensor) else lr
+    lr = lr.float().double() if isinstance(lr, torch.Tensor) else float(torch.tensor(lr, dtype=torch.float32))
     step_size = lr / (1 - torch.pow(beta1, counted))
     decay = (1 - lr * weight_decay) * torch.ones_like(counted)
     return torch.stack([step_size, torch.sqrt(1 - torch.pow(beta2, counted)), decay]).float()

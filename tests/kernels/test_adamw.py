@@ -10,7 +10,9 @@ from flame.kernels.adamw import AdamW
 from tests.kernels.harness import interpreted
 
 # Four updates of three tensors (one group with weight decay, one without; sizes with a tail past the last block),
-# the third skipped through found_inf; the gradients multiplied by torch's clip coefficient as they are read.
+# the third skipped through found_inf; the gradients multiplied by torch's clip coefficient as they are read; the
+# learning rate a float at updates 1 and 3, a 0-d double tensor at 2 and 4, and fp32 in the arithmetic both ways (in
+# double, the float's first update would have had another step size).
 INTERPRETED = r"""
 import json, sys, torch
 from flame.kernels import adamw
@@ -18,6 +20,7 @@ from flame.kernels import adamw
 def reference(p, g, m, v, step, lr, b1, b2, eps, wd):
     # torch's fused AdamW (aten/src/ATen/native/cuda/fused_adam_utils.cuh) in fp32, its scalars in double
     s = torch.tensor(step, dtype=torch.float64)
+    lr = torch.tensor(lr, dtype=torch.float32).item()  # as a CUDA graph reads it, eagerly too
     step_size = (lr / (1 - torch.pow(b1, s))).float()
     bc2_sqrt = torch.sqrt(1 - torch.pow(b2, s)).float()
     if wd:
@@ -58,7 +61,8 @@ for sizes, block in json.loads(sys.argv[1]):
         for i, ((ns, wd), ps, gs) in enumerate(zip(groups, mine, grads)):
             adamw.adamw_step_(
                 ps, gs, [s[0] for s in state[i]], [s[1] for s in state[i]], [s[2] for s in state[i]],
-                lr=torch.tensor(lr, dtype=torch.float64), beta1=b1, beta2=b2, eps=eps, weight_decay=wd,
+                lr=lr if update % 2 == 0 else torch.tensor(lr, dtype=torch.float64),
+                beta1=b1, beta2=b2, eps=eps, weight_decay=wd,
                 found_inf=torch.tensor(float(skip)), clip_coef=coef, tables=tables[i],
             )
             if not skip:
@@ -186,9 +190,8 @@ def test_on_a_gpu_a_captured_step_replays_the_eager_updates():
     device = "cuda"
     eager, graphed = _model(device), _model(device)
     opts = [AdamW(_groups(m), lr=1e-2) for m in (eager, graphed)]
-    for opt in opts:
-        for group in opt.param_groups:
-            group["lr"], group["capturable"] = torch.tensor(1e-2, device=device), True
+    for group in opts[1].param_groups:  # the eager one keeps a float, as the engine's eager loop does
+        group["lr"], group["capturable"] = torch.tensor(1e-2, device=device), True
     torch.manual_seed(1)
     inputs = [torch.randn(16, 33, device=device) for _ in range(6)]
     static = torch.empty_like(inputs[0])

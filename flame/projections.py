@@ -30,20 +30,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _wide(grad: torch.Tensor, dtype: torch.dtype) -> bool:
+def wide(grad: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether a half-precision gradient for an fp32 parameter comes straight out of the kernel in fp32 (CUDA)."""
     return grad.is_cuda and dtype == torch.float32 and grad.dtype in (torch.bfloat16, torch.float16)
 
 
-def _weight_grad(grad: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def weight_grad(grad: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """grad^T @ rows in the weight's dtype."""
-    if _wide(grad, dtype):
+    if wide(grad, dtype):
         return torch.mm(grad.t(), rows, out_dtype=dtype)
     return (grad.t() @ rows).to(dtype)
 
 
-def _bias_grad(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return grad.sum(0, dtype=dtype) if _wide(grad, dtype) else grad.sum(0).to(dtype)
+def bias_grad(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return grad.sum(0, dtype=dtype) if wide(grad, dtype) else grad.sum(0).to(dtype)
 
 
 class _SharedInput(torch.autograd.Function):
@@ -76,9 +76,9 @@ class _SharedInput(torch.autograd.Function):
             g = grad.reshape(-1, grad.shape[-1])
             if need_x:
                 dx = g @ w if dx is None else dx.addmm_(g, w)
-            dws.append(_weight_grad(g, rows, ctx.dtypes[i]) if ctx.needs_input_grad[3 + i] else None)
+            dws.append(weight_grad(g, rows, ctx.dtypes[i]) if ctx.needs_input_grad[3 + i] else None)
             has_bias = ctx.has_bias[i] and ctx.needs_input_grad[3 + ctx.count + i]
-            dbs.append(_bias_grad(g, ctx.dtypes[ctx.count + i]) if has_bias else None)
+            dbs.append(bias_grad(g, ctx.dtypes[ctx.count + i]) if has_bias else None)
         if dx is not None:
             dx = dx.view(x.shape)
         return (dx, None, None, *dws, *dbs)

@@ -75,6 +75,8 @@ GPU_TARGETS: tuple[GpuTarget, ...] = (
     # FLA addresses each element by row and column (an int64 division per element): 2.7 TB/s, 15 ms of GLA-1.3B's step
     GpuTarget(f"{_ACT}:swiglu_fwd", swiglu.fwd_in_front_of),
     GpuTarget(f"{_ACT}:swiglu_fwdbwd", swiglu.fwdbwd_in_front_of),
+    # FLA's fused MLP casts the down projection's weight twice a step and widens its bf16 gradient in a pass of its own
+    GpuTarget(f"{_ACT}:swiglu_linear", swiglu.linear_in_front_of),
 )
 """FLA functions that flame's own GPU kernels stand in front of (kernels mode `auto`)."""
 

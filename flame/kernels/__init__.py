@@ -11,8 +11,8 @@ to compare with Triton); `mode="triton"` always runs FLA's own kernels. Public o
 version raise a ModelError naming the op and the model type when they are called on CPU. On the GPU, in the
 default `auto` mode, flame also puts a faster kernel of its own in front of the FLA functions that
 registry.GPU_TARGETS lists (the backward of FLA's norms at rows wider than 512: flame/kernels/norm_backward.py; GLA's
-backward with bf16 chunk states: flame/kernels/gla_states.py; SwiGLU's elementwise kernels over contiguous tensors:
-flame/kernels/swiglu.py).
+backward with bf16 chunk states: flame/kernels/gla_states.py; SwiGLU's elementwise kernels over contiguous tensors
+and the fused MLP's down projection around them: flame/kernels/swiglu.py).
 
 Checked against flash-linear-attention 0.6.x (FLA_VERSIONS); install() refuses other versions and FLA
 internals it does not recognise with one ModelError, instead of patching something it does not know.

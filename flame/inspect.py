@@ -46,10 +46,12 @@ class InspectOptions:
     """Sequence length for FLOPs/token and the memory estimate. Default: the run's --context, else 2048."""
     batch: int | None = None
     """Windows per device for the memory estimate. Default: the run's --batch, else 8."""
-    update: int = 1
-    """Gradient accumulation steps for the memory estimate (> 1 keeps every gradient alive)."""
-    precision: str = "bf16"
-    """Precision for the memory estimate: bf16 (autocast over fp32 master weights) or fp32."""
+    update: int | None = None
+    """Gradient accumulation steps for the memory estimate (> 1 keeps every gradient alive). Default: the run's
+    --update, else 1."""
+    precision: str | None = None
+    """Precision for the memory estimate: bf16 (autocast over fp32 master weights) or fp32. Default: what the run or
+    checkpoint trained in (fp32 on a CPU), else bf16."""
     zero_stage: int = 0
     """ZeRO / FSDP sharding stage for the memory estimate: 0 none, 1 optimizer, 2 + grads, 3 + weights."""
     world_size: int = 1
@@ -89,7 +91,7 @@ def validate(options: InspectOptions) -> None:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if options.deepspeed and options.fsdp:
         problems.append("--deepspeed and --fsdp: a run is sharded by one of them, choose one")
-    if options.precision not in ("bf16", "fp32"):
+    if options.precision not in (None, "bf16", "fp32"):
         problems.append(f"--precision must be bf16 or fp32, got {options.precision}")
     if options.zero_stage not in (0, 1, 2, 3):
         problems.append(f"--zero-stage must be 0, 1, 2 or 3, got {options.zero_stage}")
@@ -327,8 +329,8 @@ def _quiet_fla():
 
 def inspect_model(path: str | os.PathLike, options: InspectOptions, *, run: dict | None = None) -> ModelFacts:
     """Shapes, parameters, FLOPs/token and the memory estimate, all from flame.models on a meta-device model.
-    run: the training options of the run the model belongs to (context, batch, checkpointing, share_casts,
-    bf16_residual)."""
+    run: the training options of the run the model belongs to (context, batch, update, precision as trained,
+    checkpointing, share_casts, bf16_residual)."""
     with _quiet_fla():
         model, config = models.build_model(path, meta=True)
     if Path(path).is_dir() and any(Path(path).glob("*.safetensors")):
@@ -351,6 +353,9 @@ def _has_weights(p: Path) -> bool:
 def _model_facts(model, config, p: Path, options: InspectOptions, run: dict) -> ModelFacts:
     context = options.context or run.get("context") or 2048
     batch = options.batch or run.get("batch") or 8
+    update = options.update or run.get("update") or 1
+    # a run's config says "auto" (bf16 on a GPU, fp32 on a CPU); its checkpoints say what it resolved to
+    precision = options.precision or (run.get("precision") if run.get("precision") in ("bf16", "fp32") else "bf16")
     checkpointing = options.checkpointing or bool(run.get("checkpointing"))
     share_casts = options.share_casts
     if share_casts is None:  # a run saved before the option existed trained without
@@ -361,10 +366,10 @@ def _model_facts(model, config, p: Path, options: InspectOptions, run: dict) -> 
         model,
         batch,
         context,
-        precision=options.precision,
+        precision=precision,
         zero_stage=options.zero_stage,
         world_size=options.world_size,
-        accumulation=options.update,
+        accumulation=update,
         activation_checkpointing=checkpointing,
         shared_casts=share_casts,
         bf16_residual=bf16_residual,
@@ -375,8 +380,8 @@ def _model_facts(model, config, p: Path, options: InspectOptions, run: dict) -> 
     settings = {
         "batch": batch,
         "context": context,
-        "update": options.update,
-        "precision": options.precision,
+        "update": update,
+        "precision": precision,
         "zero_stage": options.zero_stage,
         "world_size": options.world_size,
         "checkpointing": checkpointing,
@@ -610,6 +615,18 @@ def _metrics(run_dir: Path) -> tuple[list[dict], int]:
     return records, bad
 
 
+def _as_trained(state: dict) -> dict:
+    """The run configuration in a checkpoint's trainer state, with the precision it trained in where the state says
+    (checkpoints written since the twenty-seventh session; the configuration may say "auto") and the update it
+    last trained with."""
+    run = dict(state.get("config") or {})
+    if state.get("precision") in ("bf16", "fp32"):
+        run["precision"] = state["precision"]
+    if isinstance(state.get("update"), int):
+        run["update"] = state["update"]
+    return run
+
+
 def inspect_checkpoint(path: str | os.PathLike, options: InspectOptions, on_progress=None) -> CheckpointFacts:
     """Trainer state, weight statistics and integrity checks of RUN/checkpoints/step-N (see flame.checkpoint)."""
     root = Path(path)
@@ -648,7 +665,7 @@ def inspect_checkpoint(path: str | os.PathLike, options: InspectOptions, on_prog
     model_dir = root / "model"
     model, model_facts = None, None
     try:
-        run = state.get("config") or {}
+        run = _as_trained(state)
         with _quiet_fla():
             model, config = models.build_model(model_dir, meta=True)
         model_facts = _model_facts(model, config, model_dir, options, run)
@@ -736,7 +753,9 @@ def inspect_run(path: str | os.PathLike, options: InspectOptions) -> RunFacts:
     world = 1
     if found:
         try:
-            world = ckpt.read_trainer_state(found[-1]).get("world", 1)
+            state = ckpt.read_trainer_state(found[-1])
+            world = state.get("world", 1)
+            config = config | {k: v for k, v in _as_trained(state).items() if k in ("precision", "update")}
         except CheckpointError:
             pass
     last = records[-1] if records else {}

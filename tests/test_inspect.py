@@ -427,8 +427,13 @@ def test_a_runs_memory_estimate_uses_the_runs_own_settings(run, tmp_path):
     (copy / "config.json").write_text(json.dumps(config))
     memory = inspect(copy).model.memory
     built = models.load_config(copy / "checkpoints" / "step-00000006" / "model")
-    expected = models.estimate_memory(built, BATCH, CONTEXT, activation_checkpointing=True, shared_casts=True)
-    assert (memory["checkpointing"], memory["share_casts"], memory["total_gib"]) == (True, True, expected["total"])
+    # on the CPU `--precision auto` trained in fp32, which the checkpoints record (the config says "auto")
+    assert config["precision"] == "auto"
+    expected = models.estimate_memory(
+        built, BATCH, CONTEXT, precision="fp32", activation_checkpointing=True, shared_casts=True
+    )
+    assert (memory["checkpointing"], memory["share_casts"], memory["precision"]) == (True, True, "fp32")
+    assert memory["total_gib"] == expected["total"]
     # a run saved before --share-casts existed trained without; --share-casts / --no-share-casts override the run's
     (copy / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "share_casts"}))
     assert inspect(copy).model.memory["share_casts"] is False
@@ -558,3 +563,27 @@ def test_bad_options_are_all_reported_at_once():
     )
     with pytest.raises(ConfigError, match="--fsdp has no --zero-stage 1: FULL_SHARD is 3, SHARD_GRAD_OP 2, NO_SHARD 0"):
         inspect(REPO / "configs" / "demo_gla.json", InspectOptions(fsdp=True, zero_stage=1))
+
+
+def test_the_precision_and_update_of_the_estimate_are_those_the_run_trained_with(run, tmp_path):
+    """A CPU run trained in fp32 (its `--precision auto` resolved so): its run dir and checkpoints are estimated in
+    fp32 and at the run's --update; a checkpoint written before the trainer state said the precision, in bf16; the
+    options override both."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    checkpoint = copy / "checkpoints" / "step-00000006"
+    built = models.load_config(checkpoint / "model")
+    trainer = checkpoint / "state" / "trainer.json"
+    state = json.loads(trainer.read_text())
+    assert state["precision"] == "fp32"
+    trainer.write_text(json.dumps(state | {"update": 3}))
+    for path in (copy, checkpoint):
+        memory = inspect(path).model.memory
+        expected = models.estimate_memory(built, BATCH, CONTEXT, precision="fp32", accumulation=3)
+        assert (memory["precision"], memory["update"], memory["total_gib"]) == ("fp32", 3, expected["total"])
+        memory = inspect(path, InspectOptions(precision="bf16", update=1)).model.memory
+        shared = json.loads((copy / "config.json").read_text())["share_casts"]
+        expected = models.estimate_memory(built, BATCH, CONTEXT, precision="bf16", accumulation=1, shared_casts=shared)
+        assert (memory["precision"], memory["update"], memory["total_gib"]) == ("bf16", 1, expected["total"])
+    trainer.write_text(json.dumps({k: v for k, v in state.items() if k != "precision"}))
+    assert inspect(checkpoint).model.memory["precision"] == "bf16"

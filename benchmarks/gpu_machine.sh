@@ -10,6 +10,8 @@
 # restored into ~/.triton/cache (else each new shape tunes for minutes). Then each step runs under `timeout
 # SECONDS`, its output in LOGS/stepN.log (LOGS: $OUT where the device tool sets it, else ./gpu-logs), a step that
 # fails or runs out of time does not stop the next, and a table of every step's exit code and seconds comes last.
+# FLA's tuning results the steps added (shapes no tarball had) come back as LOGS/tuning-new.tgz: copied into
+# benchmarks/tuning/ under a name that says the GPU and the shapes, they spare the next machine that tuning.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logs=${OUT:-gpu-logs}
@@ -24,6 +26,7 @@ if [ -d .wheelhouse ]; then
 fi
 install --no-build-isolation -e .
 mkdir -p ~/.triton/cache && for f in benchmarks/tuning/*.tgz; do tar xzf "$f" -C ~/.triton/cache; done
+marker=$(mktemp)  # what is newer than this in the cache, the steps tuned
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton, fla; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', fla.__version__)"
 summary=()
@@ -38,5 +41,10 @@ for step in "$@"; do
     rc=${PIPESTATUS[0]}
     summary+=("step $n  rc $rc  $(($(date +%s) - start)) s  $command")
 done
+new=$(cd ~/.triton/cache && find . -name '*.autotune.json' -newer "$marker" | sort)
+if [ -n "$new" ]; then
+    (cd ~/.triton/cache && tar czf - $new) > "$logs/tuning-new.tgz"
+    echo "== FLA's tuning for $(echo "$new" | wc -l) new kernel/shape pairs: $logs/tuning-new.tgz"
+fi
 echo "== $(date -u +%FT%TZ)"
 printf '%s\n' "${summary[@]}"

@@ -192,6 +192,33 @@ def read_trainer_state(checkpoint: str | os.PathLike) -> dict:
     )
 
 
+class NotSafetensors(ValueError):
+    """A file named *.safetensors whose first bytes are no safetensors header; `lfs` when they are a git-lfs
+    pointer (a clone that did not fetch the file)."""
+
+    def __init__(self, path: Path, lfs: bool):
+        super().__init__(f"{path} is not a safetensors file")
+        self.lfs = lfs
+
+
+def safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """(the tensor table, name -> {dtype, shape, data_offsets}, without __metadata__; the offset its data starts
+    at) of a safetensors file (u64 header length, JSON header, data), reading the header only. NotSafetensors when it
+    is none; whether the data is all there is the caller's to check against the file's size."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        try:
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+        except ValueError:  # not JSON, or not UTF-8
+            header = None
+    if not isinstance(header, dict):
+        raise NotSafetensors(path, lfs=head.startswith(b"version "))  # "version https://git-lfs..."
+    return {k: v for k, v in header.items() if k != "__metadata__"}, 8 + n
+
+
 def damaged(path: str | os.PathLike) -> str | None:
     """Why a state file cannot be read whole (truncated, not what its name says), or None. Cheap: reads a
     safetensors header or a torch zip's directory, never the tensors."""
@@ -199,13 +226,12 @@ def damaged(path: str | os.PathLike) -> str | None:
     try:
         size = path.stat().st_size
         if path.suffix == ".safetensors":
-            with path.open("rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
-            if not isinstance(header, dict):
+            try:
+                table, start = safetensors_header(path)
+            except NotSafetensors:
                 return "not a safetensors file"
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            return None if size == 8 + n + end else f"{size:,} bytes where its header needs {8 + n + end:,}"
+            end = start + max((v["data_offsets"][1] for v in table.values()), default=0)
+            return None if size == end else f"{size:,} bytes where its header needs {end:,}"
         if path.suffix in (".bin", ".pt", ".pth", ".pkl"):  # torch.save's zip format (accelerate's RNG .pkl too)
             with zipfile.ZipFile(path):
                 return None

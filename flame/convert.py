@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from flame import checkpoint as ckpt
 from flame import hub, models
 from flame.errors import CheckpointError, ConfigError, ModelError, check_output_dir, first_line
 from flame.ui import RateColumn, err_console, interactive, progress
@@ -149,28 +149,20 @@ class TensorInfo:
 
 
 def _safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """The tensor table of a safetensors file (format: u64 header length, JSON header, data)."""
+    """The tensor table of a safetensors file, each tensor's absolute byte range in it."""
     size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
-        try:
-            header = json.loads(f.read(n)) if 8 + n <= size else None
-        except ValueError:
-            header = None
-    if not isinstance(header, dict):
-        lfs = head.startswith(b"version ")  # "version https://git-lfs...": the clone did not fetch the file
+    try:
+        header, start = ckpt.safetensors_header(path)
+    except ckpt.NotSafetensors as e:
         raise CheckpointError(
-            f"{path} is not a safetensors file" + (" but a git-lfs pointer" if lfs else " (damaged or truncated)"),
-            "run `git lfs pull` in that clone" if lfs else "download or save the checkpoint again",
-        )
-    start = 8 + n
+            f"{path} is not a safetensors file" + (" but a git-lfs pointer" if e.lfs else " (damaged or truncated)"),
+            "run `git lfs pull` in that clone" if e.lfs else "download or save the checkpoint again",
+        ) from None
     table = {
         name: TensorInfo(
             path, tuple(h["shape"]), h["dtype"], (start + h["data_offsets"][0], start + h["data_offsets"][1])
         )
         for name, h in header.items()
-        if name != "__metadata__"
     }
     if (end := max((t.offsets[1] for t in table.values()), default=start)) > size:
         raise CheckpointError(

@@ -28,6 +28,7 @@ import torch
 
 from flame import checkpoint as ckpt
 from flame import hub, models
+from flame.data.tokenizer import replace_dir
 from flame.errors import CheckpointError, ConfigError, ModelError, check_output_dir, first_line
 from flame.ui import RateColumn, err_console, interactive, progress
 
@@ -547,16 +548,6 @@ def _check_output(opts: ConvertOptions) -> None:
     )
 
 
-def _place(tmp: Path, output: Path) -> None:
-    """Move the finished dir into place; an old one is removed only after the new one is there."""
-    old = output.with_name(f".{output.name}.old-{os.getpid()}")
-    if output.exists():
-        output.rename(old)
-    tmp.rename(output)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def _save(model, out: Path) -> None:
     """save_pretrained without its own tqdm bar (ours reports the copy; the save is one step)."""
     from transformers.utils import logging
@@ -663,7 +654,7 @@ def convert_from_llama(opts: ConvertOptions) -> ConvertReport:
         del model, params
         gc.collect()
         verified = verify(tmp, planned, table)
-        _place(tmp, opts.output)
+        replace_dir(str(tmp), str(opts.output))  # an old one is removed only after the new one is there
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         _load_bin_once.cache_clear()

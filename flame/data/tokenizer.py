@@ -166,11 +166,12 @@ def train_tokenizer(config: TokenizerConfig, show_progress: bool = False) -> dic
 
 
 def replace_dir(tmp: str, output: str) -> None:
-    """Move a finished folder into place; an existing one is moved aside first and removed only afterwards."""
+    """Move a finished folder into place (a tokenizer, a prepared dataset, a converted model); an existing one is
+    moved aside under a hidden name first and removed only afterwards."""
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
     old = None
     if os.path.exists(output):
-        old = f"{output}.old-{os.getpid()}"
+        old = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.old-{os.getpid()}")
         os.rename(output, old)
     os.rename(tmp, output)
     if old:

@@ -71,6 +71,7 @@ class Plan:
     sources: list = field(default_factory=list, repr=False)
     validation: object = field(default=None, repr=False)  # the validation split's Source when --eval
     eval_windows: int = 0  # windows per evaluation, all processes together
+    precision: str = "bf16"  # what --precision came to here (auto: bf16 on a GPU, fp32 on the CPU), as estimated
 
 
 @dataclass
@@ -399,6 +400,7 @@ def plan(cfg: TrainConfig, world: int = 1) -> Plan:
         validation=validation,
         eval_windows=eval_windows,
         memory_at=memory_at,
+        precision=precision,
     )
 
 

@@ -129,10 +129,11 @@ def _render_plan(p) -> None:
         ("  non-embedding", ui.human(p.params["non_embedding"])),
         ("FLOPs per token", f"{ui.human(p.flops_per_token)} (training, at context {p.cfg.context})"),
         (
-            "peak GPU memory (est.)",
+            "peak memory (est.)",
             f"{gib['total']:.2f} GiB per device (weights {gib['weights']:.2f}, grads {gib['grads']:.2f}, "
             f"optimizer {gib['optimizer']:.2f}, activations {gib['activations']:.2f}; {p.sharding}"
-            + (f", sharded as ZeRO stage {p.zero_stage})" if p.zero_stage else ")"),
+            + (f", sharded as ZeRO stage {p.zero_stage}" if p.zero_stage else "")
+            + f"; {p.precision})",
         ),
         ("dataset", f"{ui.human(p.dataset_tokens)} tokens, {p.windows_per_epoch} windows of {p.cfg.context}"),
         (

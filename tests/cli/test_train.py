@@ -88,8 +88,12 @@ def test_the_printed_load_command_gives_a_model_that_runs_on_the_cpu(files, tmp_
 def test_dry_run_prints_the_plan_and_trains_nothing(files, tmp_path):
     result = _train(files, tmp_path, "gla.json", "--steps", "10", "--dry-run")
     assert result.exit_code == 0, result.output
-    for part in ("parameters", "embedding", "non-embedding", "FLOPs per token", "peak GPU memory", "dataset"):
+    for part in ("parameters", "embedding", "non-embedding", "FLOPs per token", "peak memory (est.)", "dataset"):
         assert part in result.output
+    # the estimate is for the precision the run would train in here: fp32 on the CPU (--precision auto)
+    assert "activations 0.00; one process; fp32)" in " ".join(result.output.split()), result.output
+    result = _train(files, tmp_path, "gla.json", "--steps", "10", "--precision", "bf16", "--dry-run")
+    assert "activations 0.00; one process; bf16)" in " ".join(result.output.split()), result.output
     assert "10 updates = " in result.output and "epochs" in result.output
     assert not (tmp_path / "run").exists()
 
@@ -303,11 +307,11 @@ def test_bf16_residual_in_an_fp32_run_is_warned_about(files, tmp_path, precision
 @pytest.mark.parametrize(
     ("launcher", "said", "stage"),
     [
-        ({}, "DDP)", 0),
+        ({}, "DDP; bf16)", 0),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "FULL_SHARD"},
-         "FSDP, full shard, sharded as ZeRO stage 3)", 3),
+         "FSDP, full shard, sharded as ZeRO stage 3; bf16)", 3),
         ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
-         "DeepSpeed ZeRO-2, sharded as ZeRO stage 2)", 2),
+         "DeepSpeed ZeRO-2, sharded as ZeRO stage 2; bf16)", 2),
     ],
 )  # fmt: skip
 def test_dry_run_estimates_memory_as_the_launcher_shards_it(files, tmp_path, monkeypatch, launcher, said, stage):

@@ -10,6 +10,7 @@
 # restored into ~/.triton/cache (else each new shape tunes for minutes). Then each step runs under `timeout
 # SECONDS`, its output in LOGS/stepN.log (LOGS: $OUT where the device tool sets it, else ./gpu-logs), a step that
 # fails or runs out of time does not stop the next, and a table of every step's exit code and seconds comes last.
+# With .tilelang/ carried (benchmarks/tilelang_kit.sh), TileLang is put on the path first.
 # FLA's tuning results the steps added (shapes no tarball had) come back as LOGS/tuning-new.tgz: copied into
 # benchmarks/tuning/ under a name that says the GPU and the shapes, they spare the next machine that tuning.
 set -uo pipefail
@@ -25,10 +26,16 @@ if [ -d .wheelhouse ]; then
     install --no-index .wheelhouse/*.whl
 fi
 install --no-build-isolation -e .
+if [ -f .tilelang/site.tar.xz ]; then  # benchmarks/tilelang_kit.sh: TileLang for Gated DeltaNet on Hopper
+    mkdir -p /tmp/tilelang-site && tar xJf .tilelang/site.tar.xz -C /tmp/tilelang-site
+    # a .pth file, not PYTHONPATH, which a step's own `PYTHONPATH=. ...` would replace
+    echo /tmp/tilelang-site > "$(python3 -c 'import site; print(site.getsitepackages()[0])')/flame-tilelang-kit.pth"
+fi
 mkdir -p ~/.triton/cache && for f in benchmarks/tuning/*.tgz; do tar xzf "$f" -C ~/.triton/cache; done
 marker=$(mktemp)  # what is newer than this in the cache, the steps tuned
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton, fla; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', fla.__version__)"
+[ ! -f .tilelang/site.tar.xz ] || python3 -c "import tilelang; print('tilelang', tilelang.__version__)"
 summary=()
 n=0
 for step in "$@"; do

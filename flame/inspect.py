@@ -751,11 +751,12 @@ def inspect_run(path: str | os.PathLike, options: InspectOptions) -> RunFacts:
     records, _ = _metrics(root)
     found = ckpt.complete(root)
     world = 1
+    trained = config  # for the memory estimate: with the precision and update its newest checkpoint trained at
     if found:
         try:
             state = ckpt.read_trainer_state(found[-1])
             world = state.get("world", 1)
-            config = config | {k: v for k, v in _as_trained(state).items() if k in ("precision", "update")}
+            trained = config | {k: v for k, v in _as_trained(state).items() if k in ("precision", "update")}
         except CheckpointError:
             pass
     last = records[-1] if records else {}
@@ -775,7 +776,7 @@ def inspect_run(path: str | os.PathLike, options: InspectOptions) -> RunFacts:
     model_source = (found[-1] / "model") if found else Path(config.get("model", "")) if config.get("model") else None
     if model_source is not None and model_source.exists():
         try:
-            model_facts = inspect_model(model_source, options, run=config)
+            model_facts = inspect_model(model_source, options, run=trained)
         except ModelError:
             model_facts = None
     incomplete = sorted(str(p) for p in (root / ckpt.CHECKPOINTS).glob(".step-*.tmp")) if found or records else []

@@ -577,6 +577,7 @@ def test_the_precision_and_update_of_the_estimate_are_those_the_run_trained_with
     state = json.loads(trainer.read_text())
     assert state["precision"] == "fp32"
     trainer.write_text(json.dumps(state | {"update": 3}))
+    assert inspect(copy).config["precision"] == "auto"  # the run's configuration is shown as it was given
     for path in (copy, checkpoint):
         memory = inspect(path).model.memory
         expected = models.estimate_memory(built, BATCH, CONTEXT, precision="fp32", accumulation=3)

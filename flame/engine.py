@@ -196,11 +196,15 @@ def being_trained(run_dir, holder: str) -> OutputExistsError:
 
 def _tidy(run_dir: Path, made_dir: bool, made_lock: bool) -> None:
     """A run that stopped before it logged anything leaves no lock file (in a folder that is no run dir, a model dir
-    given as --path, say) and no run dir that was made only for the lock."""
-    if made_lock and not (run_dir / METRICS).exists():
+    given as --path, say), and a run dir this launch made is removed whole when nothing was trained into it (no log
+    record, no checkpoint: wandb refused to start, say). What it held (config.json, an empty metrics.jsonl, a wandb
+    id) was only the start of a run, which a rerun starts afresh."""
+    metrics = run_dir / METRICS
+    logged = metrics.is_file() and metrics.stat().st_size > 0
+    if made_lock and not logged:
         (run_dir / ckpt.RunLock.NAME).unlink(missing_ok=True)
-    if made_dir and run_dir.is_dir() and not any(run_dir.iterdir()):
-        run_dir.rmdir()
+    if made_dir and run_dir.is_dir() and not logged and not (run_dir / ckpt.CHECKPOINTS).exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def check_run_dir(cfg: TrainConfig, *, rewind: bool = False) -> None:

@@ -229,6 +229,15 @@ def test_wandb_without_a_login_is_one_clear_error(files, tmp_path):
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: --project p: wandb cannot start")
     assert "Traceback" not in result.stderr and "WANDB_MODE=offline" in result.stderr
+    assert not (tmp_path / "run").exists()  # the run dir it had begun (config.json, a wandb id) is gone again
+    (tmp_path / "mine").mkdir()  # a --path that was there before is left, with what the run wrote into it
+    result = subprocess.run(
+        [sys.executable, "-m", "flame", "train", *args[:-1], str(tmp_path / "mine"), "--context", "32", "--steps", "2",
+         "--project", "p"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1 and (tmp_path / "mine").is_dir(), result.stderr
+    assert not (tmp_path / "mine" / ".lock").exists()
 
 
 def test_a_checkpoint_on_other_data_needs_force(files, tmp_path):

@@ -390,7 +390,7 @@ def run_flame(config_path: str, args, device, work: Path, clock: _GcClock | None
     # Records come at step 1, every 1 + warmup steps and the last: "time" (seconds since the loop started) is taken
     # when the GPU has caught up, so the steps between the record of step 1 + warmup and the last are the timed ones.
     timed = [r for r in records if r["step"] == 1 + args.warmup]
-    if not timed or records[-1]["step"] != steps:  # seen once per device call on an H200, not yet explained
+    if not timed or records[-1]["step"] != steps:  # a run stopped early (a `timeout` around the call SIGTERMs it)
         raise RuntimeError(
             f"flame's run logged steps {[r['step'] for r in records]}, expected {1 + args.warmup} and {steps} among "
             f"them; its records: {records}"

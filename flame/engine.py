@@ -907,7 +907,7 @@ def _train(cfg: TrainConfig, *, force: bool, rewind: bool = False, cleanup: Exit
             "update": update,
             "world": world,
             "setup": p.sharding,  # which launcher setups can read this checkpoint (checkpoint_format)
-            "precision": "fp32" if accelerator.mixed_precision == "no" else "bf16",  # what --precision auto came to
+            "precision": p.precision,  # what --precision auto came to (the accelerator's, from the same rule)
             "elapsed": elapsed_before + time.time() - started,
             "wandb_id": log.wandb_id,
             "config": cfg.to_dict(),

@@ -4,6 +4,9 @@
     PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --batch 16 --steps 30
     PYTHONPATH=. python benchmarks/throughput.py --device cpu --tiny   # smoke run of the plumbing, seconds
     PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --repeat 3    # engines interleaved, median run
+    PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --engines bare,flame --steps 60 --paired 5
+        # both engines' workers at once, taking turns of 5 updates: a host-bound step's drifts hit both alike, and
+        # each round's ratio is printed (median, range)
     PYTHONPATH=. python benchmarks/throughput.py --models gla-340M --engines bare,flame --profile 3
         # where a step's time goes: GPU busy share, the top kernels and the host's ops by their own time (the
         # profiler's overhead included; not for :cuda-graphs engines, whose replays step no optimizer it can count)
@@ -58,9 +61,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -445,6 +450,48 @@ def run_hf(config_path: str, args, device, work: Path) -> dict:
     return {"first_s": marks[1] - marks["begin"], "tokens_per_s": args.steps * args.batch * args.context / timed}
 
 
+class _Turns:
+    """--paired K: the engines' workers run at the same time and take turns, one engine on the host and the GPU at a
+    time, K updates a turn, while the others wait (blocked on their stdin, the GPU idle). A host whose speed drifts
+    (an H200 machine's swings by up to half between runs of a few seconds where the host bounds the step) then
+    drifts under every engine alike, and the ratio of one engine's turn to the other's in the same round measures
+    the engines, not the moment.
+
+    The driver writes "go" on the worker's stdin; at each edge (the end of update 1 + warmup, then every K updates,
+    counted by a global optimizer-step hook, so any engine whose updates step an optimizer can take turns) the GPU
+    is synchronised, the turn's seconds are kept and the worker prints YIELD and waits for its next go. The worker's
+    first turn is its set-up, step 1 and warm-up (so no engine is tuned or built while another is timed); its last
+    runs on to its exit (the tail, flame's final checkpoint, while the others still wait)."""
+
+    def __init__(self, device, first: int, turns: int, k: int):
+        self.device, self.first, self.turns, self.k = device, first, turns, k
+        self.updates, self.seconds, self.start = 0, [], 0.0
+
+    def wait(self) -> None:
+        print("YIELD", flush=True)
+        if sys.stdin.readline().strip() != "go":  # the driver is gone
+            sys.exit("--paired: the driver closed this worker's turn pipe")
+        self.start = time.perf_counter()
+
+    def on_step(self, optimizer, *_) -> None:
+        import torch
+
+        if not isinstance(optimizer, torch.optim.AdamW):  # a wrapper's step (accelerate's), if one reaches here
+            return
+        self.updates += 1
+        timed = self.updates - self.first
+        if timed < 0 or timed % self.k:
+            return
+        _sync(self.device)
+        if timed:
+            self.seconds.append(time.perf_counter() - self.start)
+        if len(self.seconds) < self.turns:
+            self.wait()
+
+    def tokens_per_s(self, args) -> float:
+        return len(self.seconds) * self.k * args.batch * args.context / sum(self.seconds)
+
+
 class _GcClock:
     """Python's garbage collections from an engine's first update to its last (updates seen by a global
     optimizer-step hook; a CUDA graph's replays are not, so for flame the record of its last step also stops the
@@ -495,6 +542,11 @@ def worker(args) -> None:
     from flame.models import build_model, count_params, flops_per_token
 
     device = torch.device(args.device)
+    turns = None
+    if args.paired:
+        turns = _Turns(device, 1 + args.warmup, args.steps // args.paired, args.paired)
+        register_optimizer_step_post_hook(turns.on_step)
+        turns.wait()  # the first turn: set-up, step 1 and the warm-up
     if device.type == "cuda":  # on the CPU the portable torch code runs whatever the engine
         from flame.kernels import settings
 
@@ -514,6 +566,8 @@ def worker(args) -> None:
             row = run_flame(config_path, args, device, work, clock)
         else:
             row = run_hf(config_path, args, device, work)
+    if turns is not None:  # timed over its turns only (the engine's own window held the others' turns too)
+        row |= {"tokens_per_s": turns.tokens_per_s(args), "turns_s": turns.seconds}
     meta, config = build_model(config_path, meta=True)
     n = count_params(meta)["total"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -546,12 +600,22 @@ def _spread(row: dict) -> str:
     return f"  runs {min(runs):.0f}..{max(runs):.0f}" if runs else ""
 
 
+def _turn_ratios(by: dict, eng: str, other: str) -> str:
+    """--paired: the ratio of eng's turn to other's in each round (the same updates, so their seconds inverted):
+    the median and the range."""
+    if "turns_s" not in by[eng] or "turns_s" not in by[other]:
+        return ""
+    ratios = sorted(b / a for a, b in zip(by[eng]["turns_s"], by[other]["turns_s"]))
+    median = ratios[(len(ratios) - 1) // 2]
+    return f"; turn by turn: median {median:.3f}, {ratios[0]:.3f}..{ratios[-1]:.3f} over {len(ratios)} rounds"
+
+
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
-def _run_engine(model: str, eng: str, config_path: str, args, env: dict, round_: int) -> dict:
-    """One engine in its own process; its row, or {"error": ...}."""
+def _worker_cmd(eng: str, config_path: str, args, env: dict) -> tuple[list[str], dict]:
+    """The command line and environment of engine `eng`'s worker."""
     base, options = _spec(eng)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", base, "--worker-config", config_path]
     cmd += ["--batch", str(args.batch), "--context", str(args.context), "--steps", str(args.steps)]
@@ -563,13 +627,26 @@ def _run_engine(model: str, eng: str, config_path: str, args, env: dict, round_:
     cmd += ["--cuda-graphs"] * ("cuda-graphs" in options)
     cmd += ["--group-projections"] * ("group-projections" in options)
     cmd += ["--kernels", _kernels(base, options)]
-    cmd += ["--profile", str(args.profile)]
+    cmd += ["--profile", str(args.profile), "--paired", str(args.paired)]
+    states = _gla_states(options)
+    return cmd, env | {"FLAME_GLA_STATES": states} if states else env
+
+
+def _row(model: str, eng: str, returncode: int, result: list[str]) -> dict:
+    if returncode != 0 or not result:
+        return {"model": model, "engine": eng, "error": f"exit {returncode}"}
+    row = {"model": model, "engine": eng} | json.loads(result[-1][len("RESULT ") :])
+    print("ROW " + json.dumps(row), file=sys.stderr, flush=True)  # kept if a later one is cut off
+    return row
+
+
+def _run_engine(model: str, eng: str, config_path: str, args, env: dict, round_: int) -> dict:
+    """One engine in its own process; its row, or {"error": ...}."""
+    cmd, env = _worker_cmd(eng, config_path, args, env)
     tag = f" round {round_ + 1}/{args.repeat}" if args.repeat > 1 else ""
     print(f"== {model} {eng} (batch {args.batch} x {args.context}){tag}", file=sys.stderr, flush=True)
     # The worker's output is echoed as it comes (flame's first-step tuning trace included), so a run cut off by a
     # time limit still shows how far it got.
-    states = _gla_states(options)
-    env = env | {"FLAME_GLA_STATES": states} if states else env
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=str(REPO))
     result = []
     for line in proc.stdout:
@@ -578,11 +655,62 @@ def _run_engine(model: str, eng: str, config_path: str, args, env: dict, round_:
         else:
             print(f"   {line}", end="", file=sys.stderr, flush=True)
     proc.wait()
-    if proc.returncode != 0 or not result:
-        return {"model": model, "engine": eng, "error": f"exit {proc.returncode}"}
-    row = {"model": model, "engine": eng} | json.loads(result[-1][len("RESULT ") :])
-    print("ROW " + json.dumps(row), file=sys.stderr, flush=True)  # kept if a later one is cut off
-    return row
+    return _row(model, eng, proc.returncode, result)
+
+
+def _run_paired(model: str, engines: list[str], config_path: str, args, env: dict) -> list[dict]:
+    """--paired: every engine's worker at once, taking turns (_Turns): each round gives every worker one turn, the
+    order reversed every other round (so neither engine always follows the other). Round 0 is the workers' set-up,
+    step 1 and warm-up, then one round per timed turn. Their rows, each with its turns' seconds."""
+    events: queue.Queue = queue.Queue()  # (worker, line), a line None when the worker has exited
+    procs = []
+    for i, eng in enumerate(engines):
+        cmd, worker_env = _worker_cmd(eng, config_path, args, env)
+        proc = subprocess.Popen(
+            cmd, env=worker_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(REPO)
+        )
+        procs.append(proc)
+
+        def read(i=i, proc=proc):
+            for line in proc.stdout:
+                events.put((i, line))
+            proc.wait()
+            events.put((i, None))
+
+        threading.Thread(target=read, daemon=True).start()
+    waiting, exited, results = set(), set(), [[] for _ in engines]
+
+    def pump() -> None:  # one line of any worker's
+        i, line = events.get()
+        if line is None:
+            exited.add(i)
+        elif line.strip() == "YIELD":
+            waiting.add(i)
+        elif line.startswith("RESULT "):
+            results[i].append(line)
+        else:
+            print(f"   {line}", end="", file=sys.stderr, flush=True)
+
+    while len(waiting | exited) < len(procs):  # every worker has imported what it needs, or failed
+        pump()
+    turns = args.steps // args.paired
+    for r in range(1 + turns):
+        for i in range(len(procs))[:: 1 if r % 2 == 0 else -1]:
+            if i not in waiting:
+                continue
+            what = "set-up, step 1 and warm-up" if r == 0 else f"turn {r}/{turns}, {args.paired} updates"
+            print(f"== {model} {engines[i]} (batch {args.batch} x {args.context}): {what}", file=sys.stderr, flush=True)
+            waiting.discard(i)
+            procs[i].stdin.write("go\n")
+            procs[i].stdin.flush()
+            while i not in waiting and i not in exited:  # it alone runs
+                pump()
+    for proc in procs:  # any left waiting (a worker whose engine stepped its optimizer less than expected)
+        if proc.poll() is None:
+            proc.stdin.close()
+    while len(exited) < len(procs):
+        pump()
+    return [_row(model, eng, proc.returncode, result) for eng, proc, result in zip(engines, procs, results)]
 
 
 def _median(runs: list[dict]) -> dict:
@@ -640,6 +768,12 @@ def main(argv=None) -> int:
         help="run every engine N times, the order reversed every other round; report the median run and the spread",
     )  # fmt: skip
     parser.add_argument(
+        "--paired", type=int, default=0, metavar="K",
+        help="run the engines' workers at once, taking turns of K updates (one engine at a time on the host and the "
+        "GPU; --steps a multiple of K): where the host bounds the step, its drifts then hit every engine alike; "
+        "prints each engine's turn-by-turn ratio to the others",
+    )  # fmt: skip
+    parser.add_argument(
         "--profile", type=int, default=0, metavar="N",
         help="after the timed steps, N more under torch.profiler (every engine but hf and the CUDA-graph ones): "
         "prints how busy the GPU was, the kernels that took the most time and the host's ops by their own time",
@@ -654,6 +788,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.paired < 0:
+        parser.error("--paired must be at least 1")
     unknown = [e for e in args.engines.split(",") if _spec(e)[0] not in ALL_ENGINES or _spec(e)[1] - set(VARIANTS)]
     if unknown:
         parser.error(
@@ -671,6 +807,13 @@ def main(argv=None) -> int:
         parser.error(":cuda-graphs is flame's option (`flame train --cuda-graphs`); bare-graph is the bare loop's")
     if args.profile and graphs:
         parser.error("--profile counts optimizer steps, which a replayed CUDA graph does not make: drop :cuda-graphs")
+    if args.paired:
+        if args.repeat > 1 or args.profile:
+            parser.error("--paired takes turns within one run: drop --repeat and --profile")
+        if args.steps % args.paired:
+            parser.error(f"--paired {args.paired}: --steps must be a multiple of it (turns of {args.paired} updates)")
+        if graphs or any(_spec(e)[0] in GPU_ONLY for e in args.engines.split(",")):
+            parser.error("--paired counts optimizer steps, which a replayed CUDA graph does not make: drop the graphs")
     gpu_only = [e for e in args.engines.split(",") if _spec(e)[0] in GPU_ONLY] + graphs
     if gpu_only and args.device != "cuda":
         parser.error(f"{', '.join(gpu_only)} captures CUDA graphs: it needs --device cuda")
@@ -713,6 +856,9 @@ def main(argv=None) -> int:
                 print(f"== {model}: skipped: {blocker[0]} ({blocker[1]})", file=sys.stderr, flush=True)
                 rows += [{"model": model, "engine": eng, "error": blocker[0]} for eng in args.engines.split(",")]
                 continue
+            if args.paired:
+                rows += _run_paired(model, args.engines.split(","), config_path, args, env)
+                continue
             runs: dict[str, list[dict]] = {eng: [] for eng in args.engines.split(",")}
             for r in range(args.repeat):
                 for eng in list(runs)[:: 1 if r % 2 == 0 else -1]:
@@ -742,7 +888,7 @@ def main(argv=None) -> int:
                 if other != eng and (_spec(eng)[0] in ("flame", "bare-graph") or _spec(eng)[0] == other):
                     t = by[eng]["tokens_per_s"] / by[other]["tokens_per_s"]
                     m = by[eng]["peak_gib"] / by[other]["peak_gib"]
-                    print(f"{model}: {eng}/{other} tokens/s {t:.3f}, peak memory {m:.3f}")
+                    print(f"{model}: {eng}/{other} tokens/s {t:.3f}, peak memory {m:.3f}{_turn_ratios(by, eng, other)}")
     for r in rows:
         gc_row = r.get("gc")
         if gc_row and sum(gc_row["collections"]):

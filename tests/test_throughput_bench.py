@@ -341,3 +341,52 @@ def test_gla_states_variants_set_flames_worker_environment(monkeypatch, capsys):
             throughput.main(["--device", "cpu", "--tiny", "--engines", engines])
         assert ":fla-states or :keep-states (one of them) is for flame's kernels" in capsys.readouterr().err
     assert seen == [None, "keep", "fla"]  # nothing ran
+
+
+def test_paired_runs_the_engines_at_once_taking_turns_and_prints_each_rounds_ratio(tmp_path, capsys):
+    """--paired 2 with 4 timed steps: both workers alive, one engine running at a time; round 0 is each worker's
+    set-up, step 1 and warm-up, then 2 rounds of 2 updates each, the order reversed every other round."""
+    out = tmp_path / "rows.json"
+    argv = ["--device", "cpu", "--tiny", "--engines", "bare,flame", "--batch", "1", "--context", "32"]
+    assert throughput.main(argv + ["--steps", "4", "--warmup", "1", "--paired", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["engine"] for r in rows] == ["bare", "flame"]
+    for row in rows:
+        assert len(row["turns_s"]) == 2 and all(s > 0 for s in row["turns_s"])
+        assert row["tokens_per_s"] == pytest.approx(4 * 32 / sum(row["turns_s"]))  # timed over its turns only
+        assert row["gc"]["updates"] == 1 + 1 + 4
+    printed = capsys.readouterr()
+    turns = [ln.split(" (batch 1 x 32): ")[::-1] for ln in printed.err.splitlines() if ln.startswith("== tiny-gla ")]
+    assert turns == [
+        ["set-up, step 1 and warm-up", "== tiny-gla bare"],
+        ["set-up, step 1 and warm-up", "== tiny-gla flame"],
+        ["turn 1/2, 2 updates", "== tiny-gla flame"],
+        ["turn 1/2, 2 updates", "== tiny-gla bare"],
+        ["turn 2/2, 2 updates", "== tiny-gla bare"],
+        ["turn 2/2, 2 updates", "== tiny-gla flame"],
+    ]
+    bare, flame = rows
+    ratios = sorted(b / f for b, f in zip(bare["turns_s"], flame["turns_s"]))
+    line = next(ln for ln in printed.out.splitlines() if ln.startswith("tiny-gla: flame/bare tokens/s "))
+    assert line.endswith(f"; turn by turn: median {ratios[0]:.3f}, {ratios[0]:.3f}..{ratios[1]:.3f} over 2 rounds")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--steps", "5", "--paired", "2"], "--paired 2: --steps must be a multiple of it"),
+        (["--paired", "2", "--repeat", "2"], "--paired takes turns within one run: drop --repeat and --profile"),
+        (["--paired", "2", "--profile", "2"], "--paired takes turns within one run: drop --repeat and --profile"),
+        (["--paired", "-1"], "--paired must be at least 1"),
+    ],
+)
+def test_paired_refuses_what_it_cannot_time(extra, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        throughput.main(["--device", "cpu", "--tiny", "--engines", "bare,flame"] + extra)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_paired_refuses_a_cuda_graph_engine(capsys):
+    with pytest.raises(SystemExit):
+        throughput.main(["--device", "cuda", "--tiny", "--engines", "bare,flame:cuda-graphs", "--paired", "2"])
+    assert "--paired counts optimizer steps, which a replayed CUDA graph does not make" in capsys.readouterr().err

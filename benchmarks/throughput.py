@@ -53,7 +53,9 @@ Prints a table and the ratios of each flame run, and of each engine run with opt
 each engine run without; --json writes the rows. Measured on an H200, a
 single run of a few seconds swings by up to 20% with its place in the sequence (the first engine after a long idle
 GPU is slow), so --repeat N runs every engine N times, the order reversed every other round, and reports the median
-run (a real run, so for an even N the slower of the middle two) beside the spread of all N.
+run (a real run, so for an even N the slower of the middle two) beside the spread of all N. Where the host bounds
+the step (eager at batch 8) even that is not enough: the host's speed drifts within seconds, so --paired K runs the
+engines' workers at once, taking turns of K updates (_Turns), and compares them round by round.
 """
 
 from __future__ import annotations
@@ -771,7 +773,8 @@ def main(argv=None) -> int:
         "--paired", type=int, default=0, metavar="K",
         help="run the engines' workers at once, taking turns of K updates (one engine at a time on the host and the "
         "GPU; --steps a multiple of K): where the host bounds the step, its drifts then hit every engine alike; "
-        "prints each engine's turn-by-turn ratio to the others",
+        "prints each engine's turn-by-turn ratio to the others; every worker stays on the GPU, so their peaks must fit "
+        "together (GLA-1.3B at batch 8: two engines on an H200, not three)",
     )  # fmt: skip
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N",

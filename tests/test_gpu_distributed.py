@@ -111,6 +111,24 @@ def test_two_gpus_train_the_losses_of_one_and_resume_exactly(setup, name):
     assert shapes(saved) == shapes(setup / "one" / "checkpoints" / f"step-{STEPS:08d}")
 
 
+@pytest.mark.parametrize("name", SETUPS)
+def test_two_gpus_accumulating_micro_batches_train_the_losses_of_one(setup, name):
+    """--batch 1 --update 2 per GPU: the reference's 4 sequences an update (batch 2 x update 2 on one GPU), each
+    process's gradients accumulated over 2 micro-batches before they are reduced (accelerate's accumulate: no_sync
+    under DDP and FSDP, DeepSpeed's own under ZeRO), and the same losses."""
+    run = setup / f"{name}-accumulated"
+    options = [*OPTIONS, "--update", "2"]
+    options[options.index("--batch") + 1], options[options.index("--save") + 1] = "1", str(STEPS)
+    _launch(name, 29610 + SETUPS.index(name), "train", "--model", str(setup / "gla.json"), "--cache",
+            str(setup / "ds"), *options, "--path", str(run))  # fmt: skip
+    one, accumulated = _losses(setup / "one"), _losses(run)
+    print(json.dumps({"setup": name, "one_gpu": one, "two_gpus_update_2": accumulated}))
+    assert len(accumulated) == STEPS
+    assert accumulated == pytest.approx(one, rel=2e-2)  # bf16, as in the test above
+    state = json.loads((run / "checkpoints" / f"step-{STEPS:08d}" / "state" / "trainer.json").read_text())
+    assert (state["world"], state["data"]["position"]) == (2, STEPS * 1 * 2 * 2)  # batch x update x processes
+
+
 def test_ddp_captures_its_update_and_trains_what_it_trains_eagerly(setup):
     """By default DDP's update is captured too (DDP's all-reduce with it, the model prepared on the capturing
     stream), after DDP's 11 eager updates: the same losses as DDP's eager loop bit for bit, over 16 updates, 5 of

@@ -54,15 +54,17 @@ def train(
     eps: Annotated[float, _opt("eps", rich_help_panel="Optimizer")] = DEFAULTS.eps,
     norm: Annotated[float, _opt("norm", rich_help_panel="Optimizer")] = DEFAULTS.norm,
     precision: Annotated[str, _opt("precision", rich_help_panel="Optimizer")] = DEFAULTS.precision,
-    compile: Annotated[bool, _opt("compile", rich_help_panel="Batch")] = DEFAULTS.compile,
-    checkpointing: Annotated[bool, _opt("checkpointing", rich_help_panel="Batch")] = DEFAULTS.checkpointing,
-    share_casts: Annotated[bool, _opt("share_casts", negatable=True, rich_help_panel="Batch")] = DEFAULTS.share_casts,
-    bf16_residual: Annotated[bool, _opt("bf16_residual", rich_help_panel="Batch")] = DEFAULTS.bf16_residual,
+    compile: Annotated[bool, _opt("compile", rich_help_panel="Speed and memory")] = DEFAULTS.compile,
+    checkpointing: Annotated[bool, _opt("checkpointing", rich_help_panel="Speed and memory")] = DEFAULTS.checkpointing,
+    share_casts: Annotated[
+        bool, _opt("share_casts", negatable=True, rich_help_panel="Speed and memory")
+    ] = DEFAULTS.share_casts,
+    bf16_residual: Annotated[bool, _opt("bf16_residual", rich_help_panel="Speed and memory")] = DEFAULTS.bf16_residual,
     group_projections: Annotated[
-        bool | None, _opt("group_projections", negatable=True, rich_help_panel="Batch", show_default=False)
+        bool | None, _opt("group_projections", negatable=True, rich_help_panel="Speed and memory", show_default=False)
     ] = DEFAULTS.group_projections,
     cuda_graphs: Annotated[
-        bool | None, _opt("cuda_graphs", negatable=True, rich_help_panel="Batch", show_default=False)
+        bool | None, _opt("cuda_graphs", negatable=True, rich_help_panel="Speed and memory", show_default=False)
     ] = DEFAULTS.cuda_graphs,
     eval: Annotated[int, _opt("eval", rich_help_panel="Checkpoints and logging")] = DEFAULTS.eval,
     eval_windows: Annotated[

@@ -51,6 +51,10 @@ def main(folder: str) -> None:
             assert torch.equal(a[key], b[key]), key
     # a file per rank: two processes printing into one pipe may run their lines together
     (Path(folder) / f"restored-{state.process_index}").write_text(str(len(loaded)))
+    # both ranks done before either tears gloo down: left to the interpreter's exit, one rank was once aborted
+    # ("terminate called without an active exception", CI) while the other was still talking to it
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@
 #       '200:PYTHONPATH=. python3 benchmarks/throughput.py --models gla-1.3B --engines flame,hf'
 #
 # Setup: the wheels in .wheelhouse/ (built here by the wheelhouse script beside the device docs, resolved against
-# the GPU image) and this repo, installed without the network; FLA's tuning for the shapes in benchmarks/tuning/
+# the GPU image) and this repo, installed without the network; FLA's tuning for the shapes in flame/tuning/
 # restored into ~/.triton/cache (else each new shape tunes for minutes). Then each step runs under `timeout
 # SECONDS`, its output in LOGS/stepN.log (LOGS: $OUT where the device tool sets it, else ./gpu-logs), a step that
 # fails or runs out of time does not stop the next, and a table of every step's exit code and seconds comes last.
 # With .tilelang/ carried (benchmarks/tilelang_kit.sh), TileLang is put on the path first.
 # FLA's tuning results the steps added (shapes no tarball had) come back as LOGS/tuning-new.tgz: copied into
-# benchmarks/tuning/ under a name that says the GPU and the shapes, they spare the next machine that tuning.
+# flame/tuning/ under a name that says the GPU and the shapes, they spare the next machine that tuning.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logs=${OUT:-gpu-logs}
@@ -31,7 +31,7 @@ if [ -f .tilelang/site.tar.xz ]; then  # benchmarks/tilelang_kit.sh: TileLang fo
     # a .pth file, not PYTHONPATH, which a step's own `PYTHONPATH=. ...` would replace
     echo /tmp/tilelang-site > "$(python3 -c 'import site; print(site.getsitepackages()[0])')/flame-tilelang-kit.pth"
 fi
-mkdir -p ~/.triton/cache && for f in benchmarks/tuning/*.tgz; do tar xzf "$f" -C ~/.triton/cache; done
+mkdir -p ~/.triton/cache && for f in flame/tuning/*.tgz; do tar xzf "$f" -C ~/.triton/cache; done
 marker=$(mktemp)  # what is newer than this in the cache, the steps tuned
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton, fla; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', fla.__version__)"

@@ -12,19 +12,27 @@ So the engine records which of those files Triton reads or writes during a run (
 process), copies them into RUN/tuning/ (same layout as the cache) after the first step and at every checkpoint,
 and on a start or resume with RUN/tuning/ copies them into this machine's cache (`restore`, once per machine).
 Nothing in the cache is ever overwritten, and every copy is written whole or not at all.
+
+flame also ships the results for the shapes of its own configs and GPU tests on the GPUs it was measured on
+(flame/tuning/<gpu>-*.tgz, what `benchmarks/gpu_machine.sh` brought back from the device machines): on such a GPU,
+`restore_shipped` copies them into the cache where it has none, so a first run of those shapes skips the
+benchmarking as a resume does. The files are only read where the hash matches (the same kernel, Triton and GPU
+target); on other shapes FLA tunes as before.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tarfile
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from flame.firststep import triton_cache_dir
 
 DIR = "tuning"
 SUFFIX = ".autotune.json"
+SHIPPED = Path(__file__).parent / "tuning"  # flame's own results, <gpu>-<shapes>.tgz
 
 
 class Recorder:
@@ -79,15 +87,20 @@ class Recorder:
             self._undo.pop()()
 
 
-def _copy_whole(src: Path, dest: Path) -> bool:
-    """Copy src to dest unless dest exists; a temporary file renamed into place, so dest is whole or absent."""
+def _copy_whole(src: Path | bytes, dest: Path) -> bool:
+    """Copy src (a file, or its bytes) to dest unless dest exists; a temporary file renamed into place, so dest is
+    whole or absent."""
     if dest.exists():
         return False
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".flame-", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out)
+        with os.fdopen(fd, "wb") as out:
+            if isinstance(src, bytes):
+                out.write(src)
+            else:
+                with open(src, "rb") as inp:
+                    shutil.copyfileobj(inp, out)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -133,3 +146,30 @@ def restore_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None
     where = ", ".join(str(d) for d, n in restored.items() if n)
     count = sum(restored.values())
     return f"reusing {count} kernel autotuning results kept in {where}: FLA's kernels skip benchmarking them"
+
+
+def gpu_tag(name: str) -> str:
+    """The prefix of flame's shipped archives for a GPU: its model, as in 'NVIDIA H200' -> 'h200'."""
+    words = name.lower().replace("nvidia", " ").split()
+    return words[0] if words else ""
+
+
+def restore_shipped(gpu_name: str, cache: Path | None = None, shipped: Path = SHIPPED) -> str | None:
+    """Copy flame's shipped results for this GPU (`shipped`/<gpu_tag>-*.tgz) into Triton's cache where the cache
+    has none; returns the line to print, or None when nothing was new. Only `<hash>/<kernel>.autotune.json` members
+    are read, never a path that leaves the cache."""
+    tag = gpu_tag(gpu_name)
+    cache, restored = Path(cache or triton_cache_dir()), 0
+    for archive in sorted(shipped.glob(f"{tag}-*.tgz")) if tag else []:
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                parts = [p for p in PurePosixPath(member.name).parts if p != "."]
+                if not member.isfile() or len(parts) != 2 or not parts[1].endswith(SUFFIX) or ".." in parts:
+                    continue
+                restored += _copy_whole(tar.extractfile(member).read(), cache / parts[0] / parts[1])
+    if not restored:
+        return None
+    return (
+        f"reusing {restored} kernel autotuning results that flame ships for the {gpu_name} (flame/tuning): FLA's "
+        "kernels skip benchmarking those shapes"
+    )

@@ -1019,10 +1019,16 @@ def _train(cfg: TrainConfig, *, force: bool, rewind: bool = False, cleanup: Exit
     # benchmarking of every kernel an earlier machine of the same kind tuned.
     tuning = autotune.Recorder() if cuda and accelerator.is_main_process else None
     if cuda:
-        # the run's own, and those of the run a --checkpoint comes from; once per machine, then everyone goes on
-        line = autotune.restore_run(run_dir, cfg.checkpoint) if accelerator.is_local_main_process else None
+        # the run's own, those of the run a --checkpoint comes from, and flame's own for this GPU's shapes; once per
+        # machine, then everyone goes on
+        lines = []
+        if accelerator.is_local_main_process:
+            lines = [
+                autotune.restore_run(run_dir, cfg.checkpoint),
+                autotune.restore_shipped(torch.cuda.get_device_name(accelerator.device)),
+            ]
         accelerator.wait_for_everyone()
-        if line:
+        for line in filter(None, lines):
             ui.print0(line)
     first_step_s, start_step = None, step
     graph_note = None  # the capture (or its failure), for the next log record

@@ -79,3 +79,83 @@ def test_a_continued_checkpoint_brings_its_runs_results_too(cache, tmp_path, mon
     )
     assert autotune.restore_run(new, old / "checkpoints" / "step-00000004") is None  # all there now
     assert autotune.restore_run(new) is None
+
+
+def _archive(path, members: dict[str, bytes]) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_shipped_results_for_this_gpu_restore_where_triton_finds_them_and_nothing_else(cache, tmp_path):
+    def folder(key: str) -> str:  # the cache's folder for a key (Triton names it by an encoding of the key)
+        return autotune.Path(triton_cache.get_cache_manager(key).cache_dir).name
+
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    good = json.dumps({"key": [7], "configs_timings": []}).encode()
+    a, b = folder("a" * 64), folder("b" * 64)
+    _archive(
+        shipped / "h200-340M.tgz",
+        {
+            f"./{a}/chunk_gla_fwd_kernel_o.autotune.json": good,
+            f"./{b}/l2norm_fwd_kernel.autotune.json": good,
+            f"./{'c' * 52}/kernel.cubin": b"not tuning",  # not an autotune result
+            f"./{'d' * 52}/../../escape.autotune.json": good,  # would leave the cache
+            f"./{'e' * 52}/nested/x.autotune.json": good,  # not the cache's layout
+        },
+    )
+    _archive(shipped / "h100-340M.tgz", {f"./{'f' * 52}/other_gpu.autotune.json": good})
+    mine = tune("b" * 64, "l2norm_fwd_kernel", 99)  # a result of this machine's own stays
+
+    line = autotune.restore_shipped("NVIDIA H200", shipped=shipped)
+    assert line == (
+        "reusing 1 kernel autotuning results that flame ships for the NVIDIA H200 (flame/tuning): FLA's kernels skip "
+        "benchmarking those shapes"
+    )
+    found = triton_cache.get_cache_manager("a" * 64).get_file("chunk_gla_fwd_kernel_o.autotune.json")
+    assert json.loads(open(found).read())["key"] == [7]
+    assert json.loads(open(mine).read())["key"] == [99]
+    assert sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file()) == [
+        f"{a}/chunk_gla_fwd_kernel_o.autotune.json",
+        f"{b}/l2norm_fwd_kernel.autotune.json",
+    ]
+    assert not (tmp_path / "escape.autotune.json").exists()
+    assert autotune.restore_shipped("NVIDIA H200", shipped=shipped) is None  # all there now
+    assert autotune.restore_shipped("NVIDIA A100-SXM4-80GB", shipped=shipped) is None  # nothing shipped for it
+
+
+@pytest.mark.parametrize(
+    ("name", "tag"),
+    [("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA A100-SXM4-80GB", "a100-sxm4-80gb"), ("", "")],
+)
+def test_gpu_tag_is_the_model_as_the_archives_name_it(name, tag):
+    assert autotune.gpu_tag(name) == tag
+
+
+def test_every_shipped_member_is_an_autotune_result_in_the_caches_layout(cache):
+    """What flame ships all restores: no member is passed over as not the cache's layout (then a fresh H200 would
+    tune it again, unseen); each holds Triton's autotuner record."""
+    import tarfile
+
+    archives = sorted(autotune.SHIPPED.glob("*.tgz"))
+    assert archives and all(a.name.startswith("h200-") for a in archives)
+    names = set()
+    for archive in archives:
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                if member.isdir():
+                    continue
+                parts = [p for p in autotune.PurePosixPath(member.name).parts if p != "."]
+                assert member.isfile() and len(parts) == 2 and parts[1].endswith(".autotune.json"), member.name
+                record = json.loads(tar.extractfile(member).read())
+                assert set(record) >= {"key", "configs_timings"}
+                names.add("/".join(parts))
+    line = autotune.restore_shipped("NVIDIA H200")
+    assert line.startswith(f"reusing {len(names)} kernel autotuning results that flame ships for the NVIDIA H200 ")
+    assert len(list(cache.rglob("*.autotune.json"))) == len(names)

@@ -60,3 +60,37 @@ def test_a_resume_on_an_empty_triton_cache_reuses_the_runs_autotuning(tmp_path):
     assert sorted(_tuning(run)) == [1, 4]
     again = _tuning(run)[4]
     assert (again or {}).get("kernels_tuned", 0) == 0, again
+
+
+@pytest.mark.gpu
+def test_a_first_run_of_flames_own_shapes_on_an_empty_cache_benchmarks_nothing(tmp_path):
+    """On an H200 with an empty Triton cache (a fresh machine), flame restores the results it ships
+    (flame/tuning/h200-*.tgz) before the first step, so GLA-340M's layers at batch 2 x 2048 (the GPU tests' shapes)
+    tune no kernel; FLA's kernels are still compiled."""
+    import tarfile
+
+    import torch
+
+    from flame import autotune
+    from tests.prepared import gla_340m_layers
+
+    name = torch.cuda.get_device_name()
+    if autotune.gpu_tag(name) != "h200":
+        pytest.skip(f"flame ships autotuning results for the NVIDIA H200 only, not the {name}")
+    root = gla_340m_layers(tmp_path)
+    run, cache = tmp_path / "run", tmp_path / "empty-cache"
+    options = ["--steps", "2", "--batch", "2", "--context", "2048", "--warmup", "1", "--save", "2", "--limit", "0"]
+    done = _flame(
+        "train", "--model", str(root / "gla.json"), "--cache", str(root / "ds"), *options, "--path", str(run),
+        cache=cache,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    shipped = set()  # what the empty cache gets: every result in the archives for this GPU, once
+    for archive in autotune.SHIPPED.glob("h200-*.tgz"):
+        with tarfile.open(archive) as tar:
+            shipped |= {m.name for m in tar.getmembers() if m.isfile()}
+    assert f"reusing {len(shipped)} kernel autotuning results that flame ships for the {name} (flame/tuning)" in (
+        done.stdout + done.stderr
+    )
+    first = _tuning(run)[1]
+    assert (first or {}).get("kernels_tuned", 0) == 0, first

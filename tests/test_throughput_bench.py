@@ -220,7 +220,7 @@ def test_bare_graph_and_flame_cuda_graphs_capture_the_whole_step_and_replay_it(t
     out = tmp_path / "rows.json"
     engines = "bare,bare-graph,flame,flame:cuda-graphs"
     # GLA-340M's layer x 2 at 2 x 2048: the shapes of tests/test_gpu_graphs.py, whose FLA tuning
-    # benchmarks/tuning/h200-340M.tgz holds (a tiny model's new shapes took minutes to tune on a fresh machine)
+    # flame/tuning/h200-340M.tgz holds (a tiny model's new shapes took minutes to tune on a fresh machine)
     argv = ["--models", "gla-340M", "--set", "num_hidden_layers=2", "--engines", engines]
     argv += ["--batch", "2", "--context", "2048", "--steps", "5"]
     assert throughput.main(argv + ["--warmup", "3", "--json", str(out)]) == 0

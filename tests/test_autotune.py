@@ -159,3 +159,11 @@ def test_every_shipped_member_is_an_autotune_result_in_the_caches_layout(cache):
     line = autotune.restore_shipped("NVIDIA H200")
     assert line.startswith(f"reusing {len(names)} kernel autotuning results that flame ships for the NVIDIA H200 ")
     assert len(list(cache.rglob("*.autotune.json"))) == len(names)
+
+
+def test_a_cache_that_cannot_take_the_shipped_results_is_said_and_does_not_stop_the_run(tmp_path):
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")
+    line = autotune.restore_shipped("NVIDIA H200", cache=blocked)
+    assert line.startswith(f"flame's shipped autotuning results were not restored into {blocked} (")
+    assert line.endswith("); FLA's kernels tune as usual")

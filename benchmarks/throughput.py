@@ -188,6 +188,14 @@ def _profile_summary(prof, wall_us: float, steps: int, cuda: bool) -> dict:
     }
 
 
+def _an_update(optimizer) -> bool:
+    """For the global optimizer-step hooks below: whether this step is an engine's update (its AdamW, torch's or
+    flame's), not the step of a wrapper around it (accelerate's), if one ever reaches a hook."""
+    import torch
+
+    return isinstance(optimizer, torch.optim.AdamW)
+
+
 class _StepProfiler:
     """flame's engine runs its own loop, so its steps are counted by a global optimizer-step hook: the timed window
     runs from the end of update 1 + warmup to the end of update `total` (each edge synchronised, as the records
@@ -200,10 +208,9 @@ class _StepProfiler:
         self.prof, self.profiled_from, self.summary = None, None, None
 
     def __call__(self, optimizer, *_):
-        import torch
         from torch.profiler import ProfilerActivity, profile
 
-        if not isinstance(optimizer, torch.optim.AdamW):  # a wrapper's step, if one ever reaches here
+        if not _an_update(optimizer):
             return
         self.count += 1
         edges = (1 + self.args.warmup, self.total, self.total + self.args.profile)
@@ -476,9 +483,7 @@ class _Turns:
         self.start = time.perf_counter()
 
     def on_step(self, optimizer, *_) -> None:
-        import torch
-
-        if not isinstance(optimizer, torch.optim.AdamW):  # a wrapper's step (accelerate's), if one reaches here
+        if not _an_update(optimizer):
             return
         self.updates += 1
         timed = self.updates - self.first
@@ -514,9 +519,7 @@ class _GcClock:
         self.stopped = True
 
     def on_step(self, optimizer, *_) -> None:
-        import torch
-
-        if isinstance(optimizer, torch.optim.AdamW):
+        if _an_update(optimizer):
             self.updates += 1
 
     def on_gc(self, phase: str, info: dict) -> None:

@@ -5,6 +5,7 @@ flame.optim.fill_state runs first, as flame's engine does before loading; the we
     python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_optimizer.py DIR
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -51,11 +52,15 @@ def main(folder: str) -> None:
             assert torch.equal(a[key], b[key]), key
     # a file per rank: two processes printing into one pipe may run their lines together
     (Path(folder) / f"restored-{state.process_index}").write_text(str(len(loaded)))
-    # both ranks done before either tears gloo down: left to the interpreter's exit, one rank was once aborted
-    # ("terminate called without an active exception", CI) while the other was still talking to it
     state.wait_for_everyone()
     state.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # Leave without the interpreter's teardown: in about 1 of 12 runs on 2 busy cores a rank aborted there, after
+    # main had returned and its process group was destroyed ("terminate called without an active exception", no
+    # Python frame left: torch's C++ side being torn down), which failed CI with every check above passed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

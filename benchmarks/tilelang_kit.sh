@@ -24,13 +24,13 @@ gpu='^(torch|triton|nvidia-.*|cuda-.*)=='  # the image's CUDA build of torch: ne
 grep -v -E "$gpu" "$freeze" > "$tmp/image.txt"
 python3 -m pip install -q --dry-run --ignore-installed --target "$tmp/t" --report "$tmp/report.json" "${plat[@]}" \
     -c "$tmp/image.txt" "tilelang==$version" 2>&1 | grep -v '^WARNING: Location' || true
-python3 - "$tmp/report.json" "$tmp/image.txt" > "$tmp/list" <<'PY'
+python3 - "$tmp/report.json" "$tmp/image.txt" "$gpu" > "$tmp/list" <<'PY'
 import json, re, sys
 norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
 image = {norm(line.split("==")[0]): line.split("==")[1].strip() for line in open(sys.argv[2]) if "==" in line}
 for item in json.load(open(sys.argv[1]))["install"]:
     name, version = norm(item["metadata"]["name"]), item["metadata"]["version"]
-    if image.get(name) != version and not re.match(r"^(torch|triton|nvidia-.*|cuda-.*)$", name):
+    if image.get(name) != version and not re.match(sys.argv[3], f"{name}=="):  # $gpu: the image's own
         print(f"{name}=={version}")
 PY
 echo "tilelang_kit: beyond the image: $(tr '\n' ' ' < "$tmp/list")"
